@@ -1,0 +1,2 @@
+"""Train image classifiers: ``python -m trainer --help``."""
+__version__ = "0.1.0"

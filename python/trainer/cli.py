@@ -1,0 +1,152 @@
+"""Command line: ``python -m trainer <command> --help``.
+
+    python -m trainer demo-data --out data/digits
+    python -m trainer train --config configs/digits.yaml --out runs/digits
+    python -m trainer evaluate --checkpoint runs/digits/best.pt --data data/digits
+    python -m trainer prepare data/raw --out data/lists
+    python -m trainer models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .config import TrainConfig, add_config_arguments, resolve_config
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed without a traceback, exit code 2."""
+
+
+def _cmd_train(args) -> int:
+    from .engine.checkpoint import load_checkpoint
+    from .engine.train import train
+
+    base = None
+    if args.resume:
+        base = load_checkpoint(f"{args.resume}/last.pt")["config"]
+        base["resume"] = args.resume
+    cfg = resolve_config(args, base)
+    summary = train(cfg)
+    if summary.get("report") and not cfg.quiet:
+        r = summary["report"]
+        print(f"best validation top-1 {summary['best_top1']:.4f} (epoch {summary['best_epoch']}, "
+              f"{summary['best_source']} weights) after {summary['train_seconds']:.1f}s of training")
+        print(f"checkpoint: {summary['best_checkpoint']}")
+        print(f"report:     {r['dir']}/report.json (confusion matrix: {r['dir']}/confusion_matrix.png)")
+        print(f"curves:     {summary['run_dir']}/curves.png   metrics: {summary['run_dir']}/metrics.jsonl")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .engine.evaluate import format_report
+    from .evaluate_cli import evaluate_checkpoint
+
+    out_dir = args.out
+    report = evaluate_checkpoint(args.checkpoint, data=args.data, out_dir=out_dir, device=args.device,
+                                 batch_size=args.batch_size, workers=args.workers, weights=args.weights)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+        if out_dir:
+            print(f"report written to {out_dir}")
+    return 0
+
+
+def _cmd_demo_data(args) -> int:
+    from .data.demo import write_digits_dataset
+
+    info = write_digits_dataset(args.out, args.val_fraction, args.seed, args.force)
+    print(f"digits demo: {info['train']} train / {info['val']} val images in {args.out}")
+    return 0
+
+
+def _cmd_prepare(args) -> int:
+    from .data.prepare import prepare_lists
+
+    info = prepare_lists(args.src, args.out, args.val_fraction, args.seed)
+    print(f"wrote {info['out']}/train.txt ({info['train']}), val.txt ({info['val']}), classes.json "
+          f"({len(info['classes'])} classes)")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models import list_models
+
+    specs = list_models()
+    if args.json:
+        print(json.dumps([{"name": s.name, "family": s.family, "source": s.source, "head": s.head,
+                           "default_img_size": s.default_img_size} for s in specs]))
+        return 0
+    print(f"{'name':<22} {'family':<22} {'source':<22} {'head':<15} default size")
+    for s in specs:
+        print(f"{s.name:<22} {s.family:<22} {s.source:<22} {s.head:<15} {s.default_img_size}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train and evaluate image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a classifier", description="Train a classifier. Settings come from "
+                       "defaults < --config YAML < the resumed run < flags.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_arguments(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: top-1/top-5, per-class metrics, confusion matrix")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt (or a run directory)")
+    p.add_argument("--data", required=True, help="dataset root (its validation split), folder of class folders, "
+                   "or a list file")
+    p.add_argument("--out", help="write report.json, per_class.csv, confusion_matrix.csv/png here")
+    p.add_argument("--weights", default="auto", choices=["auto", "model", "ema"],
+                   help="which weights: auto = whichever scored best during training")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("demo-data", help="write scikit-learn's digits as an image-folder dataset")
+    p.add_argument("--out", default="data/digits")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rewrite even if the dataset exists")
+    p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("prepare", help="convert a class-folder tree into train.txt/val.txt + classes.json")
+    p.add_argument("src", help="folder of class folders (or a root with train/ and val/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError, ImageDecodeError
+    from .engine.checkpoint import CheckpointError
+    from .models import WeightsMismatchError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsMismatchError, ValueError,
+            KeyError, FileNotFoundError, FloatingPointError) as exc:
+        if os.environ.get("TRAINER_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

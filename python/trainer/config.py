@@ -1,0 +1,149 @@
+"""One typed training config: dataclass defaults < --config YAML < --resume checkpoint < flags.
+
+The resolved config is written to the run directory (config.yaml) and into every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = _f("data/digits", "dataset root: train/ + val/ class folders, a folder of class "
+                   "folders (with --val-fraction), or train.txt/val.txt list files")
+    val_fraction: float | None = _f(None, "hold out this fraction of each class for validation "
+                                    "(layouts without a validation split)")
+    on_bad_image: str = _f("error", "unreadable images: 'error' lists them all before training; "
+                           "'skip' leaves them out", choices=["error", "skip"])
+    workers: int = _f(-1, "data-loading worker processes (-1: one per spare core)")
+    # model
+    model: str = _f("resnet18", "architecture ('python -m trainer models' lists them)")
+    pretrained: str | None = _f(None, "local state dict to start from (torchvision or "
+                                "efficientnet-pytorch layout, or one of our checkpoints)")
+    freeze_backbone: bool = _f(False, "train only the classifier head at first")
+    unfreeze_at: int | None = _f(None, "epoch (0-based) at which a frozen backbone starts training")
+    # input and augmentation
+    img_size: int = _f(224, "square input size in pixels")
+    crop_pct: float = _f(0.875, "eval: resize the shorter side to img_size / crop_pct, then center-crop")
+    interpolation: str = _f("bilinear", "resize interpolation", choices=["bilinear", "bicubic"])
+    mean: list[float] = _f((0.485, 0.456, 0.406), "per-channel mean (RGB, 0..1)", nargs=3)
+    std: list[float] = _f((0.229, 0.224, 0.225), "per-channel std (RGB, 0..1)", nargs=3)
+    scale_min: float = _f(0.08, "random-resized-crop: smallest area fraction")
+    hflip: float = _f(0.5, "probability of a horizontal flip")
+    vflip: float = _f(0.0, "probability of a vertical flip")
+    auto_augment: str = _f("none", "augmentation policy", choices=["none", "randaugment", "trivialaugment"])
+    random_erasing: float = _f(0.0, "probability of random erasing")
+    mixup: float = _f(0.0, "mixup alpha (0: off)")
+    cutmix: float = _f(0.0, "cutmix alpha (0: off)")
+    mix_prob: float = _f(1.0, "probability of applying mixup/cutmix to a batch")
+    # optimisation
+    epochs: int = _f(30, "number of epochs")
+    batch_size: int = _f(64, "batch size per process")
+    optimizer: str = _f("sgd", "optimizer", choices=["sgd", "adamw"])
+    lr: float = _f(0.1, "peak learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(False, "Nesterov momentum (SGD)")
+    weight_decay: float = _f(5e-4, "weight decay (not applied to norm and bias parameters)")
+    scheduler: str = _f("cosine", "lr schedule after warmup", choices=["cosine", "step"])
+    warmup_epochs: float = _f(1.0, "linear warmup length in epochs")
+    warmup_lr: float = _f(1e-4, "learning rate at the start of warmup")
+    min_lr: float = _f(1e-5, "final learning rate of the cosine schedule")
+    milestones: list[int] = _f((), "step schedule: epochs at which lr is multiplied by gamma", nargs="*")
+    gamma: float = _f(0.1, "step schedule: lr factor at each milestone")
+    label_smoothing: float = _f(0.0, "label smoothing epsilon")
+    class_weights: str = _f("none", "'auto': weight the loss by inverse class frequency",
+                            choices=["none", "auto"])
+    balanced_sampler: bool = _f(False, "sample classes uniformly (with replacement)")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    accum_steps: int = _f(1, "accumulate gradients over this many batches per optimizer step")
+    ema: bool = _f(False, "keep an exponential moving average of the weights (evaluated and saved)")
+    ema_decay: float = _f(0.999, "EMA decay per optimizer step")
+    patience: int | None = _f(None, "stop after this many epochs without a better validation top-1")
+    # speed
+    amp: str = _f("auto", "mixed precision: auto (bf16 on CPUs with bf16 support and on CUDA; fp16 on "
+                  "older GPUs), bf16, fp16 (CUDA), none", choices=["auto", "bf16", "fp16", "none"])
+    channels_last: bool = _f(True, "use channels-last memory format")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N", )
+    threads: int | None = _f(None, "intra-op CPU threads (default: torch's choice)")
+    # reproducibility and output
+    seed: int = _f(0, "random seed (data order, augmentation, init)")
+    deterministic: bool = _f(False, "use deterministic algorithms (bit-exact resume)")
+    out: str = _f("runs/latest", "run directory (checkpoints, metrics, plots, report)")
+    resume: str | None = _f(None, "continue the run in this directory from its last.pt")
+    quiet: bool = _f(False, "print nothing but errors")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (0 or unset: no limit; for tests and profiling)")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file '{path}' not found") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file '{path}' must hold a mapping of setting: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> None:
+    """One flag per dataclass field; every flag defaults to None so we know what was given."""
+    parser.add_argument("--config", help="YAML file of settings; flags override it")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        helptext = meta.pop("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        helptext = f"{helptext} (default: {default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=helptext)
+            continue
+        typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
+               "str | None": str, "list[float]": float, "list[int]": int}[str(f.type)]
+        parser.add_argument(flag, dest=f.name, type=typ, default=None, help=helptext, **meta)
+
+
+def resolve_config(args: argparse.Namespace, base: dict | None = None, cls=TrainConfig):
+    """dataclass defaults < YAML (--config) < base (e.g. the resumed run's config) < given flags."""
+    merged: dict = {}
+    if getattr(args, "config", None):
+        merged.update(load_yaml(args.config))
+    if base:
+        merged.update(base)
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            merged[f.name] = v
+    return cls.from_dict(merged, source=getattr(args, "config", None) or "settings")
+
+
+def write_config(cfg, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages, a virtualenv in .venv, torch from pip, and this project.
+#   bash scripts/setup.sh          (re-running it skips what is already done)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+# Debian packages: redis-server for the serving tests, a C++ toolchain and CMake for the native runtime.
+APT_PKGS="redis-server cmake g++ nlohmann-json3-dev libstb-dev"
+missing=""
+for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "setup: installing Debian packages:$missing"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp_src" ]; then
+  echo "setup: installing Python packages into .venv (first run takes a few minutes)"
+  "$VPY" -m pip install -q --upgrade pip setuptools wheel
+  # torch first, exactly pinned: a CUDA build that also runs on the CPU.
+  "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  # Build against the installed torch, never a second copy in an isolated build environment.
+  "$VPY" -m pip install -q --no-build-isolation -e ".[dev]"
+  echo "$stamp_src" > .setup-stamp
+fi
+echo "setup: ready ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

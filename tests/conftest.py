@@ -1,0 +1,74 @@
+"""Shared fixtures: the digits demo written once per session, small subsets of it, image factories."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    from trainer.data.demo import write_digits_dataset
+
+    root = tmp_path_factory.mktemp("digits")
+    write_digits_dataset(root)
+    return root
+
+
+def _subset(src: Path, dst: Path, classes: list[str], n_train: int, n_val: int) -> Path:
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c in classes:
+            (dst / split / c).mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / split / c).glob("*.png"))[:n]:
+                shutil.copy(f, dst / split / c / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(digits_root, tmp_path_factory) -> Path:
+    """3 classes, 24 train + 8 val images each: enough to train for a few steps in a second."""
+    return _subset(digits_root, tmp_path_factory.mktemp("tiny"), ["0", "1", "7"], 24, 8)
+
+
+@pytest.fixture
+def tiny_copy(tiny_digits, tmp_path) -> Path:
+    """A private, writable copy of tiny_digits (for tests that damage it)."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_digits, dst)
+    return dst
+
+
+def write_image(path: Path, mode: str = "RGB", size=(20, 16), fmt: str | None = None, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert("P")
+    else:
+        base = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        img = base.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None, timeout: int = 600,
+            module: str = "trainer") -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+FAST_TRAIN = ["--model", "resnet18", "--img-size", "32", "--crop-pct", "1.0", "--batch-size", "16",
+              "--workers", "0", "--hflip", "0", "--scale-min", "0.8", "--lr", "0.05", "--warmup-epochs", "0.5",
+              "--quiet"]

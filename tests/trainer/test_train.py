@@ -1,0 +1,199 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import FAST_TRAIN, REPO, run_cli, write_image
+from trainer.config import TrainConfig
+from trainer.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
+from trainer.engine.train import train
+
+
+def fast_cfg(data, out, **kw) -> TrainConfig:
+    base = dict(data=str(data), out=str(out), model="resnet18", img_size=32, crop_pct=1.0, batch_size=16,
+                workers=0, hflip=0.0, scale_min=0.8, lr=0.05, warmup_epochs=0.5, epochs=2, quiet=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_train_writes_checkpoints_metrics_plots_and_report(tiny_digits, tmp_path):
+    summary = train(fast_cfg(tiny_digits, tmp_path / "run", ema=True))
+    run = tmp_path / "run"
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl", "summary.json", "curves.png",
+                 "report/report.json", "report/confusion_matrix.png", "report/confusion_matrix.csv",
+                 "report/per_class.csv"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.*"))
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert {"train_loss", "val_top1", "ema_val_top1", "lr", "images_per_sec"} <= set(rows[0])
+    assert "val_top5" not in rows[0]  # 3 classes: top-5 is undefined, not a fake 100%
+    ckpt = load_checkpoint(run / "last.pt")
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["classes"] == ["0", "1", "7"]
+    for key in ("model", "optimizer", "schedule", "scaler", "ema", "epoch", "step", "best_metric", "rng", "config",
+                "preprocess"):
+        assert key in ckpt, key
+    assert ckpt["preprocess"]["crop_size"] == [32, 32]
+    report = json.loads((run / "report" / "report.json").read_text())
+    assert report["num_samples"] == 24 and report["top5"] is None
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == "resnet18"
+    assert summary["best_top1"] == max(max(r["val_top1"], r["ema_val_top1"]) for r in rows)
+
+
+def test_exact_resume_matches_uninterrupted_run(tiny_digits, tmp_path):
+    full = tmp_path / "full"
+    train(fast_cfg(tiny_digits, full, epochs=3, deterministic=True, ema=True, mixup=0.2))
+    part = tmp_path / "part"
+    steps_per_epoch = 72 // 16 + 1
+    train(fast_cfg(tiny_digits, part, epochs=3, deterministic=True, ema=True, mixup=0.2,
+                   max_steps=steps_per_epoch))
+    assert [r["epoch"] for r in read_jsonl(part / "metrics.jsonl")] == [1]
+    # continue through the CLI exactly as a user would after a crash
+    res = run_cli("train", "--resume", str(part), "--max-steps", "0")
+    assert res.returncode == 0, res.stderr
+    a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for k in ("train_loss", "train_top1", "val_loss", "val_top1", "ema_val_loss", "lr"):
+            assert ra[k] == rb[k], (ra["epoch"], k, ra[k], rb[k])
+    wa = load_checkpoint(full / "last.pt")["model"]
+    wb = load_checkpoint(part / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_atomic_checkpoint_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"v": 1}, path)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_checkpoint_cannot_run_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"format": CHECKPOINT_FORMAT, "x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_yaml_config_and_flag_precedence(tiny_digits, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": str(tiny_digits), "epochs": 1, "batch-size": 8, "lr": 0.01,
+                                   "model": "resnet18", "img_size": 32, "crop_pct": 1.0, "workers": 0}))
+    res = run_cli("train", "--config", str(cfg), "--lr", "0.02", "--out", str(tmp_path / "run"), "--quiet",
+                  "--max-steps", "2")
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["lr"] == 0.02 and saved["batch_size"] == 8 and saved["epochs"] == 1
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    res = run_cli("train", "--config", str(cfg), "--out", str(tmp_path / "run2"))
+    assert res.returncode == 2 and "unknown setting(s) ['learning_rate']" in res.stderr
+
+
+def test_bad_images_error_lists_all_before_training(tiny_copy, tmp_path):
+    (tiny_copy / "train" / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (tiny_copy / "val" / "1" / "empty.jpg").write_bytes(b"")
+    res = run_cli("train", "--data", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST_TRAIN)
+    assert res.returncode == 2
+    assert "2 unreadable image(s)" in res.stderr and "broken.png" in res.stderr and "empty.jpg" in res.stderr
+    assert "--on-bad-image skip" in res.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+    res = run_cli("train", "--data", str(tiny_copy), "--out", str(tmp_path / "run"), "--epochs", "1",
+                  "--on-bad-image", "skip", *FAST_TRAIN)
+    assert res.returncode == 0, res.stderr
+    assert "broken.png" in (tmp_path / "run" / "bad_images.txt").read_text()
+    assert json.loads((tmp_path / "run" / "report" / "report.json").read_text())["num_samples"] == 23
+
+
+def test_cli_errors_are_clear_and_exit_2(tiny_digits, tmp_path):
+    res = run_cli("train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), *FAST_TRAIN)
+    assert res.returncode == 2 and "demo-data" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("train", "--data", str(tiny_digits), "--model", "resnet19", "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "unknown model 'resnet19'" in res.stderr
+    res = run_cli("train", "--resume", str(tmp_path / "nothing"))
+    assert res.returncode == 2 and "not found" in res.stderr
+    res = run_cli("evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(tiny_digits))
+    assert res.returncode == 2 and "not found" in res.stderr
+
+
+def test_freeze_then_unfreeze_and_class_balance_options(tiny_digits, tmp_path):
+    from trainer.models import create_model
+
+    base = create_model("resnet18", 1000, 32)
+    torch.save(base.state_dict(), tmp_path / "pre.pth")
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=2, pretrained=str(tmp_path / "pre.pth"),
+                   freeze_backbone=True, unfreeze_at=1, class_weights="auto", balanced_sampler=True,
+                   optimizer="adamw", lr=1e-3, accum_steps=2, clip_grad=1.0, label_smoothing=0.1, cutmix=1.0,
+                   auto_augment="trivialaugment", random_erasing=0.25, scheduler="step", milestones=[1]))
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    # epoch 1 trained only the head, epoch 2 everything: conv1 moved away from the pretrained weights
+    assert not torch.equal(ckpt["model"]["conv1.weight"], base.conv1.weight)
+
+
+def test_evaluate_cli_json_and_files(tiny_digits, tmp_path):
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1))
+    res = run_cli("evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tiny_digits),
+                  "--json", "--out", str(tmp_path / "ev"), "--workers", "0")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["num_samples"] == 24 and len(report["per_class"]) == 3
+    assert len(report["confusion_matrix"]) == 3 and sum(map(sum, report["confusion_matrix"])) == 24
+    assert (tmp_path / "ev" / "confusion_matrix.png").stat().st_size > 1000
+    # evaluating on a folder of class folders works too, with the checkpoint's class order
+    res = run_cli("evaluate", "--checkpoint", str(tmp_path / "run"), "--data", str(tiny_digits / "val"), "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["num_samples"] == 24
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(tiny_digits, tmp_path):
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1))
+    write_image(tmp_path / "other" / "cat" / "a.png")
+    res = run_cli("evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "other"))
+    assert res.returncode == 2 and "'cat'" in res.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tiny_digits, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
+           "train", "--data", str(tiny_digits), "--out", str(tmp_path / "ddp"), "--epochs", "2", *FAST_TRAIN]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
+    assert len(rows) == 2  # only rank 0 writes
+    # validation counted every one of the 24 images exactly once across both ranks
+    assert all(r["val_count"] == 24 for r in rows)
+    report = json.loads((tmp_path / "ddp" / "report" / "report.json").read_text())
+    assert report["num_samples"] == 24
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_models_and_help_commands():
+    res = run_cli("models", "--json")
+    assert res.returncode == 0 and len(json.loads(res.stdout)) == 24
+    res = run_cli("train", "--help")
+    assert res.returncode == 0
+    for flag in ("--lr", "--scheduler", "--warmup-epochs", "--label-smoothing", "--pretrained", "--resume",
+                 "--config", "--device", "--amp", "--ema", "--seed", "--on-bad-image", "--val-fraction"):
+        assert flag in res.stdout
