@@ -124,7 +124,7 @@ def test_bad_images_error_lists_all_before_training(tiny_copy, tmp_path):
                   "--on-bad-image", "skip", *FAST_TRAIN)
     assert res.returncode == 0, res.stderr
     assert "broken.png" in (tmp_path / "run" / "bad_images.txt").read_text()
-    assert json.loads((tmp_path / "run" / "report" / "report.json").read_text())["num_samples"] == 23
+    assert json.loads((tmp_path / "run" / "report" / "report.json").read_text())["num_samples"] == 24  # the 24 good val images; empty.jpg left out
 
 
 def test_cli_errors_are_clear_and_exit_2(tiny_digits, tmp_path):
