@@ -25,6 +25,8 @@ class TrainConfig:
                                     "(layouts without a validation split)")
     on_bad_image: str = _f("error", "unreadable images: 'error' lists them all before training; "
                            "'skip' leaves them out", choices=["error", "skip"])
+    cache_images: str = _f("auto", "keep decoded images in memory: auto (when they fit in 1 GiB), on, off",
+                           choices=["auto", "on", "off"])
     workers: int = _f(-1, "data-loading worker processes (-1: one per spare core)")
     # model
     model: str = _f("resnet18", "architecture ('python -m trainer models' lists them)")

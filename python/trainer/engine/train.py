@@ -16,13 +16,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig, write_config
 from ..data import (AugmentConfig, DataError, EvalShardSampler, ImageSamples, Normalize, PreprocessSpec,
-                    SeededShuffleSampler, build_train_transform, discover_dataset, find_bad_images)
+                    SeededShuffleSampler, build_train_transform, discover_dataset)
+from ..data.images import decode_all
 from ..data.dataset import seed_worker
 from ..models import create_model, get_spec, load_pretrained, set_backbone_trainable
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
@@ -50,27 +50,31 @@ def _versions() -> dict:
             "python": sys.version.split()[0]}
 
 
-def _check_images(splits, cfg: TrainConfig, info: DistInfo, out: Path, say) -> tuple[list, list]:
-    """Decode every image once before training; 'error' lists all bad files, 'skip' drops them."""
-    paths = [p for p, _ in splits.train] + [p for p, _ in splits.val]
-    bad = find_bad_images(paths) if info.is_main else []
-    if info.enabled:
-        holder = [bad]
-        dist.broadcast_object_list(holder, src=0)
-        bad = holder[0]
-    if not bad:
-        return splits.train, splits.val
-    listing = "\n  ".join(bad)
-    if cfg.on_bad_image == "error":
+CACHE_BUDGETS = {"off": 0, "auto": 1 << 30, "on": 1 << 62}
+
+
+def _check_images(splits, cfg: TrainConfig, out: Path, say, is_main: bool = True):
+    """Decode every image once before training; 'error' lists all bad files, 'skip' drops them.
+
+    Small datasets stay decoded in memory for the whole run (--cache-images). Returns
+    (train samples, val samples, train cache or None, val cache or None).
+    """
+    samples = splits.train + splits.val
+    cache, bad = decode_all([p for p, _ in samples], CACHE_BUDGETS[cfg.cache_images])
+    if bad and cfg.on_bad_image == "error":
+        listing = "\n  ".join(bad)
         raise DataError(f"{len(bad)} unreadable image(s); nothing was trained:\n  {listing}\n"
                         "Fix or delete them, or pass --on-bad-image skip to leave them out.")
-    bad_paths = {b.split(": ", 1)[0] for b in bad}
-    if info.is_main:
+    if bad and is_main:
         (out / "bad_images.txt").write_text("\n".join(bad) + "\n", encoding="utf-8")
-    say(f"skipping {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'})")
-    train = [s for s in splits.train if s[0] not in bad_paths]
-    val = [s for s in splits.val if s[0] not in bad_paths]
-    return train, val
+        say(f"skipping {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'})")
+    bad_paths = {b.split(": ", 1)[0] for b in bad}
+    keep = [i for i, (p, _) in enumerate(samples) if p not in bad_paths]
+    n_train = len(splits.train)
+    tr = [i for i in keep if i < n_train]
+    va = [i for i in keep if i >= n_train]
+    pick = (lambda idx: [cache[i] for i in idx]) if cache is not None else (lambda idx: None)
+    return [samples[i] for i in tr], [samples[i] for i in va], pick(tr), pick(va)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -113,7 +117,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     classes = splits.classes
     if resume_ckpt is not None and resume_ckpt["classes"] != classes:
         raise DataError(f"the data's classes {classes} differ from the resumed run's {resume_ckpt['classes']}")
-    train_samples, val_samples = _check_images(splits, cfg, info, out, say)
+    train_samples, val_samples, train_cache, val_cache = _check_images(splits, cfg, out, say, info.is_main)
     if not val_samples:
         raise DataError("no validation images; add a validation split or pass --val-fraction")
     spec = get_spec(cfg.model)
@@ -122,8 +126,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                         auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
                         interpolation=cfg.interpolation)
     workers = default_workers(cfg.workers)
-    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug), skip_bad=cfg.on_bad_image == "skip")
-    val_ds = ImageSamples(val_samples, eval_spec=pre, skip_bad=cfg.on_bad_image == "skip")
+    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug),
+                            skip_bad=cfg.on_bad_image == "skip", cache=train_cache)
+    val_ds = ImageSamples(val_samples, eval_spec=pre, skip_bad=cfg.on_bad_image == "skip", cache=val_cache)
     labels = [lbl for _, lbl in train_samples]
     sample_weights = None
     if cfg.balanced_sampler:
