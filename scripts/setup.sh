@@ -10,9 +10,9 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 # Debian packages: redis-server for the serving tests, a C++ toolchain and CMake for the native runtime.
 APT_PKGS="redis-server cmake g++ nlohmann-json3-dev libstb-dev"
 missing=""
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "setup: installing Debian packages:$missing"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
@@ -20,7 +20,12 @@ fi
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    # Debian's python3.11 needs its venv module from a separate package
+    rm -rf .venv
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    "$PY" -m venv .venv
+  fi
 fi
 VPY="$ROOT/.venv/bin/python"
 stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
