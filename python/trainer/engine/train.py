@@ -155,7 +155,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     amp_dtype = resolve_amp(cfg.amp, device)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                                fused=amp_dtype != torch.float16)
     schedule = LRSchedule(cfg.scheduler, cfg.lr, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)),
                           cfg.warmup_lr, cfg.min_lr, [int(m * steps_per_epoch) for m in cfg.milestones],
                           cfg.gamma)
