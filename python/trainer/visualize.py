@@ -23,16 +23,18 @@ import torch.nn.functional as F
 
 from .data import Normalize, decode_image, eval_transform
 
-# family -> module whose output is the last spatial feature map (before global pooling)
+# family -> (module whose output is the last spatial feature map before global pooling,
+#            pattern of the stage outputs to fall back on when that map is too coarse)
 DEFAULT_CAM_LAYERS = {
-    "resnet": "layer4",
-    "resnext": "layer4",
-    "densenet": "features",
-    "mobilenet_v2": "features",
-    "mobilenet_v3": "features",
-    "efficientnet": "features",
-    "efficientnet-pytorch": "_bn1",
+    "resnet": ("layer4", r"layer\d"),
+    "resnext": ("layer4", r"layer\d"),
+    "densenet": ("features", r"features\.(denseblock\d|transition\d)|features"),
+    "mobilenet_v2": ("features", r"features\.\d+|features"),
+    "mobilenet_v3": ("features", r"features\.\d+|features"),
+    "efficientnet": ("features", r"features\.\d+|features"),
+    "efficientnet-pytorch": ("_bn1", r"_blocks\.\d+|_bn1"),
 }
+MIN_CAM_SIZE = 4  # a map smaller than 4x4 carries (almost) no spatial information
 
 
 class LayerError(KeyError):
@@ -51,11 +53,21 @@ def resolve_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
                      f"--list-layers' prints all {len(names)} names.")
 
 
-def default_cam_layer(family: str) -> str:
+def default_cam_layer(model: torch.nn.Module, family: str, img_size: tuple[int, int]) -> str:
+    """The family's last feature map; when that is smaller than MIN_CAM_SIZE at this input size (e.g. a
+    resnet's layer4 is 1x1 for 32x32 digits), the deepest stage output that is at least that large."""
     try:
-        return DEFAULT_CAM_LAYERS[family]
+        final, pattern = DEFAULT_CAM_LAYERS[family]
     except KeyError:
         raise LayerError(f"no default Grad-CAM layer for family {family!r}; pass --cam-layer NAME") from None
+    shapes = {n: shape for n, _, shape in list_layers(model, img_size)}
+    if len(shapes.get(final, ())) == 3 and min(shapes[final][1:]) >= MIN_CAM_SIZE:
+        return final
+    stages = [n for n, shape in shapes.items() if re.fullmatch(pattern, n) and len(shape) == 3]
+    big = [n for n in stages if min(shapes[n][1:]) >= MIN_CAM_SIZE]
+    if big:
+        return big[-1]
+    return max(stages, key=lambda n: min(shapes[n][1:])) if stages else final
 
 
 @torch.no_grad()
@@ -126,8 +138,10 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, layer: str, class_index: i
     cam = F.relu((weights[:, None, None] * act).sum(0))  # (h, w)
     cam = F.interpolate(cam[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
     cam = cam - cam.min()
-    if float(cam.max()) > 0:
+    if float(cam.max()) > 1e-6 * float((weights[:, None, None] * act).abs().sum(0).max() + 1e-12):
         cam = cam / cam.max()
+    else:
+        cam = torch.zeros_like(cam)  # a flat map (e.g. a 1x1 layer): nothing to localise, not noise
     probs = torch.softmax(logits.detach().float(), 1)[0].numpy()
     return cam.numpy().astype(np.float32), idx, probs
 
@@ -195,7 +209,7 @@ def visualize_image(checkpoint: str | os.PathLike, image: str | os.PathLike, out
     model = loaded.model
     for name in layers or []:
         resolve_layer(model, name)  # fail before any work
-    cam_layer = cam_layer or default_cam_layer(loaded.spec.family)
+    cam_layer = cam_layer or default_cam_layer(model, loaded.spec.family, loaded.preprocess.crop_size)
     resolve_layer(model, cam_layer)
     class_index = None
     if cam_class is not None:
