@@ -196,6 +196,8 @@ def ensemble_files(inputs: list[str], method: str = "mean", weights: list[float]
         raise EnsembleError(f"give at least two inputs to ensemble (got {len(paths)})")
     if method not in METHODS:
         raise EnsembleError(f"unknown method {method!r}; use one of {', '.join(METHODS)}")
+    if weights is not None:
+        normalise_weights(weights, len(paths))  # a wrong count is refused before reading anything
     files = [read_predictions(p) for p in paths]
     if weights is None and method in ("weighted", "vote"):
         weights = weights_from_names(paths)
