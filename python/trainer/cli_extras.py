@@ -11,7 +11,6 @@ trainer.engine.distill, trainer.features, trainer.visualize). docs/trainer-extra
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 from .config import add_config_arguments, resolve_config
@@ -138,8 +137,7 @@ def add_commands(sub) -> None:
     from .engine.distill import DistillConfig
 
     p = sub.add_parser("distill", help="train a student with knowledge distillation from teacher checkpoint(s)",
-                       description="Every train flag applies; --teacher is required (unless resuming).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Every train flag applies; --teacher is required (unless resuming).")
     add_config_arguments(p, DistillConfig)
     p.set_defaults(func=_cmd_distill)
 

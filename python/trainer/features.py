@@ -15,6 +15,7 @@ Features can be cached as ``.npz`` (plain arrays, never pickle), keyed by the ch
 from __future__ import annotations
 
 import ast
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +28,7 @@ from .data import ImageSamples, Normalize
 from .engine.checkpoint import file_sha256
 from .models import get_head
 
+log = logging.getLogger("trainer.features")
 CLASSIFIERS = ("svm", "rf", "mlp", "knn", "logreg")
 DEFAULT_GRIDS = {
     "svm": {"C": [0.1, 1.0, 10.0], "gamma": ["scale", 0.01]},
@@ -232,6 +234,7 @@ def predict_with_classifier(saved: str | os.PathLike, checkpoint: str | os.PathL
             decode_image(p)
             errors.append("")
         except ImageDecodeError as exc:
+            log.warning("unreadable image, written as an error row: %s", exc)
             errors.append(str(exc))
     good = [(p, 0) for p, e in zip(paths, errors) if not e]
     k = len(bundle["classes"])

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import ImageDecodeError, Normalize, PreprocessSpec, decode_image
 from .data.images import is_image_file
 from .engine.runtime import autocast
-from .tta import TTAView, check_views, merge_probs, parse_policy
+from .tta import TTAView, apply_views, check_views, merge_probs, parse_policy
 
 log = logging.getLogger("trainer.predict")
 
@@ -40,8 +40,6 @@ class ViewsDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from .tta import apply_views
-
         try:
             return apply_views(decode_image(self.paths[i]), self.spec, self.views), ""
         except ImageDecodeError as exc:
