@@ -80,13 +80,15 @@ def evaluate_ensemble(checkpoints: list[str], data: str | None = None, samples=N
                                  batch_size, default_workers(workers), strict=True,
                                  amp_dtype=resolve_amp(amp, dev))
         rep = classification_report(probs, labels, classes)
+        if tta_merge == "vote":
+            rep["loss"] = float("nan")  # vote fractions are not probabilities: no log-loss
         members.append({"checkpoint": str(loaded.checkpoint["path"]), "arch": loaded.spec.name,
                         "weights": loaded.weights, "top1": rep["top1"], "top5": rep["top5"], "loss": rep["loss"],
                         "macro_f1": rep["macro_f1"]})
         probs_list.append(probs)
     fused = probs_list[0] if len(probs_list) == 1 else fuse_probs(probs_list, fusion, weights)
     report = classification_report(fused, labels, classes)
-    if fusion == "vote" and len(probs_list) > 1:
+    if (fusion == "vote" and len(probs_list) > 1) or tta_merge == "vote":
         report["loss"] = float("nan")  # vote fractions are not probabilities: no log-loss
     best = max(members, key=lambda m: m["top1"])
     report.update(checkpoints=[m["checkpoint"] for m in members], members=members, tta=tta, tta_merge=tta_merge,

@@ -52,7 +52,12 @@ def make_classifier(name: str, seed: int = 0):
     from sklearn.svm import SVC
 
     if name == "svm":
-        return SVC(C=1.0, kernel="rbf", gamma="scale", probability=True, random_state=seed)
+        from sklearn.calibration import CalibratedClassifierCV
+
+        # probabilities by Platt scaling (SVC(probability=True) is deprecated since scikit-learn 1.9);
+        # --param C=10 reaches the SVC through param_name()
+        return CalibratedClassifierCV(SVC(C=1.0, kernel="rbf", gamma="scale", random_state=seed), ensemble=False,
+                                      cv=3)
     if name == "rf":
         return RandomForestClassifier(n_estimators=300, n_jobs=-1, random_state=seed)
     if name == "mlp":
@@ -90,6 +95,14 @@ def parse_grid(items: list[str] | None, classifier: str) -> dict:
     return grid
 
 
+def param_name(clf, name: str) -> str:
+    """A classifier parameter's name, reaching into a wrapped estimator (the calibrated SVC) when needed."""
+    valid = clf.get_params()
+    if name not in valid and f"estimator__{name}" in valid:
+        return f"estimator__{name}"
+    return name
+
+
 def build_pipeline(classifier: str, params: dict | None = None, seed: int = 0):
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
@@ -97,9 +110,11 @@ def build_pipeline(classifier: str, params: dict | None = None, seed: int = 0):
     clf = make_classifier(classifier, seed)
     if params:
         valid = clf.get_params()
+        params = {param_name(clf, k): v for k, v in params.items()}
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise FeaturesError(f"{type(clf).__name__} has no parameter(s) {unknown}; it has: {', '.join(sorted(valid))}")
+            names = sorted(k.removeprefix("estimator__") for k in valid if k != "estimator")
+            raise FeaturesError(f"the {classifier} classifier has no parameter(s) {unknown}; it has: {', '.join(names)}")
         clf.set_params(**params)
     return Pipeline([("scale", StandardScaler()), ("clf", clf)])
 
@@ -180,7 +195,7 @@ def train_classifier(checkpoint: str | os.PathLike, data: str | os.PathLike, cla
     pipe = build_pipeline(classifier, params, seed)
     search = None
     if grid is not None:
-        grid = {f"clf__{k}": v for k, v in grid.items()}
+        grid = {f"clf__{param_name(pipe.named_steps['clf'], k)}": v for k, v in grid.items()}
         folds = StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed)
         search = GridSearchCV(pipe, grid, cv=folds, n_jobs=1)
         search.fit(xtr, ytr)
@@ -194,7 +209,8 @@ def train_classifier(checkpoint: str | os.PathLike, data: str | os.PathLike, cla
               "params": dict(params or {}),
               "cache_hit": bool(hit_tr and hit_va)}
     if search is not None:
-        result["grid_best_params"] = {k[len("clf__"):]: v for k, v in search.best_params_.items()}
+        result["grid_best_params"] = {k[len("clf__"):].removeprefix("estimator__"): v
+                                      for k, v in search.best_params_.items()}
         result["grid_cv_top1"] = float(search.best_score_)
     if out:
         bundle = {"pipeline": pipe, "classes": loaded.classes, "checkpoint_sha256": sha, "checkpoint": str(path),

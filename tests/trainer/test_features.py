@@ -52,6 +52,8 @@ def test_params_and_pipelines():
     assert [n for n, _ in pipe.steps] == ["scale", "clf"] and pipe.named_steps["clf"].n_neighbors == 3
     for name in ("svm", "rf", "mlp", "knn", "logreg"):
         build_pipeline(name)
+    svm = build_pipeline("svm", {"C": 10, "gamma": 0.01}).named_steps["clf"]  # reaches the calibrated SVC
+    assert svm.estimator.C == 10 and svm.estimator.gamma == 0.01
     with pytest.raises(FeaturesError, match="has no parameter"):
         build_pipeline("svm", {"n_neighbors": 3})
     with pytest.raises(FeaturesError, match="NAME=VALUE"):
