@@ -127,7 +127,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                 help=helptext)
             continue
         typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
-               "str | None": str, "list[float]": float, "list[int]": int}[str(f.type)]
+               "str | None": str, "list[float]": float, "list[int]": int, "list[str]": str}[str(f.type)]
         parser.add_argument(flag, dest=f.name, type=typ, default=None, help=helptext, **meta)
 
 

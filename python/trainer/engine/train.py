@@ -77,8 +77,10 @@ def _check_images(splits, cfg: TrainConfig, out: Path, say, is_main: bool = True
     return [samples[i] for i in tr], [samples[i] for i in va], pick(tr), pick(va)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, validate every epoch, checkpoint, and (rank 0) write the final report. Returns summary."""
+def train(cfg: TrainConfig, distiller=None) -> dict:
+    """Train, validate every epoch, checkpoint, and (rank 0) write the final report. Returns summary.
+
+    ``distiller`` (engine.distill.Distiller) replaces the loss by the distillation loss."""
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
@@ -91,12 +93,12 @@ def train(cfg: TrainConfig) -> dict:
             print(msg, flush=True)
 
     try:
-        return _train(cfg, device, info, say, quiet)
+        return _train(cfg, device, info, say, quiet, distiller)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: bool) -> dict:
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: bool, distiller=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
@@ -153,6 +155,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     model = model.to(device, memory_format=memory_format)
     normalize = Normalize(cfg.mean, cfg.std).to(device)
     amp_dtype = resolve_amp(cfg.amp, device)
+    if distiller is not None:
+        distiller.prepare(classes, device, cfg, amp_dtype)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
@@ -203,7 +207,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         train_sampler.set_epoch(epoch)
         stats = _train_one_epoch(ddp_model, model, train_loader, optimizer, schedule, scaler, ema, mixer,
                                  normalize, class_weights, cfg, device, amp_dtype, memory_format, info,
-                                 epoch, quiet, len(classes))
+                                 epoch, quiet, len(classes), distiller)
         val = _validate(model, val_loader, normalize, device, amp_dtype, memory_format, info, class_weights)
         record = {"epoch": epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()}}
         candidates = {"model": val["top1"]}
@@ -221,7 +225,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         say(EpochProgress.summary_line(record, cfg.epochs, ema is not None))
         if info.is_main:
             ckpt = _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best, best_epoch,
-                               best_source, classes, pre, record, splits.layout)
+                               best_source, classes, pre, record, splits.layout, distiller)
             atomic_save(ckpt, out / "last.pt")
             if improved:
                 _link_or_copy(out / "last.pt", out / "best.pt")
@@ -266,8 +270,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch, best, best_epoch, best_source, classes,
-                pre, record, layout) -> dict:
+                pre, record, layout, distiller=None) -> dict:
     return {
+        "distill": distiller.describe() if distiller is not None else None,
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.model,
         "num_classes": len(classes),
@@ -293,7 +298,8 @@ def _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch, best, best_
 
 
 def _train_one_epoch(ddp_model, model, loader, optimizer, schedule, scaler, ema, mixer, normalize,
-                     class_weights, cfg, device, amp_dtype, memory_format, info, epoch, quiet, num_classes):
+                     class_weights, cfg, device, amp_dtype, memory_format, info, epoch, quiet, num_classes,
+                     distiller=None):
     ddp_model.train()
     progress = EpochProgress(len(loader), epoch, cfg.epochs, enabled=not quiet)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -314,7 +320,10 @@ def _train_one_epoch(ddp_model, model, loader, optimizer, schedule, scaler, ema,
         with sync_ctx:
             with autocast(device, amp_dtype):
                 logits = ddp_model(x)
-            loss = soft_cross_entropy(logits, targets, class_weights)
+            if distiller is None:
+                loss = soft_cross_entropy(logits, targets, class_weights)
+            else:
+                loss = distiller.loss(logits, targets, x, class_weights)
             scaler.scale(loss / accum).backward()
         if last_in_step:
             if cfg.clip_grad:
