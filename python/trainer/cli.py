@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier", description="Train a classifier. Settings come from "
-                       "defaults < --config YAML < the resumed run < flags.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "defaults < --config YAML < the resumed run < flags.")
     add_config_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
