@@ -38,7 +38,8 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (w, h) = img.format or "?", img.size
     except Image.DecompressionBombError as exc:
-        raise APIError(413, f"{name}: image too large ({exc})") from exc
+        raise APIError(413, f"{name}: image dimensions are far above the limit of {limits.max_pixels / 1e6:.1f} "
+                            f"megapixels (--max-pixels): possible decompression bomb ({exc})") from exc
     except Exception as exc:  # PIL raises many types for garbage headers
         raise APIError(415, f"{name}: not a recognised image ({len(data)} bytes); "
                             f"send one of {', '.join(limits.allowed_formats)}") from exc

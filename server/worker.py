@@ -69,12 +69,14 @@ class ModelWorker(threading.Thread):
                 self.step()
                 backoff = 0.1
             except REDIS_ERRORS as exc:
+                self._next_beat = self._next_claim = 0.0   # beat again as soon as Redis is back
                 log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
                 self.stop.wait(backoff)
                 backoff = min(2.0, backoff * 2)
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
+                self._next_beat = 0.0
                 self.ensure_group()   # Redis restarted empty, or the stream was deleted
 
     def heartbeat(self) -> None:
