@@ -161,7 +161,7 @@ def _build_bundle(tiny_digits) -> Path:
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = run / "best.pt"
     bundle = out / "digits"
-    r = run_cli("--checkpoint", str(ckpt), "--out", str(bundle), "--formats", "onnx", "--name", "digits",
+    r = run_cli("--checkpoint", str(ckpt), "--out", str(bundle), "--format", "onnx", "--name", "digits",
                 module="export", env_extra={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return bundle
@@ -184,3 +184,22 @@ def wait_ready(proc: subprocess.Popen, timeout: float = 60) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}")
     raise RuntimeError("worker did not become ready")
+
+
+@pytest.fixture(scope="session")
+def ensemble_bundle(digits_bundle) -> Path:
+    """An ensemble (vote fusion) of the digits bundle with itself under two names."""
+    if "ensemble" not in _CACHE:
+        out = _tmpdir("ensemble")
+        twin = out / "twin"
+        shutil.copytree(digits_bundle, twin)
+        r = run_cli("ensemble", "--members", str(digits_bundle), str(twin), "--weights", "2", "1", "--fusion", "vote",
+                    "--out", str(out / "ens"), "--name", "digits-ens", module="export")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        _CACHE["ensemble"] = out / "ens"
+    return _CACHE["ensemble"]
+
+
+def digit_images(tiny_digits: Path, n: int) -> list[Path]:
+    files = sorted((tiny_digits / "val").glob("*/*.png"))
+    return [files[i * len(files) // n] for i in range(n)]
