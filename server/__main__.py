@@ -41,11 +41,18 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argpa
     return cfg, a
 
 
+def _one_torch_thread() -> None:
+    """Requests are preprocessed in parallel threads; torch's own intra-op pool on top of that only
+    oversubscribes the cores. (Torch-based model backends set their own count from --threads.)"""
+    import torch
+    torch.set_num_threads(1)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .app import create_app
-    from .models import ModelLoadError
 
     cfg, a = config_from_args(argv)
+    _one_torch_thread()
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         app = create_app(cfg.validate())
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 def app_from_env_args(args: str) -> "object":
     from .app import create_app
     cfg, _ = config_from_args(shlex.split(args))
+    _one_torch_thread()
     return create_app(cfg.validate())
 
 

@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                        metrics_port=args.metrics_port)
     if args.consumer:
         cfg.consumer = args.consumer
-    models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
+    try:
+        models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
+    except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     metrics = ServerMetrics("worker")
     if cfg.metrics_port:
         from prometheus_client import start_http_server
@@ -218,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker {cfg.consumer} ready: {', '.join(m.name for m in models)}", flush=True)
     while not stop.is_set() and all(w.is_alive() for w in workers):
         stop.wait(0.5)
+    crashed = not stop.is_set()   # a model thread died of an unexpected error (logged above)
     stop.set()
     for w in workers:
         w.join(timeout=5)
-    return 0
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":
