@@ -43,7 +43,7 @@ def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_
             r = app.test_client().post("/predict", data=datas[i % 12], content_type="image/png")
             done.append(i)
             if len(done) == 40 and not killed:
-                killed["pending"] = {c["name"]: c["pending"] for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
+                killed["pending"] = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"] for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
                 os.kill(workers[0].pid, signal.SIGKILL)
             return i, r.status_code, r.get_json()
 
