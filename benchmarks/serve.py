@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=2, help="model threads per mode (split across workers)")
     p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--jpeg-draft", action="store_true", help="servers decode JPEGs at reduced DCT scale")
     p.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))

@@ -18,7 +18,7 @@ class ServerConfig:
     backend: str = "auto"                 # which bundle artifact runs in embedded mode
     threads: int | None = None            # intra-op threads for the model in embedded mode
     max_batch: int = 32                   # model rows per batched call
-    max_delay_ms: float = 5.0             # how long a batch may wait to fill up
+    max_delay_ms: float = 2.0             # how long a batch may wait to fill up
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
     timeout_s: float = 10.0               # request deadline: 504 when exceeded
     max_request_bytes: int = 32 * 1024 * 1024
@@ -47,7 +47,7 @@ class WorkerConfig:
     backend: str = "auto"
     threads: int | None = None
     max_batch: int = 32
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 2.0
     claim_idle_ms: int = 5000             # pending this long (a dead worker's entries) -> reclaimed
     max_deliveries: int = 3               # then dead-lettered, and the client gets an error
     consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -62,6 +62,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="export.load_bundle backend: auto, onnxruntime, onnxruntime-int8, torchscript, pt2")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per model")
     p.add_argument("--max-batch", type=int, default=32, help="model rows per batched call")
-    p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--prefix", default="srv", help="Redis key prefix")
     p.add_argument("--reply-ttl-s", type=int, default=60)

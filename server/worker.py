@@ -98,17 +98,20 @@ class ModelWorker(threading.Thread):
         if not entries:
             return
         rows = sum(_rows(f) for _, f in entries)
+        # Fill the batch for at most max_delay_ms with non-blocking reads 1 ms apart: Redis wakes a
+        # blocked reader on new entries at once, but only notices a short BLOCK timeout at its next
+        # cron tick (up to 100 ms at the default hz 10), so BLOCK cannot time a 2 ms window.
         end = time.monotonic() + self.cfg.max_delay_ms / 1000.0
         while rows < self.max_rows:
-            left_ms = int((end - time.monotonic()) * 1000)
-            if left_ms <= 0:
+            more = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=max(1, self.max_rows - rows))
+            if more and more[0][1]:
+                entries += more[0][1]
+                rows += sum(_rows(f) for _, f in more[0][1])
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
                 break
-            more = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"},
-                                     count=max(1, self.max_rows - rows), block=left_ms)
-            if not more:
-                break
-            entries += more[0][1]
-            rows += sum(_rows(f) for _, f in more[0][1])
+            time.sleep(min(left, 0.001))
         self.process(entries)
 
     def reclaim(self) -> None:
