@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, a = config_from_args(argv)
     _one_torch_thread()
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("werkzeug").setLevel(a.log_level)   # per-request lines only at INFO
     try:
         app = create_app(cfg.validate())
     except (ValueError, OSError) as exc:   # ModelLoadError, bundle refusals, bad flags
