@@ -316,7 +316,7 @@ def main(argv=None) -> int:
         for r in rows:
             if r["concurrency"] in base:
                 r["vs_baseline"] = r["throughput_rps"] / base[r["concurrency"]] if base[r["concurrency"]] else None
-    print(f"\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline |")
+    print("\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline |")
     print("|---|---|---|---|---|---|---|---|---|")
     for mode, rows in results["modes"].items():
         for r in rows:

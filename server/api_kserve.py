@@ -7,6 +7,7 @@ with the request parameter ``tta`` for test-time augmentation). The output ``pro
 """
 from __future__ import annotations
 
+import base64
 import json
 import struct
 
@@ -121,7 +122,6 @@ def _input_tensor(inp: dict, binary: bytes, offset: int) -> tuple[np.ndarray | l
         data = inp.get("data")
         if not isinstance(data, list) or len(data) != count or not all(isinstance(d, str) for d in data):
             raise APIError(400, f"BYTES input 'images' needs {count} base64 strings in \"data\"")
-        import base64
         try:
             return [base64.b64decode(d, validate=True) for d in data], offset
         except ValueError as exc:

@@ -30,7 +30,7 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
             from .redis_front import RedisDispatcher
             dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue)
         else:
-            dispatcher = EmbeddedDispatcher(model_set, cfg, metrics)
+            dispatcher = EmbeddedDispatcher(model_set, cfg)
 
     app = Flask(__name__, static_folder="static", static_url_path="/static")
     app.config.update(MAX_CONTENT_LENGTH=cfg.max_request_bytes, JSON_SORT_KEYS=False, DEBUG=False,

@@ -17,11 +17,10 @@ class EmbeddedBatcher:
     """Collects jobs for one model into batches of up to max_batch rows or max_delay_ms."""
 
     def __init__(self, name: str, predict: PredictFn, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 256, on_batch=None, combine=None):
+                 max_queue: int = 256, combine=None):
         self.name, self.predict, self.combine = name, predict, combine
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.max_queue = max_queue
-        self.on_batch = on_batch or (lambda rows, jobs, infer_s: None)
         self._q: queue.Queue[tuple[Job, Future]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
@@ -83,7 +82,6 @@ class EmbeddedBatcher:
                 for _, f in live:
                     f.set_exception(APIError(500, f"inference failed: {exc}"))
                 continue
-            self.on_batch(results[0].batch_rows, len(jobs), results[0].infer_s)
             for (_, f), r in zip(live, results):
                 f.set_result(r)
 

@@ -19,7 +19,7 @@ from .preprocess import DecodeLimits, decode_to_views
 
 
 class EmbeddedDispatcher:
-    def __init__(self, models: ModelSet, cfg: ServerConfig, metrics: ServerMetrics):
+    def __init__(self, models: ModelSet, cfg: ServerConfig):
         self.batchers = {
             m.name: EmbeddedBatcher(m.name, m.predict, min(cfg.max_batch, m.max_batch), cfg.max_delay_ms,
                                     cfg.max_queue, combine=m.combine)
@@ -72,7 +72,6 @@ class InferenceService:
         pixels = np.concatenate(blocks, axis=0)   # (n_images * V, 3, H, W) uint8
         t1 = time.perf_counter()
         res = self.run_job(model, pixels, len(images), len(views))
-        t2 = time.perf_counter()
         preds = topk(res.probs, model.classes, k)
         for (name, _), p in zip(images, preds):
             p["file"] = name

@@ -13,7 +13,6 @@ from server.app import create_app
 from server.config import ServerConfig
 from server_fixtures import make_fake_model, png_bytes
 from trainer.data.images import decode_image
-from trainer.data.transforms import eval_transform
 from trainer.tta import apply_views, merge_probs, parse_policy
 
 import torch

@@ -6,7 +6,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 
 from server.app import create_app
 from server.config import ServerConfig, WorkerConfig
