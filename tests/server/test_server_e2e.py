@@ -14,8 +14,8 @@ from export import load_bundle
 from server.app import create_app
 from server.client import Client
 from server.config import ServerConfig
-from server_fixtures import (LiveServer, digit_images, digits_bundle, ensemble_bundle, redis_proc, redis_url,  # noqa: F401
-                             start_worker, wait_ready)
+from server_fixtures import (LiveServer, digit_images, digits_bundle, ensemble_bundle, free_port, redis_proc,  # noqa: F401
+                             redis_url, start_worker, wait_ready)
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,9 @@ def test_tritonclient_against_the_server(embedded, digits_bundle, tiny_digits):
 
 
 def test_redis_mode_two_worker_processes_equal_bundle_loader(redis_url, redis_proc, digits_bundle, tiny_digits):
-    workers = [start_worker(redis_url, digits_bundle, "--consumer", f"p{i}") for i in range(2)]
+    mport = free_port()
+    workers = [start_worker(redis_url, digits_bundle, "--consumer", f"p{i}", *(["--metrics-port", str(mport)] if i == 0 else []))
+               for i in range(2)]
     try:
         for w in workers:
             wait_ready(w)
@@ -106,6 +108,10 @@ def test_redis_mode_two_worker_processes_equal_bundle_loader(redis_url, redis_pr
             np.testing.assert_allclose(as_full(r.get_json()["predictions"][0], len(ref.classes)), ref.predict(f).probs[0],
                                        rtol=1e-4, atol=1e-5)
         assert c.get("/v2/health/ready").get_json()["models"]["digits"]["reason"] == "2 worker(s)"
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:   # worker's own metrics
+            text = r.read().decode()
+        assert "# HELP worker_batch_size" in text and "# HELP worker_dead_letters" in text
     finally:
         for w in workers:
             w.kill()
