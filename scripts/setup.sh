@@ -7,8 +7,9 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-# Debian packages: redis-server for the serving tests, a C++ toolchain and CMake for the native runtime.
-APT_PKGS="redis-server cmake g++ nlohmann-json3-dev libstb-dev"
+# Debian packages: redis-server for the serving tests, chromium for the browser-page test (driven by
+# Playwright through executable_path; never `playwright install`), a C++ toolchain and CMake for the native runtime.
+APT_PKGS="redis-server chromium cmake g++ nlohmann-json3-dev libstb-dev"
 missing=""
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
