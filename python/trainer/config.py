@@ -82,6 +82,7 @@ class TrainConfig:
     deterministic: bool = _f(False, "use deterministic algorithms (bit-exact resume)")
     out: str = _f("runs/latest", "run directory (checkpoints, metrics, plots, report)")
     resume: str | None = _f(None, "continue the run in this directory from its last.pt")
+    overwrite: bool = _f(False, "start over in --out even if it holds an earlier run (its files are replaced)")
     quiet: bool = _f(False, "print nothing but errors")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (0 or unset: no limit; for tests and profiling)")
 

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -107,8 +108,15 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     if cfg.resume:
         resume_ckpt = load_checkpoint(Path(cfg.resume) / "last.pt")
         out = Path(cfg.resume)
+    elif (out / "last.pt").exists() and not cfg.overwrite:
+        raise DataError(f"'{out}' already holds a run (last.pt); continue it with --resume {out}, choose another "
+                        "--out, or pass --overwrite to start over there")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_ckpt is None:
+            for stale in ("metrics.jsonl", "summary.json", "bad_images.txt"):
+                (out / stale).unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         write_config(cfg, out / "config.yaml")
     barrier(info)
 
