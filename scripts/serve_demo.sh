@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 BUNDLE=${1:-bundles/digits}
 IMAGE=${2:-$(ls data/digits/val/7/*.png | head -1)}
-PORT=${PORT:-8000}
+PORT=${PORT:-$($PY -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")}
 URL="http://127.0.0.1:$PORT"
 $PY -m server --bundle "$BUNDLE" --port "$PORT" --log-level WARNING &
 SERVER=$!
@@ -20,4 +20,4 @@ while not c.ready():
         sys.exit(f"server at {sys.argv[1]} did not become ready")
     time.sleep(0.3)
 PY
-$PY -m server.client --url "$URL" "$IMAGE" --tta hflip
+$PY -m server.client --url "$URL" "$IMAGE"
