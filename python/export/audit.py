@@ -1,0 +1,82 @@
+"""``python -m export inspect BUNDLE`` and ``python -m export verify BUNDLE``.
+
+inspect prints what a bundle holds; verify re-checks an existing bundle: the sha256 of every file,
+then parity of every artifact against a reference, at batch sizes 1, 2 and an odd size. The
+reference is eager PyTorch rebuilt from the source checkpoint when the manifest's checkpoint is
+still on this machine with the same sha256, otherwise the bundle's first fp32 artifact (torchscript,
+onnx, pt2 in that order), so that every format is at least checked against the others.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import loader
+from .formats import open_runtime
+from .manifest import BundleError, manifest_path, preprocess_spec, read_manifest, verify_checksums
+from .samples import validation_images
+from .verify import check_parity
+
+FP32_ORDER = ("torchscript", "onnx", "pt2")
+
+
+def describe(manifest: dict) -> str:
+    lines = [f"{manifest['kind']} bundle '{manifest['name']}' version {manifest['version']} "
+             f"(schema {manifest['schema_version']})",
+             f"classes ({len(manifest['classes'])}): {', '.join(manifest['classes'][:20])}"
+             + (" ..." if len(manifest["classes"]) > 20 else ""),
+             f"TTA: {manifest['tta']['default']} ({len(manifest['tta']['views'])} views, merge "
+             f"{manifest['tta']['merge']})"]
+    if manifest["kind"] == "ensemble":
+        lines.append(f"fusion: {manifest['fusion']}")
+        lines += [f"  member {m['name']}: {m['path']} weight {m['weight']}" for m in manifest["members"]]
+        return "\n".join(lines)
+    pre = manifest["preprocessing"]
+    lines += [f"architecture: {manifest['architecture']}   input: {manifest['input']['dtype']} "
+              f"{manifest['input']['shape']}   output: {manifest['output']['name']} {manifest['output']['shape']}"
+              f"   max batch: {manifest['max_batch']}",
+              f"preprocessing: resize shorter side to {pre['resize_size']} ({pre['interpolation']}), "
+              f"center crop {pre['crop_size']}, mean {pre['mean']} std {pre['std']} (in graph)"]
+    for key, art in manifest["artifacts"].items():
+        par = art.get("parity") or {}
+        check = (f"max abs diff {par['max_abs_diff']:.2g} at batch {par['batch_sizes']}" if par else "not verified")
+        lines.append(f"  {key:12s} {art['file']:16s} {art['bytes'] / 1e6:8.2f} MB  sha256 {art['sha256'][:12]}  "
+                     f"{check}  export {art.get('export_seconds', '?')}s")
+        q = art.get("quantization")
+        if q and "top1_fp32" in q:
+            lines.append(f"  {'':12s} int8 top-1 {q['top1_int8']:.4f} vs fp32 {q['top1_fp32']:.4f} on "
+                         f"{q['validation_images']} images ({q['validation_source']})")
+    prov, met = manifest["provenance"], manifest.get("metrics") or {}
+    lines.append(f"provenance: torch {prov.get('torch')}, checkpoint {prov.get('checkpoint')} "
+                 f"({prov.get('weights')} weights), created {prov.get('created')}")
+    if met.get("val_top1") is not None:
+        lines.append(f"metrics: validation top-1 {met['val_top1']:.4f} (epoch {met.get('best_epoch')})")
+    return "\n".join(lines)
+
+
+def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=print) -> dict:
+    """Checksums, then parity of every artifact; raises BundleError / ParityError on failure."""
+    folder = manifest_path(bundle).parent
+    manifest = read_manifest(folder)
+    checked = verify_checksums(folder, manifest)
+    say(f"{folder}: sha256 ok for {len(checked)} artifact(s)")
+    if manifest["kind"] == "ensemble":
+        return {m["name"]: verify_bundle(str(folder / m["path"]), data, tol, say) for m in manifest["members"]}
+    spec = preprocess_spec(manifest)
+    images = validation_images(spec, manifest["classes"], data, None, limit=8)
+    try:
+        reference, ref_name = loader.load_bundle(folder, "eager")._run, "eager (source checkpoint)"
+    except BundleError:
+        key = next((k for k in FP32_ORDER if k in manifest["artifacts"]), None)
+        if key is None:
+            raise BundleError(f"{folder}: no fp32 artifact and no source checkpoint to compare against") from None
+        reference = open_runtime(folder / manifest["artifacts"][key]["file"], manifest["artifacts"][key]["format"])
+        ref_name = key
+    report = {"reference": ref_name, "images": images.source, "artifacts": {}}
+    for key, art in manifest["artifacts"].items():
+        run = open_runtime(folder / art["file"], art["format"])
+        res = check_parity(reference, run, images.images, key, manifest["max_batch"],
+                           None if key == "onnx_int8" else tol, images.source)
+        report["artifacts"][key] = res
+        say(f"  {key}: max abs diff {res['max_abs_diff']:.2g} vs {ref_name}, top-1 "
+            f"{'agrees' if res['top1_agree'] else 'DIFFERS'} (batch sizes {res['batch_sizes']})")
+    return report

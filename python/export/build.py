@@ -1,0 +1,208 @@
+"""Build a verified model bundle from a training checkpoint.
+
+    python -m export --checkpoint runs/digits/best.pt --format all --out bundles/digits --data data/digits
+
+Library form: ``build_bundle(ExportOptions(checkpoint=..., out=..., formats=["onnx"]))``. Every
+artifact is loaded back in its own runtime and compared with eager PyTorch before it counts; the
+bundle is assembled in a temporary folder next to ``out`` and renamed into place only when every
+check passed, so a failure never leaves a half-written bundle.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoints import model_from_checkpoint
+from trainer.engine.checkpoint import file_sha256 as checkpoint_sha256
+from trainer.tta import MERGES, check_views, parse_policy
+
+from . import formats as fmt
+from .graph import example_batch, probability_model
+from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, BundleError, file_sha256,
+                       preprocessing_dict, utc_now, utc_version, write_manifest)
+from .samples import calibration_images, validation_images
+from .verify import check_parity, top1
+
+FORMATS = ("torchscript", "onnx", "pt2")
+
+
+@dataclass
+class ExportOptions:
+    checkpoint: str
+    out: str
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    opset: int = 18
+    max_batch: int = 64
+    weights: str = "auto"  # auto | model | ema
+    verify: bool = True
+    quantize: str | None = None  # None | "int8"
+    calibration: str | None = None
+    calibration_count: int = 256
+    data: str | None = None
+    validation_limit: int = 2000
+    name: str | None = None
+    tta: str = "none"
+    tta_merge: str = "mean"
+    tolerance: float = 1e-4
+    force: bool = False
+
+
+def resolve_formats(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        for f in (FORMATS if n == "all" else [n]):
+            if f not in FORMATS:
+                raise BundleError(f"unknown format {f!r}; use one of {', '.join(FORMATS)} or all")
+            if f not in out:
+                out.append(f)
+    return out
+
+
+def _check_options(o: ExportOptions) -> None:
+    o.formats = resolve_formats(o.formats)
+    if o.quantize not in (None, "int8"):
+        raise BundleError(f"unknown quantization {o.quantize!r}; only int8 is supported")
+    if o.quantize and not o.calibration:
+        raise BundleError("--quantize int8 needs --calibration DIR (a folder of representative images, e.g. the "
+                          "training split)")
+    if o.quantize and "onnx" not in o.formats:
+        o.formats.append("onnx")  # the int8 model is quantized from the fp32 ONNX
+    if o.max_batch < 2:
+        raise BundleError(f"--max-batch must be at least 2 (the batch dimension is dynamic), got {o.max_batch}")
+    if o.tta_merge not in MERGES:
+        raise BundleError(f"unknown TTA merge {o.tta_merge!r}; use one of {MERGES}")
+    out = Path(o.out)
+    if out.exists() and not o.force:
+        raise BundleError(f"'{out}' already exists; choose another --out or pass --force to replace it")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise BundleError(f"'{out}' exists and is not a bundle; refusing to replace it (choose another --out)")
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torchvision
+
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def _default_name(ckpt: dict) -> str:
+    data = (ckpt.get("config") or {}).get("data")
+    stem = Path(str(data)).name if data else Path(ckpt["path"]).parent.name
+    return f"{stem}-{ckpt['arch']}" if stem else ckpt["arch"]
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished bundle into place; an older bundle at ``out`` is removed only afterwards."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; a bundle is readable like any folder
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
+    _check_options(opts)
+    loaded = model_from_checkpoint(opts.checkpoint, opts.weights)
+    ckpt, spec, classes = loaded.checkpoint, loaded.preprocess, loaded.classes
+    views = parse_policy(opts.tta)
+    check_views(views, spec)
+    net = probability_model(loaded.model, spec)
+
+    def eager(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(x)
+
+    need_val = opts.validation_limit if opts.quantize else 8
+    val = validation_images(spec, classes, opts.data, opts.calibration, limit=need_val)
+    example = example_batch(spec, 2)  # N >= 2 so the batch dimension is not specialised to 1
+    h, w = spec.crop_size
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "kind": "model", "name": opts.name or _default_name(ckpt),
+        "version": utc_version(), "architecture": ckpt["arch"], "classes": classes,
+        "preprocessing": preprocessing_dict(spec),
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [-1, 3, h, w]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [-1, len(classes)], "kind": "probabilities"},
+        "max_batch": opts.max_batch,
+        "tta": {"default": opts.tta, "merge": opts.tta_merge, "views": [v.to_dict() for v in views]},
+        "artifacts": {},
+        "provenance": {**_versions(), "checkpoint": str(Path(ckpt["path"]).resolve()),
+                       "checkpoint_sha256": checkpoint_sha256(ckpt["path"]), "weights": loaded.weights,
+                       "created": utc_now(), "verified_on": val.source if opts.verify else None,
+                       "export_options": asdict(opts)},
+        "metrics": {"val_top1": ckpt.get("best_metric"), "best_epoch": ckpt.get("best_epoch")},
+    }
+    out = Path(opts.out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for key in opts.formats:
+            file, kind = ARTIFACT_FILES[key]
+            path = tmp / file
+            say(f"export {key}: writing {file} ...")
+            t0 = time.perf_counter()
+            if key == "torchscript":
+                embedded = {k: v for k, v in manifest.items() if k != "artifacts"}
+                extra = fmt.write_torchscript(net, example, path, embedded)
+            elif key == "onnx":
+                extra = fmt.write_onnx(net, example, path, opts.opset, opts.max_batch)
+            else:
+                extra = fmt.write_pt2(net, example, path, opts.max_batch)
+            seconds = time.perf_counter() - t0
+            art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size, **extra}
+            if extra.get("data_files"):
+                art["data_sha256"] = {d: file_sha256(tmp / d) for d in extra["data_files"]}
+            art["export_seconds"] = round(seconds, 2)
+            if opts.verify:
+                art["parity"] = check_parity(eager, fmt.open_runtime(path, kind), val.images, key, opts.max_batch,
+                                             opts.tolerance, val.source)
+                say(f"  {key}: max abs diff {art['parity']['max_abs_diff']:.2g} at batch sizes "
+                    f"{art['parity']['batch_sizes']} ({seconds:.1f}s)")
+            manifest["artifacts"][key] = art
+        if opts.quantize:
+            manifest["artifacts"]["onnx_int8"] = _int8(opts, tmp, manifest, spec, eager, val, say)
+        write_manifest(tmp, manifest)
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"bundle: {out}")
+    return out, manifest
+
+
+def _int8(opts, tmp: Path, manifest: dict, spec, eager, val, say) -> dict:
+    from .quantize import quantize_int8
+
+    file, kind = ARTIFACT_FILES["onnx_int8"]
+    path = tmp / file
+    cal = calibration_images(spec, opts.calibration, opts.calibration_count)
+    say(f"quantize int8: calibrating on {len(cal)} images from {cal.source} ...")
+    t0 = time.perf_counter()
+    quant = quantize_int8(tmp / manifest["artifacts"]["onnx"]["file"], path, cal.images)
+    seconds = time.perf_counter() - t0
+    run = fmt.open_runtime(path, kind)
+    quant.update(calibration_source=cal.source, validation_source=val.source, validation_images=len(val))
+    if val.labels is not None:
+        quant["top1_fp32"] = top1(eager, val.images, val.labels, opts.max_batch)
+        quant["top1_int8"] = top1(run, val.images, val.labels, opts.max_batch)
+        say(f"  int8: top-1 {quant['top1_int8']:.4f} vs fp32 {quant['top1_fp32']:.4f} on {len(val)} images")
+        if quant["top1_fp32"] - quant["top1_int8"] > 0.01:
+            say(f"  warning: int8 loses {100 * (quant['top1_fp32'] - quant['top1_int8']):.1f} points of top-1; "
+                "calibrate on more representative images or serve the fp32 artifacts")
+    art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+           "quantization": quant, "export_seconds": round(seconds, 2)}
+    if opts.verify:  # measured, not gated: int8 is judged by top-1 above
+        art["parity"] = check_parity(eager, run, val.images, "onnx_int8", opts.max_batch, None, val.source)
+    return art

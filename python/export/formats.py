@@ -1,0 +1,119 @@
+"""Writing each artifact format, and opening it again in its own runtime.
+
+    write_torchscript(net, example, "model.ts", embedded_manifest)
+    write_onnx(net, example, "model.onnx", opset=18, max_batch=64)
+    write_pt2(net, example, "model.pt2", max_batch=64)
+    run = open_runtime("model.onnx", "onnx", threads=2)   # run(uint8 NCHW tensor) -> probs tensor
+
+Every writer takes the ProbabilityModel (uint8 in, probabilities out) and an example batch of at
+least 2 images, so the dynamic batch dimension is never specialised to 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .manifest import INPUT_NAME, OUTPUT_NAME, BundleError
+
+Runtime = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) uint8 -> (N, K) float32
+
+
+def _batch_dim(max_batch: int):
+    return {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=max_batch)}}
+
+
+def write_torchscript(net: nn.Module, example: torch.Tensor, path: str | os.PathLike,
+                      embedded_manifest: dict) -> dict:
+    """Trace, freeze and save; the manifest rides along as the extra file 'manifest.json'."""
+    with warnings.catch_warnings():
+        # torch.jit.trace/freeze are deprecated in favour of torch.export but remain the format the
+        # C++ runtime loads with torch::jit::load; the warning is about the API, not our graph.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*TorchScript.*")
+        with torch.no_grad():
+            traced = torch.jit.trace(net, example, check_trace=False)
+            frozen = torch.jit.freeze(traced.eval())
+        torch.jit.save(frozen, str(path), _extra_files={"manifest.json": json.dumps(embedded_manifest)})
+    return {}
+
+
+def write_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int, max_batch: int) -> dict:
+    import onnx
+
+    path = Path(path)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        torch.onnx.export(net, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], dynamic_shapes=_batch_dim(max_batch),
+                          opset_version=opset, external_data=True, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    data_files = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
+    return {"opset": opset, "data_files": data_files}
+
+
+def write_pt2(net: nn.Module, example: torch.Tensor, path: str | os.PathLike, max_batch: int) -> dict:
+    from torch import _inductor
+
+    with torch.no_grad():
+        program = torch.export.export(net, (example,), dynamic_shapes=_batch_dim(max_batch))
+        # Freezing folds the weights into the compiled kernels: much faster on CPU. patch() restores it.
+        with _inductor.config.patch(freezing=True):
+            _inductor.aoti_compile_and_package(program, package_path=str(path))
+    return {}
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BundleError("device='cuda' needs onnxruntime-gpu (pip install 'shipclassifier[gpu]')")
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+def open_runtime(path: str | os.PathLike, fmt: str, threads: int | None = None, device: str = "cpu") -> Runtime:
+    """Load an artifact with its own runtime and return a callable uint8 NCHW -> probabilities."""
+    path = str(path)
+    if fmt == "onnx":
+        session = ort_session(path, threads, device)
+
+        def run_onnx(x: torch.Tensor) -> torch.Tensor:
+            out = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})[0]
+            return torch.from_numpy(out)
+
+        return run_onnx
+    if device != "cpu":
+        raise BundleError(f"the {fmt} artifacts are compiled for CPU; use device='cpu' (or the onnxruntime "
+                          "backend with onnxruntime-gpu)")
+    if threads:
+        torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
+    if fmt == "torchscript":
+        with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the format C++ loads
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            module = torch.jit.load(path, map_location="cpu").eval()
+    elif fmt == "aotinductor":
+        from torch import _inductor
+
+        module = _inductor.aoti_load_package(path)
+    else:
+        raise BundleError(f"unknown artifact format {fmt!r}")
+
+    def run_torch(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x.contiguous())
+
+    return run_torch

@@ -1,0 +1,243 @@
+"""Load a bundle (or an ensemble bundle) and classify images with it.
+
+    from export import load_bundle
+    bundle = load_bundle("bundles/digits", backend="onnxruntime", threads=2)
+    result = bundle.predict(["a.png", open("b.jpg", "rb").read()], tta="hflip", topk=3)
+    result.labels        # [['7', '1', '0'], ...]   result.probs: (N, K) float32
+    bundle.predict_tensor(uint8_nchw)                # raw model call: no preprocessing, no TTA
+
+Backends: ``onnxruntime`` (model.onnx), ``onnxruntime-int8`` (model.int8.onnx), ``torchscript``
+(model.ts), ``pt2`` (model.pt2), ``eager`` (rebuilds the model from the source checkpoint that the
+manifest records; only where that file still exists with the recorded sha256: a bundle copied to
+another machine has no eager backend) and ``auto`` (the first of onnxruntime, pt2, torchscript the
+bundle has). ``register_backend`` adds more (the native C++ module registers ``native``). Every
+backend checks the artifact's sha256 before loading it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from trainer.data import decode_image
+from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_policy, views_from_data
+
+from .formats import Runtime, open_runtime
+from .manifest import BundleError, check_artifact, file_sha256, manifest_path, preprocess_spec, read_manifest
+
+BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
+_BACKENDS: dict[str, BackendFactory] = {}
+AUTO_ORDER = ("onnxruntime", "pt2", "torchscript")
+_BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "torchscript": "torchscript",
+                     "pt2": "pt2"}
+
+
+def register_backend(name: str, factory: BackendFactory, replace: bool = False) -> None:
+    """Add a backend: ``factory(bundle_folder, manifest, threads, device)`` returns a callable that maps a
+    (N, 3, H, W) uint8 tensor (N <= max_batch) to (N, K) float32 probabilities (tensor or array)."""
+    if name in _BACKENDS and not replace:
+        raise ValueError(f"backend {name!r} is already registered")
+    _BACKENDS[name] = factory
+
+
+def list_backends() -> list[str]:
+    return ["auto", *sorted(_BACKENDS)]
+
+
+def _artifact_factory(key: str) -> BackendFactory:
+    def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
+        path = check_artifact(folder, manifest, key)
+        return open_runtime(path, manifest["artifacts"][key]["format"], threads, device)
+
+    return factory
+
+
+def _eager_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
+    from trainer.checkpoints import model_from_checkpoint
+
+    from .graph import probability_model
+
+    prov = manifest["provenance"]
+    ckpt = prov.get("checkpoint")
+    if not ckpt or not Path(ckpt).is_file():
+        raise BundleError(f"{folder}: backend 'eager' needs the source checkpoint {ckpt!r}, which is not on this "
+                          "machine; use backend 'onnxruntime', 'pt2' or 'torchscript'")
+    if file_sha256(ckpt) != prov.get("checkpoint_sha256"):
+        raise BundleError(f"{ckpt}: changed since the bundle was exported (sha256 differs); re-export the bundle "
+                          "or use an artifact backend")
+    if threads:
+        torch.set_num_threads(threads)
+    loaded = model_from_checkpoint(ckpt, prov.get("weights", "auto"))
+    net = probability_model(loaded.model, preprocess_spec(manifest)).to(device)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(x.to(device)).cpu()
+
+    return run
+
+
+for _name, _key in _BACKEND_ARTIFACT.items():
+    register_backend(_name, _artifact_factory(_key))
+register_backend("eager", _eager_factory)
+
+
+@dataclass
+class Prediction:
+    probs: np.ndarray  # (N, K) float32
+    indices: np.ndarray  # (N, k) int64, best first (ties: lowest class index first)
+    scores: np.ndarray  # (N, k) float32, the probabilities of ``indices``
+    classes: list[str]
+
+    @property
+    def labels(self) -> list[list[str]]:
+        return [[self.classes[i] for i in row] for row in self.indices]
+
+    @property
+    def top1(self) -> list[str]:
+        return [row[0] for row in self.labels]
+
+
+def make_prediction(probs: np.ndarray, classes: list[str], topk: int) -> Prediction:
+    k = max(1, min(topk, probs.shape[1]))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return Prediction(probs, order, np.take_along_axis(probs, order, 1), classes)
+
+
+def _as_list(images) -> list:
+    if isinstance(images, (str, os.PathLike, bytes, bytearray)):
+        return [images]
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        return [images]
+    return list(images)
+
+
+def decode_all(images) -> list[np.ndarray]:
+    out = []
+    for img in _as_list(images):
+        if isinstance(img, np.ndarray):
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+                raise BundleError(f"decoded images must be (H, W, 3) uint8 RGB arrays, got {img.dtype} {img.shape}")
+            out.append(img)
+        else:
+            out.append(decode_image(img))
+    return out
+
+
+def _resolve_views(tta, default: list[TTAView]) -> list[TTAView]:
+    if tta is None:
+        return default
+    if isinstance(tta, str):
+        return parse_policy(tta)
+    return [v if isinstance(v, TTAView) else TTAView(**v) for v in tta]
+
+
+class ModelBundle:
+    def __init__(self, folder: Path, manifest: dict, run: Runtime, backend: str, tta=None):
+        self.path, self.manifest, self.backend, self._run = folder, manifest, backend, run
+        self.classes: list[str] = list(manifest["classes"])
+        self.spec = preprocess_spec(manifest)
+        self.max_batch: int = manifest["max_batch"]
+        self.merge: str = manifest["tta"]["merge"]
+        self.views = _resolve_views(tta, views_from_data(manifest["tta"]["views"]))
+        check_views(self.views, self.spec)
+        self.input_shape = tuple(manifest["input"]["shape"][1:])
+
+    def predict_tensor(self, batch) -> np.ndarray:
+        """(N, 3, H, W) uint8 tensor or array -> (N, K) float32 probabilities; no preprocessing, no TTA."""
+        x = torch.as_tensor(batch)
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise BundleError(f"{self.path}: expected a (N, {', '.join(map(str, self.input_shape))}) uint8 batch, "
+                              f"got {x.dtype} {tuple(x.shape)}")
+        outs = [np.asarray(self._run(x[i:i + self.max_batch]), dtype=np.float32)
+                for i in range(0, x.shape[0], self.max_batch)]
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
+
+    def probs_decoded(self, decoded: list[np.ndarray], views: list[TTAView]) -> np.ndarray:
+        check_views(views, self.spec)
+        crops = torch.stack([apply_views(img, self.spec, views) for img in decoded])  # (N, V, 3, h, w)
+        n, v = crops.shape[:2]
+        probs = torch.from_numpy(self.predict_tensor(crops.flatten(0, 1))).view(n, v, -1)
+        return merge_probs(probs.transpose(0, 1), self.merge).numpy()
+
+    def predict(self, images, tta=None, topk: int = 5) -> Prediction:
+        """File paths, encoded bytes or decoded (H, W, 3) uint8 arrays -> Prediction (probs + top-k)."""
+        decoded = decode_all(images)
+        if not decoded:
+            return make_prediction(np.zeros((0, len(self.classes)), np.float32), self.classes, topk)
+        return make_prediction(self.probs_decoded(decoded, _resolve_views(tta, self.views)), self.classes, topk)
+
+
+def fuse(probs: list[np.ndarray], weights: Sequence[float], fusion: str) -> np.ndarray:
+    """Member probabilities (each (N, K)) -> (N, K): mean, weighted mean or weighted top-1 vote fractions."""
+    stack = np.stack(probs)  # (M, N, K)
+    w = np.asarray(weights, dtype=np.float64)
+    if fusion == "mean":
+        w = np.ones_like(w)
+    w = w / w.sum()
+    if fusion == "vote":
+        stack = np.eye(stack.shape[-1], dtype=np.float64)[stack.argmax(-1)]  # (M, N, K) one-hot top-1
+    return np.tensordot(w, stack, axes=1).astype(np.float32)
+
+
+class EnsembleBundle:
+    def __init__(self, folder: Path, manifest: dict, members: list[ModelBundle], tta=None):
+        self.path, self.manifest, self.members = folder, manifest, members
+        self.classes: list[str] = list(manifest["classes"])
+        self.fusion: str = manifest["fusion"]
+        self.weights = [float(m["weight"]) for m in manifest["members"]]
+        self.views = _resolve_views(tta, views_from_data(manifest["tta"]["views"]))
+        self.backend = ",".join(sorted({m.backend for m in members}))
+        self.max_batch = min(m.max_batch for m in members)
+
+    def predict_tensor(self, batch) -> np.ndarray:
+        shapes = {m.input_shape for m in self.members}
+        if len(shapes) > 1:
+            raise BundleError(f"{self.path}: members take different input sizes {sorted(shapes)}; use predict(), "
+                              "which preprocesses for each member")
+        return fuse([m.predict_tensor(batch) for m in self.members], self.weights, self.fusion)
+
+    def predict(self, images, tta=None, topk: int = 5) -> Prediction:
+        decoded = decode_all(images)
+        if not decoded:
+            return make_prediction(np.zeros((0, len(self.classes)), np.float32), self.classes, topk)
+        views = _resolve_views(tta, self.views)
+        probs = fuse([m.probs_decoded(decoded, views) for m in self.members], self.weights, self.fusion)
+        return make_prediction(probs, self.classes, topk)
+
+
+def _pick_backend(manifest: dict, backend: str, folder: Path) -> str:
+    if backend != "auto":
+        if backend not in _BACKENDS:
+            raise BundleError(f"unknown backend {backend!r}; use one of {', '.join(list_backends())}")
+        return backend
+    for name in AUTO_ORDER:
+        if _BACKEND_ARTIFACT[name] in manifest["artifacts"]:
+            return name
+    raise BundleError(f"{folder}: no artifact that backend 'auto' can run; pass backend= explicitly")
+
+
+def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, threads: int | None = None,
+                device: str = "cpu") -> ModelBundle | EnsembleBundle:
+    """Open a bundle folder (model or ensemble) with one backend; ``tta`` overrides the manifest's default."""
+    folder = manifest_path(path).parent
+    manifest = read_manifest(folder)
+    if manifest["kind"] == "ensemble":
+        members = []
+        for mem in manifest["members"]:
+            sub = folder / mem["path"]
+            want = mem.get("manifest_sha256")
+            if want and manifest_path(sub).is_file() and file_sha256(manifest_path(sub)) != want:
+                raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
+                                  "was modified: rebuild the ensemble")
+            member = load_bundle(sub, backend, tta, threads, device)
+            if member.classes != manifest["classes"]:
+                raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
+            members.append(member)
+        return EnsembleBundle(folder, manifest, members, tta)
+    name = _pick_backend(manifest, backend, folder)
+    return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, device), name, tta)
