@@ -68,10 +68,13 @@ def test_bad_policies_are_refused(native):
 
 
 @pytest.mark.parametrize("data,why", [(b"", "empty"), (b"GIF89a....", "not a recognised image format"),
-                                      (None, "truncated")])
+                                      ("rgb420.jpg:300", "missing SOS"), ("rgb420.jpg:0.6", "truncated"),
+                                      ("odd.png:0.6", "unreadable PNG")])
 def test_bad_bytes_name_the_problem(native, image_dir, data, why):
-    if data is None:
-        data = (image_dir / "rgb420.jpg").read_bytes()[:300]
+    if isinstance(data, str):  # a real file cut short: in its headers, or in its pixel data
+        name, cut = data.split(":")
+        full = (image_dir / name).read_bytes()
+        data = full[:int(cut) if "." not in cut else int(len(full) * float(cut))]
     with pytest.raises(native.ImageError, match=why):
         native.decode_bytes(data, "upload.jpg")
     with pytest.raises(native.ImageError, match="upload.jpg"):
