@@ -21,5 +21,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on machines with
         f"({exc}); build it with 'bash scripts/setup.sh' or "
         "'cmake -S . -B build && cmake --build build -j2' (needs torch installed in the venv)") from exc
 
+# Make load_bundle(..., backend="native") work once this package is imported.
+from . import backend as _backend  # noqa: E402
+
+_backend.register()
+
 __all__ = ["Runtime", "NativeError", "BundleError", "ImageError", "OptionError", "decode_file", "decode_bytes",
            "preprocess", "parse_tta_policy", "file_sha256"]

@@ -145,15 +145,15 @@ int main(int argc, char** argv) {
       std::vector<std::string> chunk(args.images.begin() + s,
                                      args.images.begin() + std::min(args.images.size(), s + args.options.batch));
       for (const classify::Result& r : rt->predict_files(chunk)) {
-        nlohmann::json line = {{"path", r.source}, {"topk", nlohmann::json::array()}, {"error", nullptr}};
+        nlohmann::ordered_json line = {{"path", r.source}, {"topk", nlohmann::ordered_json::array()}, {"error", nullptr}};
         if (r.ok()) {
           for (const auto& t : rt->topk(r.probs, args.topk))
-            line["topk"].push_back({{"index", t.index}, {"label", t.label}, {"prob", t.prob}});
+            line["topk"].push_back(nlohmann::ordered_json{{"index", t.index}, {"label", t.label}, {"prob", t.prob}});
         } else {
           line["error"] = r.error;
           ++failed;
         }
-        std::cout << line.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+        std::cout << line.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
       }
       std::cout.flush();
     }
