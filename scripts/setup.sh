@@ -24,7 +24,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY="$ROOT/.venv/bin/python"
-stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+stamp_src=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp_src" ]; then
   echo "setup: installing Python packages into .venv (first run takes a few minutes)"
   "$VPY" -m pip install -q --upgrade pip setuptools wheel

@@ -16,6 +16,18 @@ CLASSIFY_BIN = Path(os.environ.get("CLASSIFY_BIN", REPO / "build" / "bin" / "cla
 BUILD_HINT = "build it with 'bash scripts/setup.sh' or 'cmake -S . -B build && cmake --build build -j2'"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: the C++ side and the Python reference share torch's (global) pool, and on a
+    busy 2-core machine two spinning OpenMP threads per process run several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def native():
     try:

@@ -42,7 +42,7 @@ def test_corrupt_image_among_good_ones_exits_1(classify_bin, bundle_a, eval_imag
     bad = tmp_path / "corrupt.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     paths = [eval_images[0], str(bad), eval_images[1]]
-    res = classify(classify_bin, "--bundle", bundle_a, "--format", "torchscript", "--tta", "ten-crop", *paths)
+    res = classify(classify_bin, "--bundle", bundle_a, "--format", "torchscript", "--tta", "ten-crop", "--threads", 1, *paths)
     assert res.returncode == 1
     out = lines(res)
     assert [o["error"] is None for o in out] == [True, False, True]
@@ -73,7 +73,7 @@ def test_missing_and_tampered_bundles_exit_2(classify_bin, bundle_a, eval_images
     (["--batch"], "--batch needs a value"),
 ])
 def test_wrong_flags_exit_2(classify_bin, bundle_a, eval_images, args, message):
-    res = classify(classify_bin, "--bundle", bundle_a, *args, eval_images[0])
+    res = classify(classify_bin, "--bundle", bundle_a, eval_images[0], *args)  # flags after the image work too
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 

@@ -27,11 +27,11 @@ def native_probs(rt, paths) -> np.ndarray:
     return np.stack([r["probs"] for r in results])
 
 
-@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
-@pytest.mark.parametrize("tta", [None, "none", "ten-crop", "multiscale:36,44"])
+@pytest.mark.parametrize("fmt,tta", [("pt2", None), ("torchscript", "none"), ("pt2", "ten-crop"),
+                                     ("torchscript", "multiscale:36,44")])
 def test_single_model_matches_python(native, bundle_a, eval_images, fmt, tta):
-    ref = load_bundle(bundle_a, backend=fmt, tta=tta).predict(eval_images, topk=3)
-    rt = native.Runtime(str(bundle_a), format=fmt, tta=tta, threads=2, batch=4)
+    ref = load_bundle(bundle_a, backend=fmt, tta=tta, threads=1).predict(eval_images, topk=3)
+    rt = native.Runtime(str(bundle_a), format=fmt, tta=tta, threads=1, batch=4)
     assert rt.format == fmt and rt.classes == ref.classes
     got = native_probs(rt, eval_images)
     assert np.abs(got - ref.probs).max() <= TOL
@@ -50,8 +50,8 @@ def test_default_tta_comes_from_the_manifest(native, bundle_a):
 
 @pytest.mark.parametrize("fusion", ["weighted", "vote", "mean"])
 def test_ensemble_matches_python(native, ensembles, eval_images, fusion):
-    ref = load_bundle(ensembles[fusion], backend="torchscript").predict(eval_images)
-    rt = native.Runtime(str(ensembles[fusion]), format="torchscript", threads=2)
+    ref = load_bundle(ensembles[fusion], backend="torchscript", threads=1).predict(eval_images)
+    rt = native.Runtime(str(ensembles[fusion]), format="torchscript", threads=1)
     assert rt.kind == "ensemble"
     got = native_probs(rt, eval_images)
     assert np.abs(got - ref.probs).max() <= TOL
@@ -115,7 +115,7 @@ def test_bundle_refusals_name_file_and_fix(native, bundle_a, bundle_b, tmp_path)
 
 def test_gil_is_released_during_inference(native, bundle_a, eval_images):
     rt = native.Runtime(str(bundle_a), format="torchscript", tta="ten-crop", threads=1)
-    ticks = []
+    ticks: list[float] = []
     done = threading.Event()
 
     def work():
