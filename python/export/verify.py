@@ -64,4 +64,4 @@ def run_chunked(run: Runtime, images: torch.Tensor, max_batch: int) -> torch.Ten
 
 def top1(run: Runtime, images: torch.Tensor, labels: list[int], max_batch: int) -> float:
     probs = run_chunked(run, images, max_batch)
-    return float((probs.argmax(-1) == torch.tensor(labels)).float().mean())
+    return int((probs.argmax(-1) == torch.tensor(labels)).sum()) / len(labels)

@@ -1,0 +1,174 @@
+"""A real (briefly trained) digits model exported in every format, int8 included, then used through
+the CLI, the loader on every backend, TTA and ensembles."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST_TRAIN, run_cli
+from export_testlib import export_cli, write_checkpoint
+
+import export
+from export.manifest import file_sha256, read_manifest
+
+pytestmark = pytest.mark.slow
+BACKENDS = ["onnxruntime", "torchscript", "pt2", "eager"]
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tiny_digits, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    res = run_cli("train", "--data", str(tiny_digits), "--out", str(out), "--epochs", "2", *FAST_TRAIN)
+    assert res.returncode == 0, res.stderr
+    return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def digits_bundle(digits_checkpoint, tiny_digits, tmp_path_factory) -> Path:
+    """Every format plus int8, through the real command line, verified on the validation split."""
+    out = tmp_path_factory.mktemp("bundles") / "digits"
+    res = run_cli("--checkpoint", str(digits_checkpoint), "--format", "all", "--out", str(out), "--data",
+                  str(tiny_digits), "--max-batch", "16", "--tta", "hflip", "--quantize", "int8", "--calibration",
+                  str(tiny_digits / "train"), module="export")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Warning" not in res.stderr, res.stderr  # deprecation chatter is handled, not spammed
+    return out
+
+
+@pytest.fixture(scope="module")
+def val_paths(tiny_digits) -> list[str]:
+    return sorted(str(p) for p in (tiny_digits / "val").rglob("*.png"))
+
+
+def _reference_probs(checkpoint, paths) -> np.ndarray:
+    """Eager PyTorch with the trainer's own preprocessing: the numbers every backend must reproduce."""
+    from trainer.checkpoints import model_from_checkpoint
+    from trainer.data import Normalize, decode_image, eval_transform
+
+    loaded = model_from_checkpoint(checkpoint)
+    x = torch.stack([eval_transform(decode_image(p), loaded.preprocess) for p in paths])
+    with torch.no_grad():
+        logits = loaded.model(Normalize(loaded.preprocess.mean, loaded.preprocess.std)(x))
+    return torch.softmax(logits, -1).numpy()
+
+
+def test_manifest_records_every_artifact_and_check(digits_bundle, digits_checkpoint):
+    m = read_manifest(digits_bundle)
+    assert set(m["artifacts"]) == {"torchscript", "onnx", "pt2", "onnx_int8"}
+    for key in ("torchscript", "onnx", "pt2"):
+        art = m["artifacts"][key]
+        assert art["sha256"] == file_sha256(digits_bundle / art["file"])
+        assert art["parity"]["max_abs_diff"] <= 1e-4 and art["parity"]["top1_agree"]
+        assert art["parity"]["batch_sizes"] == [1, 2, 5]
+        assert art["parity"]["images"].startswith("validation split of")
+    onnx = m["artifacts"]["onnx"]
+    for name in onnx.get("data_files", []):
+        assert onnx["data_sha256"][name] == file_sha256(digits_bundle / name)
+    assert m["provenance"]["checkpoint_sha256"] == file_sha256(digits_checkpoint)
+    assert m["input"] == {"name": "images", "dtype": "uint8", "shape": [-1, 3, 32, 32]}
+    assert m["output"]["shape"] == [-1, 3] and m["classes"] == ["0", "1", "7"]
+    assert m["tta"]["views"] == [{"resize": None, "crop": "center", "flip": f} for f in ("none", "h")]
+    assert not [p for p in digits_bundle.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_torchscript_carries_its_manifest(digits_bundle):
+    extra = {"manifest.json": ""}
+    with pytest.warns(FutureWarning):  # torch.jit.load is deprecated, still what C++ loads
+        torch.jit.load(str(digits_bundle / "model.ts"), _extra_files=extra)
+    embedded = json.loads(extra["manifest.json"])
+    m = read_manifest(digits_bundle)
+    assert embedded["classes"] == m["classes"] and embedded["preprocessing"] == m["preprocessing"]
+
+
+def test_every_backend_matches_eager_on_real_images(digits_bundle, digits_checkpoint, val_paths):
+    ref = _reference_probs(digits_checkpoint, val_paths)
+    for backend in BACKENDS:
+        bundle = export.load_bundle(digits_bundle, backend=backend, tta="none", threads=2)
+        result = bundle.predict(val_paths, topk=2)
+        assert result.probs.shape == (len(val_paths), 3)
+        np.testing.assert_allclose(result.probs, ref, atol=1e-4, rtol=0, err_msg=backend)
+        assert (result.indices[:, 0] == ref.argmax(1)).all()
+        assert (result.scores[:, 0] >= result.scores[:, 1]).all()
+    auto = export.load_bundle(digits_bundle)
+    assert auto.backend == "onnxruntime"
+
+
+def test_predict_accepts_paths_bytes_and_arrays(digits_bundle, val_paths):
+    from trainer.data import decode_image
+
+    bundle = export.load_bundle(digits_bundle, backend="onnxruntime", tta="none")
+    paths = val_paths[:3]
+    by_path = bundle.predict(paths).probs
+    by_bytes = bundle.predict([Path(p).read_bytes() for p in paths]).probs
+    by_array = bundle.predict([decode_image(p) for p in paths]).probs
+    np.testing.assert_array_equal(by_path, by_bytes)
+    np.testing.assert_array_equal(by_path, by_array)
+    assert bundle.predict(paths[0]).labels[0][0] == bundle.classes[int(by_path[0].argmax())]
+
+
+def test_default_tta_is_the_manifest_policy(digits_bundle, val_paths):
+    from trainer.data import decode_image, eval_transform
+
+    bundle = export.load_bundle(digits_bundle, backend="torchscript")  # manifest default: hflip
+    x = torch.stack([eval_transform(decode_image(p), bundle.spec) for p in val_paths[:4]])
+    expected = (bundle.predict_tensor(x) + bundle.predict_tensor(x.flip(-1))) / 2
+    np.testing.assert_allclose(bundle.predict(val_paths[:4]).probs, expected, atol=1e-6)
+
+
+def test_predict_tensor_chunks_by_max_batch_and_checks_input(digits_bundle):
+    bundle = export.load_bundle(digits_bundle, backend="pt2")
+    x = torch.randint(0, 256, (37, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    whole = bundle.predict_tensor(x)  # 37 > max_batch 16: three calls
+    singles = np.concatenate([bundle.predict_tensor(x[i:i + 1]) for i in range(37)])
+    np.testing.assert_allclose(whole, singles, atol=1e-5)
+    with pytest.raises(export.BundleError, match="uint8"):
+        bundle.predict_tensor(x.float())
+
+
+def test_int8_records_accuracy_before_and_after(digits_bundle, val_paths):
+    q = read_manifest(digits_bundle)["artifacts"]["onnx_int8"]["quantization"]
+    assert q["calibration_images"] == 72 and q["validation_images"] == 24
+    labels = np.array([["0", "1", "7"].index(Path(p).parent.name) for p in val_paths])
+    for backend, key in (("onnxruntime-int8", "top1_int8"), ("eager", "top1_fp32")):
+        probs = export.load_bundle(digits_bundle, backend=backend, tta="none").predict(val_paths).probs
+        assert q[key] == pytest.approx(float((probs.argmax(1) == labels).mean()), abs=1e-9), backend
+
+
+def test_inspect_and_verify_commands(digits_bundle, tiny_digits, capsys):
+    code, _ = export_cli("inspect", digits_bundle, capsys=None)
+    out = capsys.readouterr().out
+    assert code == 0 and "onnx_int8" in out and "int8 top-1" in out
+    code, err = export_cli("verify", digits_bundle, "--data", tiny_digits, capsys=capsys)
+    assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def second_bundle(tmp_path_factory, tiny_digits) -> Path:
+    root = tmp_path_factory.mktemp("second")
+    ckpt = write_checkpoint(root / "mnv2.pt", "mobilenet_v2", seed=3)
+    from export.build import ExportOptions, build_bundle
+
+    out, _ = build_bundle(ExportOptions(str(ckpt), str(root / "mnv2"), ["onnx"], max_batch=8,
+                                        data=str(tiny_digits)), say=lambda *_: None)
+    return out
+
+
+@pytest.mark.parametrize("fusion,weights", [("mean", None), ("weighted", [3.0, 1.0]), ("vote", [1.0, 2.0])])
+def test_ensemble_fuses_member_probabilities(digits_bundle, second_bundle, val_paths, tmp_path, fusion, weights):
+    args = ["ensemble", "--members", digits_bundle, second_bundle, "--fusion", fusion, "--out", tmp_path / "ens"]
+    code, err = export_cli(*args, *(["--weights", *map(str, weights)] if weights else []))
+    assert code == 0, err
+    ens = export.load_bundle(tmp_path / "ens", backend="onnxruntime", tta="none")
+    a = export.load_bundle(digits_bundle, backend="onnxruntime", tta="none").predict(val_paths).probs
+    b = export.load_bundle(second_bundle, backend="onnxruntime", tta="none").predict(val_paths).probs
+    w = np.array(weights or [1.0, 1.0]) / sum(weights or [1.0, 1.0])
+    if fusion == "vote":
+        expected = w[0] * np.eye(3)[a.argmax(1)] + w[1] * np.eye(3)[b.argmax(1)]
+    else:
+        expected = w[0] * a + w[1] * b
+    np.testing.assert_allclose(ens.predict(val_paths).probs, expected, atol=1e-6)
+    assert ens.classes == ["0", "1", "7"]
+    assert export_cli("verify", tmp_path / "ens")[0] == 0
