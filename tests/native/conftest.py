@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from native_samples import sample_images
+from .native_samples import sample_images
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSIFY_BIN = Path(os.environ.get("CLASSIFY_BIN", REPO / "build" / "bin" / "classify"))

@@ -12,7 +12,7 @@ from trainer.data.images import decode_image
 from trainer.data.transforms import PreprocessSpec, eval_transform
 from trainer.tta import NAMED, apply_views, parse_policy
 
-from native_samples import sample_images
+from .native_samples import sample_images
 
 NAMES = sorted(sample_images())
 
