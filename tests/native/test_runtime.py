@@ -130,3 +130,16 @@ def test_gil_is_released_during_inference(native, bundle_a, eval_images):
         time.sleep(0.001)
     t.join()
     assert len(ticks) > 10  # the main thread kept running Python while C++ worked
+
+
+@pytest.mark.parametrize("merge", ["max", "vote"])
+def test_tta_merge_rules_match_python(native, bundle_a, eval_images, tmp_path, merge):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_a, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["tta"]["merge"] = merge
+    (copy / "manifest.json").write_text(json.dumps(m))
+    ref = load_bundle(copy, backend="torchscript", tta="five-crop").predict(eval_images[:6])
+    rt = native.Runtime(str(copy), format="torchscript", tta="five-crop", threads=1)
+    assert rt.merge == merge
+    assert np.abs(native_probs(rt, eval_images[:6]) - ref.probs).max() <= TOL
