@@ -147,6 +147,7 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
     out = Path(opts.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    program = None
     try:
         for key in opts.formats:
             file, kind = ARTIFACT_FILES[key]
@@ -156,10 +157,9 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
             if key == "torchscript":
                 embedded = {k: v for k, v in manifest.items() if k != "artifacts"}
                 extra = fmt.write_torchscript(net, example, path, embedded)
-            elif key == "onnx":
-                extra = fmt.write_onnx(net, example, path, opts.opset, opts.max_batch)
             else:
-                extra = fmt.write_pt2(net, example, path, opts.max_batch)
+                program = program or fmt.export_program(net, example, opts.max_batch)
+                extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx" else fmt.write_pt2(program, path))
             seconds = time.perf_counter() - t0
             art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size, **extra}
             if extra.get("data_files"):

@@ -1,8 +1,9 @@
 """Writing each artifact format, and opening it again in its own runtime.
 
     write_torchscript(net, example, "model.ts", embedded_manifest)
-    write_onnx(net, example, "model.onnx", opset=18, max_batch=64)
-    write_pt2(net, example, "model.pt2", max_batch=64)
+    program = export_program(net, example, max_batch=64)   # torch.export, dynamic batch 1..64
+    write_onnx(program, "model.onnx", opset=18)
+    write_pt2(program, "model.pt2")
     run = open_runtime("model.onnx", "onnx", threads=2)   # run(uint8 NCHW tensor) -> probs tensor
 
 Every writer takes the ProbabilityModel (uint8 in, probabilities out) and an example batch of at
@@ -44,26 +45,34 @@ def write_torchscript(net: nn.Module, example: torch.Tensor, path: str | os.Path
     return {}
 
 
-def write_onnx(net: nn.Module, example: torch.Tensor, path: str | os.PathLike, opset: int, max_batch: int) -> dict:
+def export_program(net: nn.Module, example: torch.Tensor, max_batch: int) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension; shared by the ONNX and .pt2 writers (traced once)."""
+    with torch.no_grad():
+        return torch.export.export(net, (example,), dynamic_shapes=_batch_dim(max_batch))
+
+
+def write_onnx(program: torch.export.ExportedProgram, path: str | os.PathLike, opset: int) -> dict:
     import onnx
 
     path = Path(path)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning)
-        torch.onnx.export(net, (example,), str(path), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=[OUTPUT_NAME], dynamic_shapes=_batch_dim(max_batch),
-                          opset_version=opset, external_data=True, verbose=False)
+        torch.onnx.export(program, (), str(path), dynamo=True, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME], opset_version=opset, external_data=True, verbose=False)
     onnx.checker.check_model(str(path), full_check=True)
     data_files = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(path.name + "."))
     return {"opset": opset, "data_files": data_files}
 
 
-def write_pt2(net: nn.Module, example: torch.Tensor, path: str | os.PathLike, max_batch: int) -> dict:
+def write_pt2(program: torch.export.ExportedProgram, path: str | os.PathLike) -> dict:
+    import logging
+
     from torch import _inductor
 
+    # "No CUDA runtime is found" is logged by the C++ toolchain probe on CPU-only machines: noise here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with torch.no_grad():
-        program = torch.export.export(net, (example,), dynamic_shapes=_batch_dim(max_batch))
         # Freezing folds the weights into the compiled kernels: much faster on CPU. patch() restores it.
         with _inductor.config.patch(freezing=True):
             _inductor.aoti_compile_and_package(program, package_path=str(path))

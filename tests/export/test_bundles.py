@@ -148,10 +148,10 @@ def test_inspect_and_verify_commands(digits_bundle, tiny_digits, capsys):
 @pytest.fixture(scope="module")
 def second_bundle(tmp_path_factory, tiny_digits) -> Path:
     root = tmp_path_factory.mktemp("second")
-    ckpt = write_checkpoint(root / "mnv2.pt", "mobilenet_v2", seed=3)
+    ckpt = write_checkpoint(root / "mnv3.pt", "mobilenet_v3_small", seed=3)
     from export.build import ExportOptions, build_bundle
 
-    out, _ = build_bundle(ExportOptions(str(ckpt), str(root / "mnv2"), ["onnx"], max_batch=8,
+    out, _ = build_bundle(ExportOptions(str(ckpt), str(root / "mnv3"), ["onnx"], max_batch=8,
                                         data=str(tiny_digits)), say=lambda *_: None)
     return out
 
@@ -171,4 +171,5 @@ def test_ensemble_fuses_member_probabilities(digits_bundle, second_bundle, val_p
         expected = w[0] * a + w[1] * b
     np.testing.assert_allclose(ens.predict(val_paths).probs, expected, atol=1e-6)
     assert ens.classes == ["0", "1", "7"]
-    assert export_cli("verify", tmp_path / "ens")[0] == 0
+    if fusion == "mean":  # re-checks both members' checksums and parity: once is enough
+        assert export_cli("verify", tmp_path / "ens")[0] == 0

@@ -1,7 +1,8 @@
 """Every registry family exports and verifies, untrained, at 32 px, on real validation images.
 
-.pt2 (AOTInductor, the slowest format to build) is compiled for resnet (test_bundles.py),
-mobilenet_v3 and efficientnet-pytorch; the others build TorchScript and ONNX.
+.pt2 (AOTInductor, the slowest format to build: 20-60 s each here) is compiled for resnet
+(test_bundles.py) and efficientnet-pytorch only; the others build TorchScript and ONNX. The
+loader on every backend is tested on the resnet bundle (test_bundles.py).
 """
 from __future__ import annotations
 
@@ -20,11 +21,10 @@ CASES = [
     ("resnext50_32x4d", ["torchscript", "onnx"]),
     ("densenet121", ["torchscript", "onnx"]),
     ("mobilenet_v2", ["torchscript", "onnx"]),
-    ("mobilenet_v3_small", ["torchscript", "onnx", "pt2"]),
+    ("mobilenet_v3_small", ["torchscript", "onnx"]),
     ("efficientnet_b0", ["torchscript", "onnx"]),
     ("efficientnet-b0", ["torchscript", "onnx", "pt2"]),
 ]
-LOADER = {"torchscript": "torchscript", "onnx": "onnxruntime", "pt2": "pt2"}
 
 
 @pytest.mark.parametrize("arch,formats", CASES, ids=[c[0] for c in CASES])
@@ -37,8 +37,5 @@ def test_family_exports_and_verifies(arch, formats, tmp_path, tiny_digits):
         parity = manifest["artifacts"][key]["parity"]
         assert parity["max_abs_diff"] <= 1e-4 and parity["top1_agree"] and parity["batch_sizes"] == [1, 2, 5]
     x = torch.randint(0, 256, (3, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    eager = export.load_bundle(out, backend="eager").predict_tensor(x)
-    np.testing.assert_allclose(eager.sum(1), 1.0, atol=1e-5)  # probabilities, not logits
-    for key in formats:
-        got = export.load_bundle(out, backend=LOADER[key]).predict_tensor(x)
-        np.testing.assert_allclose(got, eager, atol=1e-4, rtol=0, err_msg=f"{arch} {key}")
+    probs = export.load_bundle(out, backend="onnxruntime").predict_tensor(x)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)  # probabilities, not logits

@@ -1,0 +1,196 @@
+"""Side-by-side CPU inference speed of every backend a bundle offers.
+
+    python benchmarks/backends.py --calibration data/digits/train --threads 2 \
+        --accuracy-checkpoint runs/digits/best.pt --accuracy-data data/digits --out benchmarks/results
+    python benchmarks/backends.py --quick ...          # fewer repeats, for a busy machine
+
+Per model (resnet50, mobilenet_v3_large, efficientnet_b0 at 224 px, untrained weights: speed does
+not depend on them) and batch size (1, 8, 32): median latency and images/s of eager PyTorch,
+eager channels-last, TorchScript, ONNX Runtime fp32, ONNX Runtime int8 and AOTInductor .pt2, all
+with the same thread count; ratios are to eager. Each model is exported once with
+``python -m export``'s library (verified), so export time per format is reported too. int8
+accuracy is measured separately on a trained model (--accuracy-checkpoint) and its validation set.
+Writes backends.json, backends.md and backends.png under --out; the last stdout line is JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "python"))
+
+import export  # noqa: E402
+from export.build import ExportOptions, build_bundle  # noqa: E402
+from export.graph import example_batch, probability_model  # noqa: E402
+from export.manifest import preprocess_spec  # noqa: E402
+
+MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0"]
+BATCHES = [1, 8, 32]
+BACKENDS = ["eager", "eager_channels_last", "torchscript", "onnxruntime", "onnxruntime_int8", "pt2"]
+
+
+def untrained_checkpoint(path: Path, arch: str, img_size: int, num_classes: int) -> Path:
+    """A checkpoint in the trainer's format with random weights (timing does not depend on them)."""
+    from trainer.data import PreprocessSpec
+    from trainer.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
+    from trainer.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes, img_size).eval()
+    atomic_save({"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": num_classes,
+                 "classes": [f"c{i}" for i in range(num_classes)],
+                 "preprocess": PreprocessSpec.for_size(img_size).to_dict(), "config": {"data": "benchmark"},
+                 "model": model.state_dict(), "ema": None, "best_source": "model"}, path)
+    return path
+
+
+def time_call(fn, x, warmup: int, repeats: int, min_seconds: float) -> float:
+    for _ in range(warmup):
+        fn(x)
+    times: list[float] = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return statistics.median(times)
+
+
+def runners(bundle_dir: Path, threads: int) -> dict:
+    manifest = export.read_manifest(bundle_dir)
+    loaded = export.load_bundle(bundle_dir, backend="eager", threads=threads)
+    from trainer.checkpoints import model_from_checkpoint
+
+    net = probability_model(model_from_checkpoint(manifest["provenance"]["checkpoint"]).model,
+                            preprocess_spec(manifest))
+    net_cl = net.to(memory_format=torch.channels_last)
+
+    def eager_cl(x):
+        with torch.inference_mode():
+            return net_cl(x.contiguous(memory_format=torch.channels_last))
+
+    out = {"eager": loaded.predict_tensor, "eager_channels_last": eager_cl}
+    for name, backend in (("torchscript", "torchscript"), ("onnxruntime", "onnxruntime"),
+                          ("onnxruntime_int8", "onnxruntime-int8"), ("pt2", "pt2")):
+        out[name] = export.load_bundle(bundle_dir, backend=backend, threads=threads).predict_tensor
+    torch.set_num_threads(threads)
+    return out
+
+
+def bench_model(arch: str, args, work: Path) -> dict:
+    ckpt = untrained_checkpoint(work / f"{arch}.pt", arch, args.img_size, args.num_classes)
+    bundle, manifest = build_bundle(ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches),
+                                                  quantize="int8", calibration=args.calibration,
+                                                  calibration_count=args.calibration_count), say=print)
+    spec = preprocess_spec(manifest)
+    fns = runners(bundle, args.threads)
+    rows = []
+    for bs in args.batches:
+        x = example_batch(spec, bs, seed=1)
+        for name in BACKENDS:
+            sec = time_call(fns[name], x, args.warmup, args.repeats, args.min_seconds)
+            rows.append({"model": arch, "batch": bs, "backend": name, "latency_ms": 1000 * sec, "images_per_s": bs / sec})
+            print(f"{arch:20s} batch {bs:3d} {name:20s} {1000 * sec:9.2f} ms {bs / sec:9.1f} img/s", flush=True)
+    export_seconds = {k: a["export_seconds"] for k, a in manifest["artifacts"].items()}
+    return {"rows": rows, "export_seconds": export_seconds}
+
+
+def int8_accuracy(args, work: Path) -> dict | None:
+    if not args.accuracy_checkpoint:
+        return None
+    _, m = build_bundle(ExportOptions(args.accuracy_checkpoint, str(work / "accuracy"), ["onnx"], quantize="int8",
+                                      calibration=args.accuracy_calibration or args.calibration,
+                                      data=args.accuracy_data, calibration_count=args.calibration_count), say=print)
+    q = m["artifacts"]["onnx_int8"]["quantization"]
+    return {k: q.get(k) for k in ("top1_fp32", "top1_int8", "validation_images", "calibration_images",
+                                  "validation_source", "calibration_source")} | {"architecture": m["architecture"]}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | batch | " + " | ".join(BACKENDS) + " |", "|---|---:|" + "---:|" * len(BACKENDS)]
+    keyed = {(r["model"], r["batch"], r["backend"]): r for r in rows}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for bs in dict.fromkeys(r["batch"] for r in rows):
+            base = keyed[(model, bs, "eager")]["latency_ms"]
+            cells = [f"{keyed[(model, bs, b)]['latency_ms']:.1f} ms ({base / keyed[(model, bs, b)]['latency_ms']:.2f}x)"
+                     for b in BACKENDS]
+            lines.append(f"| {model} | {bs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+    keyed = {(r["model"], r["batch"], r["backend"]): r["images_per_s"] for r in rows}
+    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(groups)), 4.5))
+    width = 0.8 / len(BACKENDS)
+    for i, b in enumerate(BACKENDS):
+        ax.bar(np.arange(len(groups)) + i * width, [keyed[(m, bs, b)] for m, bs in groups], width, label=b)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{m}\nbatch {bs}" for m, bs in groups], fontsize=7)
+    ax.set_ylabel("images / s (higher is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--calibration", required=True, help="folder of calibration images for int8")
+    p.add_argument("--calibration-count", type=int, default=64)
+    p.add_argument("--accuracy-checkpoint", help="trained checkpoint to measure int8 top-1 loss on")
+    p.add_argument("--accuracy-data", help="its dataset (validation split)")
+    p.add_argument("--accuracy-calibration", help="calibration images for it (default: --calibration)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--min-seconds", type=float, default=2.0)
+    p.add_argument("--quick", action="store_true", help="warmup 2, repeats 5, min 0.5 s per measurement")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.repeats, args.min_seconds = 2, 5, 0.5
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    result = {"threads": args.threads, "img_size": args.img_size, "torch": str(torch.__version__),
+              "command": " ".join(sys.argv), "rows": [], "export_seconds": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-", dir=out) as tmp:
+        result["int8_accuracy"] = int8_accuracy(args, Path(tmp))
+        for arch in args.models:
+            r = bench_model(arch, args, Path(tmp))
+            result["rows"] += r["rows"]
+            result["export_seconds"][arch] = r["export_seconds"]
+    keyed = {(r["model"], r["batch"], r["backend"]): r["latency_ms"] for r in result["rows"]}
+    result["int8_speedup_batch1"] = {m: keyed[(m, 1, "onnxruntime")] / keyed[(m, 1, "onnxruntime_int8")]
+                                     for m in args.models if (m, 1, "onnxruntime") in keyed}
+    (out / "backends.json").write_text(json.dumps(result, indent=2))
+    table = markdown(result["rows"])
+    (out / "backends.md").write_text(table + "\n")
+    chart(result["rows"], out / "backends.png")
+    print(table)
+    print(json.dumps({"int8_speedup_batch1": result["int8_speedup_batch1"],
+                      "int8_accuracy": result["int8_accuracy"], "export_seconds": result["export_seconds"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

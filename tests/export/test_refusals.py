@@ -1,0 +1,141 @@
+"""Bad inputs: every refusal exits 2 (or raises BundleError) with a message that names the problem,
+and a failed parity check aborts without leaving anything behind."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from export_testlib import TINY_CLASSES, export_cli, write_checkpoint
+
+import export
+from export import formats
+from export.build import ExportOptions, build_bundle
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, bundle): untrained mobilenet_v3_small, TorchScript + ONNX, checked on synthetic images."""
+    root = tmp_path_factory.mktemp("small")
+    ckpt = write_checkpoint(root / "ckpt.pt", "mobilenet_v3_small")
+    out, m = build_bundle(ExportOptions(str(ckpt), str(root / "bundle"), ["torchscript", "onnx"], max_batch=4),
+                          say=lambda *_: None)
+    assert m["provenance"]["verified_on"] == "synthetic"
+    assert m["artifacts"]["onnx"]["parity"]["batch_sizes"] == [1, 2, 3]
+    return ckpt, out
+
+
+@pytest.fixture
+def bundle_copy(small, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(small[1], dst)
+    return dst
+
+
+def _edit_manifest(bundle: Path, **changes) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    m.update(changes)
+    (bundle / "manifest.json").write_text(json.dumps(m))
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    code, err = export_cli("--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "not found" in err and not (tmp_path / "b").exists()
+
+
+def test_corrupt_checkpoint(small, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(small[0].read_bytes()[:5000])
+    code, err = export_cli("--checkpoint", bad, "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "corrupt" in err
+
+
+def test_unknown_format(small, tmp_path, capsys):
+    code, err = export_cli("--checkpoint", small[0], "--format", "tflite", "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "unknown format 'tflite'" in err
+
+
+def test_checkpoint_with_another_class_count(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "c.pt", "mobilenet_v3_small", num_classes=5)  # 3-class weights
+    code, err = export_cli("--checkpoint", ckpt, "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "5 classes" in err
+
+
+def test_int8_needs_calibration(small, tmp_path, capsys):
+    code, err = export_cli("--checkpoint", small[0], "--quantize", "int8", "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "--calibration" in err
+
+
+def test_existing_output_is_not_overwritten_without_force(small, capsys):
+    code, err = export_cli("--checkpoint", small[0], "--out", small[1], capsys=capsys)
+    assert code == 2 and "--force" in err and (small[1] / "manifest.json").is_file()
+
+
+def test_tampered_artifact(bundle_copy, capsys):
+    with open(bundle_copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    code, err = export_cli("verify", bundle_copy, capsys=capsys)
+    assert code == 2 and "model.onnx" in err and "sha256" in err
+    with pytest.raises(export.BundleError, match="sha256"):
+        export.load_bundle(bundle_copy, backend="onnxruntime")
+    export.load_bundle(bundle_copy, backend="torchscript")  # the untouched artifact still loads
+
+
+def test_unknown_schema_version(bundle_copy, capsys):
+    _edit_manifest(bundle_copy, schema_version=99)
+    code, err = export_cli("inspect", bundle_copy, capsys=capsys)
+    assert code == 2 and "schema_version 99" in err
+    with pytest.raises(export.BundleError, match="schema_version"):
+        export.load_bundle(bundle_copy)
+
+
+def test_missing_key_and_absent_format(bundle_copy):
+    with pytest.raises(export.BundleError, match="no 'pt2' artifact"):
+        export.load_bundle(bundle_copy, backend="pt2")
+    with pytest.raises(export.BundleError, match="unknown backend"):
+        export.load_bundle(bundle_copy, backend="tensorrt")
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    del m["classes"]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match="classes"):
+        export.read_manifest(bundle_copy)
+
+
+def test_eager_needs_the_source_checkpoint(bundle_copy):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["provenance"]["checkpoint"] = str(bundle_copy / "gone.pt")
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match="source checkpoint"):
+        export.load_bundle(bundle_copy, backend="eager")
+
+
+def test_ensemble_members_with_different_classes(small, bundle_copy, tmp_path, capsys):
+    _edit_manifest(bundle_copy, classes=["a", "b", "c"])
+    code, err = export_cli("ensemble", "--members", small[1], bundle_copy, "--out", tmp_path / "e", capsys=capsys)
+    assert code == 2 and "classes" in err and not (tmp_path / "e").exists()
+
+
+def test_parity_failure_aborts_and_leaves_nothing(small, tmp_path, monkeypatch, capsys):
+    real = formats.open_runtime
+
+    def off_by_a_little(path, fmt, *a, **k):
+        run = real(path, fmt, *a, **k)
+        return run if fmt == "onnx" else (lambda x: run(x) + 3e-4 * torch.arange(x.shape[0]).view(-1, 1))
+
+    monkeypatch.setattr(formats, "open_runtime", off_by_a_little)
+    out = tmp_path / "sub" / "bundle"
+    code, err = export_cli("--checkpoint", small[0], "--format", "torchscript", "onnx", "--out", out,
+                           "--max-batch", "4", capsys=capsys)
+    assert code == 1
+    # batch 1 passes, batch 2 is off by 3e-4; the model.ts already written is removed with its temp folder
+    assert "torchscript" in err and "batch size 2" in err and "0.0003" in err
+    assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_tta_and_classes_of_small_bundle(small):
+    bundle = export.load_bundle(small[1], backend="onnxruntime", tta="five-crop")
+    assert bundle.classes == TINY_CLASSES and len(bundle.views) == 5
