@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=.venv/bin/python
 $PY -m trainer demo-data --out data/digits
-$PY -m trainer train --config configs/digits.yaml --out runs/digits
+$PY -m trainer train --config configs/digits.yaml --out runs/digits --overwrite

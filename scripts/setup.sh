@@ -7,13 +7,14 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
-# Debian packages: redis-server for the serving tests; for the native runtime a C++ toolchain,
-# CMake, nlohmann-json, libjpeg-turbo, libpng and OpenSSL's libcrypto (SHA-256), and Python headers.
-APT_PKGS="redis-server cmake g++ make nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libpng-dev libssl-dev python3-dev"
+# Debian packages: redis-server for the serving tests, chromium for the browser-page test (driven by
+# Playwright through executable_path; never `playwright install`); for the native runtime a C++
+# toolchain, CMake, nlohmann-json, libjpeg-turbo, libpng, OpenSSL's libcrypto (SHA-256), Python headers.
+APT_PKGS="redis-server chromium cmake g++ make nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libpng-dev libssl-dev python3-dev"
 missing=""
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
-  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   echo "setup: installing Debian packages:$missing"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
@@ -21,7 +22,12 @@ fi
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PY"
-  "$PY" -m venv .venv
+  if ! "$PY" -m venv .venv 2>/dev/null; then
+    # Debian's python3.11 needs its venv module from a separate package
+    rm -rf .venv
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    "$PY" -m venv .venv
+  fi
 fi
 VPY="$ROOT/.venv/bin/python"
 stamp_src=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)

@@ -72,3 +72,14 @@ def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None, 
 FAST_TRAIN = ["--model", "resnet18", "--img-size", "32", "--crop-pct", "1.0", "--batch-size", "16",
               "--workers", "0", "--hflip", "0", "--scale-min", "0.8", "--lr", "0.05", "--warmup-epochs", "0.5",
               "--quiet"]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -43,15 +43,24 @@ def _cmd_train(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .engine.evaluate import format_report
-    from .evaluate_cli import evaluate_checkpoint
+    from .ensemble import parse_weights
+    from .evaluate_cli import evaluate_ensemble, format_members
 
     out_dir = args.out
-    report = evaluate_checkpoint(args.checkpoint, data=args.data, out_dir=out_dir, device=args.device,
-                                 batch_size=args.batch_size, workers=args.workers, weights=args.weights)
+    weights_from, weights = args.weights_from, None
+    if args.weights in ("auto", "model", "ema"):  # the flag's former meaning, kept working
+        weights_from = args.weights
+    elif args.weights is not None:
+        weights = parse_weights(args.weights)
+    report = evaluate_ensemble(args.checkpoint, data=args.data, weights=weights, fusion=args.fusion, tta=args.tta,
+                               tta_merge=args.tta_merge, out_dir=out_dir, device=args.device,
+                               batch_size=args.batch_size, workers=args.workers, weights_from=weights_from)
     if args.json:
         print(json.dumps(report))
     else:
         print(format_report(report))
+        if len(args.checkpoint) > 1 or args.tta != "none":
+            print(format_members(report))
         if out_dir:
             print(f"report written to {out_dir}")
     return 0
@@ -93,18 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a classifier", description="Train a classifier. Settings come from "
-                       "defaults < --config YAML < the resumed run < flags.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "defaults < --config YAML < the resumed run < flags.")
     add_config_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint: top-1/top-5, per-class metrics, confusion matrix")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR/best.pt (or a run directory)")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint (or an ensemble of them, with TTA): top-1/top-5, "
+                       "per-class metrics, confusion matrix")
+    p.add_argument("--checkpoint", required=True, nargs="+", help="RUN_DIR/best.pt (or a run directory); several "
+                   "are evaluated as an ensemble")
     p.add_argument("--data", required=True, help="dataset root (its validation split), folder of class folders, "
                    "or a list file")
     p.add_argument("--out", help="write report.json, per_class.csv, confusion_matrix.csv/png here")
-    p.add_argument("--weights", default="auto", choices=["auto", "model", "ema"],
-                   help="which weights: auto = whichever scored best during training")
+    p.add_argument("--weights", help="ensemble weights, one per checkpoint, e.g. 0.6,0.4 (default: equal)")
+    p.add_argument("--fusion", default=None, choices=["mean", "weighted", "vote"],
+                   help="ensemble fusion (default: weighted when --weights are given, else mean)")
+    p.add_argument("--tta", default="none", help="TTA policy for every member (none, hflip, vflip, hvflip, "
+                   "five-crop, ten-crop, multiscale:S1,S2,...)")
+    p.add_argument("--tta-merge", default="mean", choices=["mean", "max", "vote"])
+    p.add_argument("--weights-from", default="auto", choices=["auto", "model", "ema"],
+                   help="which weights of each checkpoint: auto = whichever scored best during training")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=-1)
@@ -128,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered architectures")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
+
+    from .cli_extras import add_commands
+
+    add_commands(sub)  # predict, ensemble, distill, features, visualize
     return parser
 
 

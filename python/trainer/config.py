@@ -25,6 +25,8 @@ class TrainConfig:
                                     "(layouts without a validation split)")
     on_bad_image: str = _f("error", "unreadable images: 'error' lists them all before training; "
                            "'skip' leaves them out", choices=["error", "skip"])
+    cache_images: str = _f("auto", "keep decoded images in memory: auto (when they fit in 1 GiB), on, off",
+                           choices=["auto", "on", "off"])
     workers: int = _f(-1, "data-loading worker processes (-1: one per spare core)")
     # model
     model: str = _f("resnet18", "architecture ('python -m trainer models' lists them)")
@@ -80,6 +82,7 @@ class TrainConfig:
     deterministic: bool = _f(False, "use deterministic algorithms (bit-exact resume)")
     out: str = _f("runs/latest", "run directory (checkpoints, metrics, plots, report)")
     resume: str | None = _f(None, "continue the run in this directory from its last.pt")
+    overwrite: bool = _f(False, "start over in --out even if it holds an earlier run (its files are replaced)")
     quiet: bool = _f(False, "print nothing but errors")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (0 or unset: no limit; for tests and profiling)")
 
@@ -125,7 +128,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                 help=helptext)
             continue
         typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
-               "str | None": str, "list[float]": float, "list[int]": int}[str(f.type)]
+               "str | None": str, "list[float]": float, "list[int]": int, "list[str]": str}[str(f.type)]
         parser.add_argument(flag, dest=f.name, type=typ, default=None, help=helptext, **meta)
 
 

@@ -166,6 +166,16 @@ def test_evaluate_cli_json_and_files(tiny_digits, tmp_path):
     assert res.returncode == 0 and json.loads(res.stdout)["num_samples"] == 24
 
 
+def test_existing_run_is_never_overwritten_by_accident(tiny_digits, tmp_path):
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1, max_steps=1))
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    res = run_cli("train", "--data", str(tiny_digits), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST_TRAIN)
+    assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1, max_steps=1, overwrite=True, seed=5))
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1  # the old run's lines are gone
+
+
 def test_evaluate_refuses_classes_the_model_does_not_know(tiny_digits, tmp_path):
     train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1))
     write_image(tmp_path / "other" / "cat" / "a.png")

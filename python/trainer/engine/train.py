@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -16,13 +17,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig, write_config
 from ..data import (AugmentConfig, DataError, EvalShardSampler, ImageSamples, Normalize, PreprocessSpec,
-                    SeededShuffleSampler, build_train_transform, discover_dataset, find_bad_images)
+                    SeededShuffleSampler, build_train_transform, discover_dataset)
+from ..data.images import decode_all
 from ..data.dataset import seed_worker
 from ..models import create_model, get_spec, load_pretrained, set_backbone_trainable
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
@@ -50,31 +51,37 @@ def _versions() -> dict:
             "python": sys.version.split()[0]}
 
 
-def _check_images(splits, cfg: TrainConfig, info: DistInfo, out: Path, say) -> tuple[list, list]:
-    """Decode every image once before training; 'error' lists all bad files, 'skip' drops them."""
-    paths = [p for p, _ in splits.train] + [p for p, _ in splits.val]
-    bad = find_bad_images(paths) if info.is_main else []
-    if info.enabled:
-        holder = [bad]
-        dist.broadcast_object_list(holder, src=0)
-        bad = holder[0]
-    if not bad:
-        return splits.train, splits.val
-    listing = "\n  ".join(bad)
-    if cfg.on_bad_image == "error":
+CACHE_BUDGETS = {"off": 0, "auto": 1 << 30, "on": 1 << 62}
+
+
+def _check_images(splits, cfg: TrainConfig, out: Path, say, is_main: bool = True):
+    """Decode every image once before training; 'error' lists all bad files, 'skip' drops them.
+
+    Small datasets stay decoded in memory for the whole run (--cache-images). Returns
+    (train samples, val samples, train cache or None, val cache or None).
+    """
+    samples = splits.train + splits.val
+    cache, bad = decode_all([p for p, _ in samples], CACHE_BUDGETS[cfg.cache_images])
+    if bad and cfg.on_bad_image == "error":
+        listing = "\n  ".join(bad)
         raise DataError(f"{len(bad)} unreadable image(s); nothing was trained:\n  {listing}\n"
                         "Fix or delete them, or pass --on-bad-image skip to leave them out.")
-    bad_paths = {b.split(": ", 1)[0] for b in bad}
-    if info.is_main:
+    if bad and is_main:
         (out / "bad_images.txt").write_text("\n".join(bad) + "\n", encoding="utf-8")
-    say(f"skipping {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'})")
-    train = [s for s in splits.train if s[0] not in bad_paths]
-    val = [s for s in splits.val if s[0] not in bad_paths]
-    return train, val
+        say(f"skipping {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'})")
+    bad_paths = {b.split(": ", 1)[0] for b in bad}
+    keep = [i for i, (p, _) in enumerate(samples) if p not in bad_paths]
+    n_train = len(splits.train)
+    tr = [i for i in keep if i < n_train]
+    va = [i for i in keep if i >= n_train]
+    pick = (lambda idx: [cache[i] for i in idx]) if cache is not None else (lambda idx: None)
+    return [samples[i] for i in tr], [samples[i] for i in va], pick(tr), pick(va)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train, validate every epoch, checkpoint, and (rank 0) write the final report. Returns summary."""
+def train(cfg: TrainConfig, distiller=None) -> dict:
+    """Train, validate every epoch, checkpoint, and (rank 0) write the final report. Returns summary.
+
+    ``distiller`` (engine.distill.Distiller) replaces the loss by the distillation loss."""
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if device.type == "cuda" and info.enabled:
@@ -87,12 +94,12 @@ def train(cfg: TrainConfig) -> dict:
             print(msg, flush=True)
 
     try:
-        return _train(cfg, device, info, say, quiet)
+        return _train(cfg, device, info, say, quiet, distiller)
     finally:
         cleanup(info)
 
 
-def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: bool) -> dict:
+def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: bool, distiller=None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
@@ -101,8 +108,15 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     if cfg.resume:
         resume_ckpt = load_checkpoint(Path(cfg.resume) / "last.pt")
         out = Path(cfg.resume)
+    elif (out / "last.pt").exists() and not cfg.overwrite:
+        raise DataError(f"'{out}' already holds a run (last.pt); continue it with --resume {out}, choose another "
+                        "--out, or pass --overwrite to start over there")
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if resume_ckpt is None:
+            for stale in ("metrics.jsonl", "summary.json", "bad_images.txt"):
+                (out / stale).unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
         write_config(cfg, out / "config.yaml")
     barrier(info)
 
@@ -113,7 +127,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     classes = splits.classes
     if resume_ckpt is not None and resume_ckpt["classes"] != classes:
         raise DataError(f"the data's classes {classes} differ from the resumed run's {resume_ckpt['classes']}")
-    train_samples, val_samples = _check_images(splits, cfg, info, out, say)
+    train_samples, val_samples, train_cache, val_cache = _check_images(splits, cfg, out, say, info.is_main)
     if not val_samples:
         raise DataError("no validation images; add a validation split or pass --val-fraction")
     spec = get_spec(cfg.model)
@@ -122,8 +136,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                         auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
                         interpolation=cfg.interpolation)
     workers = default_workers(cfg.workers)
-    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug), skip_bad=cfg.on_bad_image == "skip")
-    val_ds = ImageSamples(val_samples, eval_spec=pre, skip_bad=cfg.on_bad_image == "skip")
+    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug),
+                            skip_bad=cfg.on_bad_image == "skip", cache=train_cache)
+    val_ds = ImageSamples(val_samples, eval_spec=pre, skip_bad=cfg.on_bad_image == "skip", cache=val_cache)
     labels = [lbl for _, lbl in train_samples]
     sample_weights = None
     if cfg.balanced_sampler:
@@ -148,9 +163,12 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     model = model.to(device, memory_format=memory_format)
     normalize = Normalize(cfg.mean, cfg.std).to(device)
     amp_dtype = resolve_amp(cfg.amp, device)
+    if distiller is not None:
+        distiller.prepare(classes, device, cfg, amp_dtype)
     steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
+                                fused=amp_dtype != torch.float16)
     schedule = LRSchedule(cfg.scheduler, cfg.lr, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)),
                           cfg.warmup_lr, cfg.min_lr, [int(m * steps_per_epoch) for m in cfg.milestones],
                           cfg.gamma)
@@ -197,7 +215,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         train_sampler.set_epoch(epoch)
         stats = _train_one_epoch(ddp_model, model, train_loader, optimizer, schedule, scaler, ema, mixer,
                                  normalize, class_weights, cfg, device, amp_dtype, memory_format, info,
-                                 epoch, quiet, len(classes))
+                                 epoch, quiet, len(classes), distiller)
         val = _validate(model, val_loader, normalize, device, amp_dtype, memory_format, info, class_weights)
         record = {"epoch": epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()}}
         candidates = {"model": val["top1"]}
@@ -215,7 +233,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         say(EpochProgress.summary_line(record, cfg.epochs, ema is not None))
         if info.is_main:
             ckpt = _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best, best_epoch,
-                               best_source, classes, pre, record, splits.layout)
+                               best_source, classes, pre, record, splits.layout, distiller)
             atomic_save(ckpt, out / "last.pt")
             if improved:
                 _link_or_copy(out / "last.pt", out / "best.pt")
@@ -260,8 +278,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch, best, best_epoch, best_source, classes,
-                pre, record, layout) -> dict:
+                pre, record, layout, distiller=None) -> dict:
     return {
+        "distill": distiller.describe() if distiller is not None else None,
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.model,
         "num_classes": len(classes),
@@ -287,7 +306,8 @@ def _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch, best, best_
 
 
 def _train_one_epoch(ddp_model, model, loader, optimizer, schedule, scaler, ema, mixer, normalize,
-                     class_weights, cfg, device, amp_dtype, memory_format, info, epoch, quiet, num_classes):
+                     class_weights, cfg, device, amp_dtype, memory_format, info, epoch, quiet, num_classes,
+                     distiller=None):
     ddp_model.train()
     progress = EpochProgress(len(loader), epoch, cfg.epochs, enabled=not quiet)
     loss_sum = torch.zeros((), dtype=torch.float64)
@@ -308,7 +328,10 @@ def _train_one_epoch(ddp_model, model, loader, optimizer, schedule, scaler, ema,
         with sync_ctx:
             with autocast(device, amp_dtype):
                 logits = ddp_model(x)
-            loss = soft_cross_entropy(logits, targets, class_weights)
+            if distiller is None:
+                loss = soft_cross_entropy(logits, targets, class_weights)
+            else:
+                loss = distiller.loss(logits, targets, x, class_weights)
             scaler.scale(loss / accum).backward()
         if last_in_step:
             if cfg.clip_grad:

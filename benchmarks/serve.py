@@ -1,0 +1,337 @@
+"""Serving benchmark: closed-loop HTTP load against the embedded server, Redis mode with 1 and 2
+workers, and a seed-style baseline (one Flask request = one unbatched model call), same bundle and
+same image, in one run; plus the raw batched model throughput as the ceiling.
+
+    python benchmarks/serve.py --bundle bundles/digits
+    python benchmarks/serve.py --bundle bundles/mnv3 --concurrency 1 4 16 64 --seconds 8 --threads 2 --jpeg-draft
+
+Every server runs in its own process(es), all started before the first measurement; the load
+generator is this process (threads, one connection per request). Cells run interleaved (for each
+concurrency, every mode in turn), so a shared machine's load drift hits all modes alike. Each cell
+warms up for --warmup seconds and then counts requests finished in --seconds. Reported: requests/s, p50/p95/p99 latency, the mean batch
+size the server reports per request, and the ratio to the raw batched model throughput (images/s
+of ``predict_tensor`` on batches of --max-batch preprocessed crops, no HTTP, no decoding). JSON goes
+to benchmarks/results/serve.json and a latency plot to benchmarks/results/serve.png; the last line
+of output is the JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_image(w: int = 500, h: int = 375, seed: int = 0) -> bytes:
+    """A photo-sized JPEG with smooth structure (like a real photo, unlike pure noise)."""
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (h // 25 + 1, w // 25 + 1, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC).filter(ImageFilter.DETAIL)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+# -- the seed-style baseline server: one request, one decode, one unbatched model call ---------
+def baseline_app(bundle: str, threads: int):
+    from flask import Flask, jsonify, request
+
+    from export import load_bundle
+    from trainer.data.images import decode_image
+    from trainer.data.transforms import eval_transform
+
+    model = load_bundle(bundle, threads=threads)
+    lock = threading.Lock()   # the seed ran one model call at a time
+    app = Flask("baseline")
+
+    @app.post("/predict")
+    def predict():
+        x = eval_transform(decode_image(request.get_data()), model.spec)[None].numpy()
+        with lock:
+            probs = model.predict_tensor(x)[0]
+        i = int(probs.argmax())
+        return jsonify({"predictions": [{"labels": [model.classes[i]], "probabilities": [float(probs[i])]}],
+                        "batch_size": 1})
+
+    @app.get("/v2/health/ready")
+    def ready():
+        return jsonify({"ready": True})
+
+    return app
+
+
+def serve_baseline(bundle: str, port: int, threads: int) -> None:
+    baseline_app(bundle, threads).run("127.0.0.1", port, threaded=True, debug=False, use_reloader=False)
+
+
+# -- processes ------------------------------------------------------------------------------
+class Stack:
+    """The processes of one mode; started, waited for readiness, stopped."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, *args: str, threads: int = 1) -> subprocess.Popen:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+        p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def wait_ready(self, url: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError(f"a process exited while starting: {[p.args for p in self.procs if p.poll() is not None]}")
+            time.sleep(0.3)
+        raise RuntimeError(f"{url} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
+    st, port = Stack(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    py = sys.executable
+    common = ["--bundle", a.bundle, "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms)]
+    draft = ["--jpeg-draft"] if a.jpeg_draft else []
+    if mode == "baseline":
+        st.spawn(py, __file__, "--serve-baseline", "--bundle", a.bundle, "--port", str(port), "--threads",
+                 str(a.threads), threads=a.threads)
+    elif mode == "embedded":
+        st.spawn(py, "-m", "server", *common, *draft, "--port", str(port), "--threads", str(a.threads),
+                 "--max-queue", "10000", "--log-level", "WARNING", threads=a.threads)
+    else:
+        n = int(mode.split("-")[1])
+        prefix = f"bench{port}"
+        per = max(1, a.threads // n)
+        for i in range(n):
+            st.spawn(py, "-m", "server.worker", "--redis-url", redis_url, *common, "--threads", str(per),
+                     "--prefix", prefix, "--consumer", f"b{i}", "--log-level", "WARNING", threads=per)
+        st.spawn(py, "-m", "server", *common, *draft, "--redis-url", redis_url, "--prefix", prefix, "--port",
+                 str(port), "--max-queue", "10000", "--log-level", "WARNING", threads=1)
+    st.wait_ready(url)
+    return st, url
+
+
+# -- closed-loop load -----------------------------------------------------------------------
+def closed_loop(url: str, body: bytes, concurrency: int, warmup: float, seconds: float) -> dict:
+    lat: list[float] = []
+    batches: list[int] = []
+    errors = [0]
+    t_start = time.time() + warmup
+    t_end = t_start + seconds
+
+    def loop():
+        while True:
+            t0 = time.time()
+            if t0 >= t_end:
+                return
+            req = urllib.request.Request(url + "/predict", data=body, headers={"Content-Type": "image/jpeg"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    out = json.loads(r.read())
+                ok = True
+            except (urllib.error.URLError, OSError):
+                ok = False
+            t1 = time.time()
+            if t0 >= t_start and t1 <= t_end:
+                if ok:
+                    lat.append(t1 - t0)
+                    batches.append(out.get("batch_size", 1))
+                else:
+                    errors[0] += 1
+
+    threads = [threading.Thread(target=loop) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ms = np.array(lat) * 1e3 if lat else np.array([float("nan")])
+    return {"concurrency": concurrency, "requests": len(lat), "errors": errors[0],
+            "throughput_rps": len(lat) / seconds, "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)), "p99_ms": float(np.percentile(ms, 99)),
+            "mean_batch": float(statistics.fmean(batches)) if batches else float("nan")}
+
+
+def raw_model(a, body: bytes) -> dict:
+    """Ceiling: batched predict_tensor on preprocessed crops, and batch-1 latency, in this process."""
+    import torch
+
+    from export import load_bundle
+    from trainer.data.images import decode_image
+    from trainer.data.transforms import eval_transform
+
+    m = load_bundle(a.bundle, threads=a.threads)
+    x1 = eval_transform(decode_image(body), m.spec)[None].numpy()
+    xb = np.repeat(x1, a.max_batch, axis=0)
+    for _ in range(3):
+        m.predict_tensor(xb)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < max(2.0, a.seconds / 2):
+        m.predict_tensor(xb)
+        reps += 1
+    batched = reps * a.max_batch / (time.perf_counter() - t0)
+    one = []
+    for _ in range(30):
+        t = time.perf_counter()
+        m.predict_tensor(x1)
+        one.append(time.perf_counter() - t)
+    dec = []
+    for _ in range(20):
+        t = time.perf_counter()
+        eval_transform(decode_image(body), m.spec)
+        dec.append(time.perf_counter() - t)
+    torch.set_num_threads(torch.get_num_threads())
+    return {"batched_images_per_s": batched, "batch1_ms": 1e3 * statistics.median(one),
+            "decode_preprocess_ms": 1e3 * statistics.median(dec)}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, rows in results["modes"].items():
+        c = [r["concurrency"] for r in rows]
+        ax[0].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=mode)
+        ax[1].plot(c, [r["p50_ms"] for r in rows], marker="o", label=mode)
+    ax[0].axhline(results["raw"]["batched_images_per_s"], ls="--", c="gray", label="raw batched model")
+    for a_, t in zip(ax, ("throughput (requests/s)", "p50 latency (ms)")):
+        a_.set_xscale("log", base=2)
+        a_.set_xlabel("concurrency")
+        a_.set_title(t)
+        a_.legend(fontsize=8)
+    fig.suptitle(f"{results['model']} · {results['image']} · {results['threads']} threads (shared 2-core machine)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--modes", nargs="+", default=["baseline", "embedded", "redis-1", "redis-2"])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--warmup", type=float, default=1.5)
+    p.add_argument("--threads", type=int, default=2, help="model threads per mode (split across workers)")
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--jpeg-draft", action="store_true", help="servers decode JPEGs at reduced DCT scale")
+    p.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.serve_baseline:
+        serve_baseline(a.bundle, a.port, a.threads)
+        return 0
+
+    from export import read_manifest
+
+    man = read_manifest(a.bundle)
+    body = make_image(*a.image_size)
+    results = {"model": f"{man['name']} ({man.get('architecture', man['kind'])})", "image": f"{a.image_size[0]}x"
+               f"{a.image_size[1]} JPEG", "threads": a.threads, "max_batch": a.max_batch, "jpeg_draft": a.jpeg_draft,
+               "seconds": a.seconds, "modes": {}}
+    results["raw"] = raw_model(a, body)
+    print(f"raw model: {results['raw']['batched_images_per_s']:.1f} images/s batched ({a.max_batch}), "
+          f"batch-1 {results['raw']['batch1_ms']:.2f} ms, decode+preprocess {results['raw']['decode_preprocess_ms']:.2f} ms",
+          flush=True)
+    redis_proc, redis_url = None, None
+    if any(m.startswith("redis") for m in a.modes):
+        port = free_port()
+        redis_proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.5)
+    stacks: dict[str, tuple[Stack, str]] = {}
+    try:
+        for mode in a.modes:   # all up at once (idle ones cost ~nothing), so cells can interleave
+            stacks[mode] = start_mode(mode, a, redis_url)
+        results["modes"] = {m: [] for m in a.modes}
+        for c in a.concurrency:   # interleaved: load drift on a shared machine hits every mode alike
+            for mode in a.modes:
+                r = closed_loop(stacks[mode][1], body, c, a.warmup, a.seconds)
+                results["modes"][mode].append(r)
+                print(f"{mode:9s} c={c:3d}  {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
+                      f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch']:5.2f}  "
+                      f"errors {r['errors']}", flush=True)
+    finally:
+        for st, _ in stacks.values():
+            st.stop()
+        if redis_proc:
+            redis_proc.terminate()
+            redis_proc.wait()
+    after = raw_model(a, body)   # the ceiling is the better of two measurements (before and after)
+    results["raw_after"] = after
+    if after["batched_images_per_s"] > results["raw"]["batched_images_per_s"]:
+        results["raw"], results["raw_after"] = after, results["raw"]
+    ceiling = results["raw"]["batched_images_per_s"]
+    print(f"raw model again: {after['batched_images_per_s']:.1f} images/s; ceiling {ceiling:.1f}")
+    for rows in results["modes"].values():
+        for r in rows:
+            r["of_raw"] = r["throughput_rps"] / ceiling
+    base = {r["concurrency"]: r["throughput_rps"] for r in results["modes"].get("baseline", [])}
+    for mode, rows in results["modes"].items():
+        for r in rows:
+            if r["concurrency"] in base:
+                r["vs_baseline"] = r["throughput_rps"] / base[r["concurrency"]] if base[r["concurrency"]] else None
+    print("\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mode, rows in results["modes"].items():
+        for r in rows:
+            vb = r.get("vs_baseline")
+            print(f"| {mode} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {100 * r['of_raw']:.0f}% | "
+                  f"{'' if vb is None else f'{vb:.2f}'} |")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "serve.png")
+    print(f"wrote {out / 'serve.json'} and {out / 'serve.png'}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

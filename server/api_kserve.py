@@ -1,0 +1,180 @@
+"""KServe v2 / Triton inference protocol (HTTP/REST, with the binary tensor data extension).
+
+Each model takes one input named ``images``: either ``UINT8 [N, 3, H, W]`` pixels already resized
+and cropped as the manifest says, or ``BYTES [N]`` encoded images (decoded and preprocessed here,
+with the request parameter ``tta`` for test-time augmentation). The output ``probs`` is
+``FP32 [N, K]`` softmax probabilities; ``model_metadata.parameters.classes`` names the columns.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from .errors import APIError
+
+bp = Blueprint("kserve", __name__, url_prefix="/v2")
+
+NP_TYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+            "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+            "FP32": np.float32, "FP64": np.float64}
+
+
+def _svc():
+    return current_app.extensions["inference"]
+
+
+@bp.get("")
+def server_metadata():
+    return jsonify({"name": "shipclassifier", "version": "0.1.0", "extensions": ["binary_tensor_data"]})
+
+
+@bp.get("/health/live")
+def live():
+    return jsonify({"live": True})
+
+
+@bp.get("/health/ready")
+def ready():
+    svc = _svc()
+    states = {m.name: svc.dispatcher.ready(m.name) for m in svc.models}
+    ok = all(s for s, _ in states.values())
+    body = {"ready": ok, "models": {n: {"ready": s, "reason": r} for n, (s, r) in states.items()}}
+    return jsonify(body), 200 if ok else 503
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<version>")
+def model_metadata(name: str, version: str | None = None):
+    m = _svc().models.get(name)
+    ch, cw = m.spec.crop_size
+    return jsonify({"name": m.name, "versions": [m.version], "platform": f"shipclassifier_{m.kind}",
+                    "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, ch, cw]}],
+                    "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, len(m.classes)]}],
+                    "parameters": {"classes": m.classes, "tta_default": m.tta_default,
+                                   "alternative_input": "images as BYTES [N] of encoded image files"}})
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<version>/ready")
+def model_ready(name: str, version: str | None = None):
+    m = _svc().models.get(name)
+    ok, reason = _svc().dispatcher.ready(m.name)
+    return jsonify({"name": m.name, "ready": ok, "reason": reason}), 200 if ok else 503
+
+
+def _read_request() -> tuple[dict, bytes]:
+    body = request.get_data(cache=False)
+    hlen = request.headers.get("Inference-Header-Content-Length")
+    if hlen is not None:
+        try:
+            n = int(hlen)
+        except ValueError:
+            raise APIError(400, f"Inference-Header-Content-Length must be an integer, got {hlen!r}") from None
+        if not 0 < n <= len(body):
+            raise APIError(400, f"Inference-Header-Content-Length {n} does not fit a {len(body)}-byte body")
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    try:
+        req = json.loads(head)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"inference request header is not valid JSON ({exc})") from exc
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise APIError(400, "inference request needs \"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}]")
+    return req, binary
+
+
+def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    out, off = [], 0
+    while off < len(raw):
+        if off + 4 > len(raw):
+            raise APIError(400, "BYTES tensor data is truncated (each element is a 4-byte length then its bytes)")
+        (n,) = struct.unpack_from("<I", raw, off)
+        out.append(raw[off + 4:off + 4 + n])
+        off += 4 + n
+    if len(out) != count or off != len(raw):
+        raise APIError(400, f"BYTES tensor holds {len(out)} elements, shape says {count}")
+    return out
+
+
+def _input_tensor(inp: dict, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+    name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
+    if name != "images":
+        raise APIError(400, f"unknown input {name!r}; this model has one input named 'images'")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise APIError(400, f"input 'images' shape must be a list of non-negative integers, got {shape!r}")
+    count = int(np.prod(shape)) if shape else 1
+    size = (inp.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        raw = binary[offset:offset + int(size)]
+        if len(raw) != int(size):
+            raise APIError(400, f"binary data for 'images' is {len(raw)} bytes, binary_data_size says {size}")
+        offset += int(size)
+    if dtype == "BYTES":
+        if len(shape) != 1:
+            raise APIError(400, f"BYTES input 'images' must have shape [N] (one encoded image each), got {shape}")
+        if size is not None:
+            return _bytes_elements(raw, count), offset
+        data = inp.get("data")
+        if not isinstance(data, list) or len(data) != count or not all(isinstance(d, str) for d in data):
+            raise APIError(400, f"BYTES input 'images' needs {count} base64 strings in \"data\"")
+        try:
+            return [base64.b64decode(d, validate=True) for d in data], offset
+        except ValueError as exc:
+            raise APIError(400, f"BYTES input 'images': invalid base64 ({exc})") from exc
+    if dtype != "UINT8":
+        raise APIError(400, f"input 'images' has datatype {dtype!r}; send UINT8 [N, 3, H, W] pixels or BYTES [N] "
+                            "encoded images")
+    if size is not None:
+        if len(raw) != count:
+            raise APIError(400, f"UINT8 input 'images' has {len(raw)} bytes for shape {shape}")
+        return np.frombuffer(raw, dtype=np.uint8).reshape(shape), offset
+    data = inp.get("data")
+    try:
+        arr = np.asarray(data, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise APIError(400, f"input 'images' \"data\" is not a list of integers ({exc})") from exc
+    if arr.size != count:
+        raise APIError(400, f"input 'images' has {arr.size} values for shape {shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise APIError(400, "UINT8 input 'images' has values outside 0..255")
+    return arr.astype(np.uint8).reshape(shape), offset
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<version>/infer")
+def infer(name: str, version: str | None = None):
+    svc = _svc()
+    m = svc.models.get(name)
+    req, binary = _read_request()
+    if len(req["inputs"]) != 1:
+        raise APIError(400, f"{len(req['inputs'])} inputs given; this model has one input named 'images'")
+    x, _ = _input_tensor(req["inputs"][0], binary, 0)
+    params = req.get("parameters") or {}
+    if isinstance(x, list):
+        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"))
+    else:
+        probs = svc.probs_for_tensor(m, x)
+    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    wanted = req.get("outputs") or [{"name": "probs"}]
+    for o in wanted:
+        if o.get("name") != "probs":
+            raise APIError(400, f"unknown output {o.get('name')!r}; this model has one output named 'probs'")
+    binary_out = bool(params.get("binary_data_output")) or any(
+        (o.get("parameters") or {}).get("binary_data") for o in wanted)
+    out = {"name": "probs", "datatype": "FP32", "shape": list(probs.shape)}
+    resp = {"model_name": m.name, "model_version": m.version, "outputs": [out]}
+    if "id" in req:
+        resp["id"] = req["id"]
+    if not binary_out:
+        out["data"] = probs.reshape(-1).tolist()
+        return jsonify(resp)
+    out["parameters"] = {"binary_data_size": probs.nbytes}
+    head = json.dumps(resp).encode()
+    r = Response(head + probs.tobytes(), mimetype="application/octet-stream")
+    r.headers["Inference-Header-Content-Length"] = str(len(head))
+    return r

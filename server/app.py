@@ -1,0 +1,55 @@
+"""Flask app factory: ``create_app(config)``; nothing connects or loads at import time."""
+from __future__ import annotations
+
+import time
+
+from flask import Flask, g, request
+
+from .config import ServerConfig
+from .errors import register_error_handlers
+from .metrics import ServerMetrics
+from .models import ModelSet, ServedModel, load_served_model
+
+
+def create_app(config: ServerConfig | dict | None = None, models: list[ServedModel] | None = None,
+               dispatcher=None) -> Flask:
+    """Build the app. ``models``/``dispatcher`` may be injected (tests); otherwise bundles are loaded
+    from ``config.bundles`` (weights only in embedded mode) and the dispatcher follows ``redis_url``."""
+    from . import api_kserve, api_ops, api_page, api_predict
+    from .service import EmbeddedDispatcher, InferenceService
+
+    cfg = config if isinstance(config, ServerConfig) else ServerConfig(**(config or {}))
+    if models is None:
+        cfg.validate()
+        models = [load_served_model(b, cfg.backend, cfg.threads, with_weights=cfg.redis_url is None)
+                  for b in cfg.bundles]
+    model_set = ModelSet(models)
+    metrics = ServerMetrics()
+    if dispatcher is None:
+        if cfg.redis_url:
+            from .redis_front import RedisDispatcher
+            dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue)
+        else:
+            dispatcher = EmbeddedDispatcher(model_set, cfg)
+
+    app = Flask(__name__, static_folder="static", static_url_path="/static")
+    app.config.update(MAX_CONTENT_LENGTH=cfg.max_request_bytes, JSON_SORT_KEYS=False, DEBUG=False,
+                      PROPAGATE_EXCEPTIONS=False)
+    app.extensions["inference"] = InferenceService(cfg, model_set, dispatcher, metrics)
+    register_error_handlers(app)
+    for mod in (api_predict, api_kserve, api_ops, api_page):
+        app.register_blueprint(mod.bp)
+
+    @app.before_request
+    def _start_timer():
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _count(resp):
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint, str(resp.status_code)).inc()
+        if "t0" in g:
+            metrics.request_latency.labels(endpoint).observe(time.perf_counter() - g.t0)
+        return resp
+
+    return app

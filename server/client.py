@@ -1,0 +1,112 @@
+"""Python client and command line for the inference service (standard library only).
+
+    python -m server.client --url http://127.0.0.1:8000 photo.jpg [more.png ...] [--model NAME] [--tta hflip] [--topk 5] [--json]
+
+    from server.client import Client
+    Client("http://127.0.0.1:8000").predict(["photo.jpg"], tta="hflip")["predictions"][0]["labels"]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """The server answered with an error; ``status`` is the HTTP code, the message is the server's."""
+
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class Client:
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 2):
+        self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
+
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> dict:
+        for attempt in range(self.retries + 1):
+            req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as exc:
+                raw = exc.read()
+                try:
+                    msg = json.loads(raw).get("error", raw.decode(errors="replace"))
+                except ValueError:
+                    msg = raw.decode(errors="replace")[:500]
+                retry_after = exc.headers.get("Retry-After")
+                if exc.code == 503 and retry_after and attempt < self.retries:   # backpressure: wait and retry
+                    time.sleep(float(retry_after))
+                    continue
+                raise ServerError(exc.code, msg, retry_after) from None
+            except urllib.error.URLError as exc:
+                raise ConnectionError(f"cannot reach {self.url} ({exc.reason}); is `python -m server` running?") from None
+        raise AssertionError("unreachable")
+
+    def predict(self, images, model: str | None = None, tta: str | None = None, topk: int = 5) -> dict:
+        """images: paths or bytes (one or a list). Returns the server's JSON answer."""
+        if isinstance(images, (str, Path, bytes)):
+            images = [images]
+        boundary = uuid.uuid4().hex
+        parts = []
+        for i, img in enumerate(images):
+            name, data = (f"image{i}", img) if isinstance(img, bytes) else (Path(img).name, Path(img).read_bytes())
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+        for key, value in (("model", model), ("tta", tta), ("topk", topk)):
+            if value is not None:
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        return self._request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    def models(self) -> dict:
+        return self._request("GET", "/models")
+
+    def ready(self) -> bool:
+        try:
+            self._request("GET", "/v2/health/ready")
+            return True
+        except (ServerError, ConnectionError):
+            return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m server.client", description="Classify images with a running server")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", default=None)
+    p.add_argument("--tta", default=None, help="none, hflip, five-crop, ... (default: the bundle's)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    a = p.parse_args(argv)
+    missing = [f for f in a.images if not Path(f).is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        out = Client(a.url, a.timeout).predict(a.images, a.model, a.tta, a.topk)
+    except (ServerError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for pred in out["predictions"]:
+        best = ", ".join(f"{lab} {pr:.3f}" for lab, pr in zip(pred["labels"], pred["probabilities"]))
+        print(f"{pred['file']}: {best}")
+    t = out["timings_ms"]
+    print(f"model {out['model']} {out['version']}, tta {out['tta']}, batch {out['batch_size']}, "
+          f"{t['total']:.1f} ms (decode {t['decode']:.1f}, queue {t['queue']:.1f}, inference {t['inference']:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Typed settings for the HTTP front and the inference workers (one dataclass each, argparse on top)."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from dataclasses import dataclass, field
+
+DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+
+
+@dataclass
+class ServerConfig:
+    bundles: list[str] = field(default_factory=list)
+    redis_url: str | None = None          # None: embedded mode (in-process queue + worker thread)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "auto"                 # which bundle artifact runs in embedded mode
+    threads: int | None = None            # intra-op threads for the model in embedded mode
+    max_batch: int = 32                   # model rows per batched call
+    max_delay_ms: float = 2.0             # how long a batch may wait to fill up
+    max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
+    timeout_s: float = 10.0               # request deadline: 504 when exceeded
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000          # per decoded image (decompression bombs)
+    max_images: int = 64                  # per request
+    allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
+    prefix: str = "srv"                   # Redis key prefix
+    reply_ttl_s: int = 60
+
+    def validate(self) -> "ServerConfig":
+        if not self.bundles:
+            raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
+        for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images)):
+            if v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.timeout_s <= 0 or self.max_delay_ms < 0:
+            raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
+        return self
+
+
+@dataclass
+class WorkerConfig:
+    redis_url: str
+    bundles: list[str] = field(default_factory=list)
+    backend: str = "auto"
+    threads: int | None = None
+    max_batch: int = 32
+    max_delay_ms: float = 2.0
+    claim_idle_ms: int = 5000             # pending this long (a dead worker's entries) -> reclaimed
+    max_deliveries: int = 3               # then dead-lettered, and the client gets an error
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    prefix: str = "srv"
+    reply_ttl_s: int = 60
+    metrics_port: int | None = None
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", dest="bundles", action="append", default=[], metavar="DIR",
+                   help="bundle directory (repeat for several models; the first is the default)")
+    p.add_argument("--backend", default="auto", help="export.load_bundle backend: auto, onnxruntime, onnxruntime-int8, torchscript, pt2")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per model")
+    p.add_argument("--max-batch", type=int, default=32, help="model rows per batched call")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--prefix", default="srv", help="Redis key prefix")
+    p.add_argument("--reply-ttl-s", type=int, default=60)

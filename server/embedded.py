@@ -1,0 +1,90 @@
+"""Embedded mode: an in-process queue and one batching worker thread per model (no Redis needed)."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+
+from .batching import BatchResult, Job, PredictFn, run_batch
+from .errors import APIError
+
+log = logging.getLogger("server.embedded")
+
+
+class EmbeddedBatcher:
+    """Collects jobs for one model into batches of up to max_batch rows or max_delay_ms."""
+
+    def __init__(self, name: str, predict: PredictFn, max_batch: int = 32, max_delay_ms: float = 5.0,
+                 max_queue: int = 256, combine=None):
+        self.name, self.predict, self.combine = name, predict, combine
+        self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
+        self.max_queue = max_queue
+        self._q: queue.Queue[tuple[Job, Future]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._thread.start()
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, job: Job) -> Future:
+        if self._q.qsize() >= self.max_queue:
+            raise APIError(503, f"model {self.name!r} has {self._q.qsize()} queued requests (--max-queue "
+                                f"{self.max_queue}); retry shortly", retry_after=1)
+        fut: Future = Future()
+        self._q.put((job, fut))
+        return fut
+
+    def infer(self, job: Job) -> BatchResult:
+        fut = self.submit(job)
+        try:
+            return fut.result(timeout=max(0.0, job.deadline - time.time()))
+        except FutureTimeout:
+            fut.cancel()
+            raise APIError(504, f"no answer within the request deadline ({job.deadline - job.enqueued:.1f}s, "
+                                f"--timeout-s); the server is overloaded") from None
+
+    def _gather(self) -> list[tuple[Job, Future]]:
+        try:
+            first = self._q.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        items, rows = [first], first[0].rows
+        end = time.monotonic() + self.max_delay
+        while rows < self.max_batch:
+            remaining = end - time.monotonic()
+            try:
+                item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            items.append(item)
+            rows += item[0].rows
+        return items
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            items = self._gather()
+            now = time.time()
+            # skip what nobody waits for any more: cancelled (timed out) or past its deadline
+            live = [(j, f) for j, f in items if not j.expired(now) and f.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            jobs = [j for j, _ in live]
+            try:
+                results = run_batch(jobs, self.predict, self.max_batch, self.combine)
+            except Exception as exc:  # a model failure answers every job of the batch with a 500
+                log.exception("batch of %d jobs failed", len(jobs))
+                for _, f in live:
+                    f.set_exception(APIError(500, f"inference failed: {exc}"))
+                continue
+            for (_, f), r in zip(live, results):
+                f.set_result(r)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)

@@ -1,0 +1,140 @@
+"""The models a server answers for: bundle manifests (for the front) and loaded bundles (for workers).
+
+Bundles are read with ``export.load_bundle`` (the one bundle reader); the front in Redis mode only
+needs the manifest (classes, preprocessing, TTA), so it never loads weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from trainer.data.transforms import PreprocessSpec
+from trainer.tta import TTAError, TTAView, check_views, parse_policy, views_from_data
+
+from .batching import PredictFn
+from .errors import APIError
+
+
+class ModelLoadError(ValueError):
+    pass
+
+
+def _manifest(root: Path) -> dict:
+    from export import read_manifest   # validates the schema; raises BundleError naming the fix
+
+    return read_manifest(root)
+
+
+def _spec_from_manifest(manifest: dict, root: Path) -> PreprocessSpec:
+    from export.manifest import preprocess_spec
+
+    if manifest.get("kind") != "ensemble":
+        return preprocess_spec(manifest)
+    specs = [_spec_from_manifest(_manifest(root / m["path"]), root / m["path"]) for m in manifest["members"]]
+    if not specs:
+        raise ModelLoadError(f"{root}: ensemble bundle lists no members")
+    if any(s.to_dict() != specs[0].to_dict() for s in specs[1:]):
+        raise ModelLoadError(f"{root}: ensemble members use different preprocessing; the server sends one "
+                             "pixel block per image, so serve members with different inputs as separate models")
+    return specs[0]
+
+
+@dataclass
+class ServedModel:
+    name: str
+    version: str
+    kind: str
+    classes: list[str]
+    spec: PreprocessSpec
+    tta_default: str
+    tta_views: list[TTAView]
+    tta_merge: str
+    max_batch: int
+    manifest: dict
+    path: str
+    predict: PredictFn | None = field(default=None, repr=False)   # None on a Redis-mode front
+    # ensembles: predict returns (M, N, K) member probabilities; combine fuses the view-merged members
+    combine: Callable[[list[np.ndarray]], np.ndarray] | None = field(default=None, repr=False)
+
+    def views_for(self, policy: str | None) -> tuple[str, list[TTAView]]:
+        """A request's TTA policy (None/'' or 'default': the bundle's) -> (name, views)."""
+        if policy in (None, "", "default"):
+            return self.tta_default, self.tta_views
+        try:
+            views = parse_policy(policy)
+            check_views(views, self.spec)
+        except TTAError as exc:
+            raise APIError(422, f"tta: {exc}") from exc
+        return policy, views
+
+    def describe(self) -> dict:
+        ch, cw = self.spec.crop_size
+        return {"name": self.name, "version": self.version, "kind": self.kind, "classes": self.classes,
+                "input": {"dtype": "uint8", "shape": [-1, 3, ch, cw]}, "tta_default": self.tta_default,
+                "max_batch": self.max_batch, "preprocessing": self.spec.to_dict()}
+
+
+def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
+    """The loader's raw batched call; for an ensemble, each member's (fused after TTA merging,
+    in the same order as the loader's own predict)."""
+    members = getattr(bundle, "members", None)
+    if not members:
+        return (lambda x: np.asarray(bundle.predict_tensor(x), dtype=np.float32)), None
+    from export.loader import fuse
+
+    def predict(x: np.ndarray) -> np.ndarray:   # (M, N, K)
+        return np.stack([np.asarray(m.predict_tensor(x), dtype=np.float32) for m in members])
+
+    return predict, (lambda per_member: fuse(per_member, bundle.weights, bundle.fusion))
+
+
+def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
+                      with_weights: bool = True) -> ServedModel:
+    root = Path(path)
+    predict = combine = None
+    if with_weights:
+        from export import load_bundle  # the one bundle reader (checks sha256, schema, members)
+
+        bundle = load_bundle(str(root), backend=backend, threads=threads)
+        manifest = bundle.manifest
+        predict, combine = _bundle_predict(bundle)
+    else:
+        manifest = _manifest(root)
+    spec = _spec_from_manifest(manifest, root)
+    tta = manifest.get("tta") or {}
+    default = tta.get("default", "none")
+    try:
+        views = views_from_data(tta["views"]) if tta.get("views") else parse_policy(default)
+        check_views(views, spec)
+    except (TTAError, TypeError) as exc:
+        raise ModelLoadError(f"{root}: bad TTA section in the manifest ({exc})") from exc
+    name = manifest.get("name") or root.name
+    return ServedModel(name=name, version=str(manifest.get("version", "1")), kind=manifest.get("kind", "model"),
+                       classes=list(manifest["classes"]), spec=spec, tta_default=default, tta_views=views,
+                       tta_merge=tta.get("merge", "mean"), max_batch=int(manifest.get("max_batch", 64)),
+                       manifest=manifest, path=str(root), predict=predict, combine=combine)
+
+
+class ModelSet:
+    """Models by name; the first one is the default."""
+
+    def __init__(self, models: list[ServedModel]):
+        self.by_name: dict[str, ServedModel] = {}
+        for m in models:
+            if m.name in self.by_name:
+                raise ModelLoadError(f"two bundles are both named {m.name!r} ({self.by_name[m.name].path}, {m.path}); "
+                                     "re-export one with another --name")
+            self.by_name[m.name] = m
+        self.default = models[0].name if models else None
+
+    def get(self, name: str | None) -> ServedModel:
+        name = name or self.default
+        if name not in self.by_name:
+            raise APIError(404, f"unknown model {name!r}; available: {', '.join(self.by_name)}")
+        return self.by_name[name]
+
+    def __iter__(self):
+        return iter(self.by_name.values())

@@ -1,0 +1,109 @@
+"""The inference service behind every HTTP route: decode -> enqueue (batch, predict, unbatch) -> encode.
+
+``InferenceService`` owns the models, the limits and a dispatcher: ``EmbeddedDispatcher`` (an
+in-process batching thread per model) or ``redis_front.RedisDispatcher`` (Redis Streams workers).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .batching import BatchResult, Job, topk
+from .config import ServerConfig
+from .embedded import EmbeddedBatcher
+from .errors import APIError
+from .metrics import ServerMetrics
+from .models import ModelSet, ServedModel
+from .preprocess import DecodeLimits, decode_to_views
+
+
+class EmbeddedDispatcher:
+    def __init__(self, models: ModelSet, cfg: ServerConfig):
+        self.batchers = {
+            m.name: EmbeddedBatcher(m.name, m.predict, min(cfg.max_batch, m.max_batch), cfg.max_delay_ms,
+                                    cfg.max_queue, combine=m.combine)
+            for m in models}
+
+    def infer(self, job: Job) -> BatchResult:
+        return self.batchers[job.model].infer(job)
+
+    def depth(self, model: str) -> int:
+        return self.batchers[model].depth()
+
+    def ready(self, model: str) -> tuple[bool, str]:
+        ok = self.batchers[model].alive()
+        return ok, "batching thread running" if ok else "batching thread stopped"
+
+    def close(self) -> None:
+        for b in self.batchers.values():
+            b.close()
+
+
+class InferenceService:
+    def __init__(self, cfg: ServerConfig, models: ModelSet, dispatcher, metrics: ServerMetrics):
+        self.cfg, self.models, self.dispatcher, self.metrics = cfg, models, dispatcher, metrics
+        self.limits = DecodeLimits(cfg.max_pixels, tuple(cfg.allowed_formats), cfg.jpeg_draft)
+        for m in models:
+            metrics.queue_depth.labels(m.name).set_function(lambda name=m.name: dispatcher.depth(name))
+
+    def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int) -> BatchResult:
+        now = time.time()
+        job = Job(model=model.name, pixels=pixels, n_images=n_images, n_views=n_views, merge=model.tta_merge,
+                  deadline=now + self.cfg.timeout_s, enqueued=now)
+        res = self.dispatcher.infer(job)
+        self.metrics.observe_result(model.name, res.batch_rows, res.queue_s, res.infer_s, n_images)
+        return res
+
+    def classify_images(self, images: list[tuple[str, bytes]], model_name: str | None = None,
+                        tta: str | None = None, k: int = 5) -> dict:
+        """Encoded images -> the /predict response body."""
+        t0 = time.perf_counter()
+        model = self.models.get(model_name)
+        if not images:
+            raise APIError(400, "no image in the request; send a file field, a raw image body or JSON "
+                                "{\"images\": [base64, ...]}")
+        if len(images) > self.cfg.max_images:
+            raise APIError(413, f"{len(images)} images in one request; the limit is {self.cfg.max_images} "
+                                "(--max-images): split the request")
+        k = check_topk(k, len(model.classes))
+        policy, views = model.views_for(tta)
+        blocks = [decode_to_views(data, name, model.spec, views, self.limits).numpy() for name, data in images]
+        pixels = np.concatenate(blocks, axis=0)   # (n_images * V, 3, H, W) uint8
+        t1 = time.perf_counter()
+        res = self.run_job(model, pixels, len(images), len(views))
+        preds = topk(res.probs, model.classes, k)
+        for (name, _), p in zip(images, preds):
+            p["file"] = name
+        return {"model": model.name, "version": model.version, "tta": policy, "predictions": preds,
+                "batch_size": res.batch_rows,
+                "timings_ms": {"decode": round((t1 - t0) * 1e3, 3), "queue": round(res.queue_s * 1e3, 3),
+                               "inference": round(res.infer_s * 1e3, 3),
+                               "total": round((time.perf_counter() - t0) * 1e3, 3)}}
+
+    def probs_for_tensor(self, model: ServedModel, x: np.ndarray) -> np.ndarray:
+        """(N, 3, H, W) uint8 already preprocessed -> (N, K) probabilities (no TTA: views need the image)."""
+        ch, cw = model.spec.crop_size
+        if x.ndim != 4 or x.shape[1:] != (3, ch, cw):
+            raise APIError(400, f"input tensor has shape {list(x.shape)}; model {model.name!r} takes "
+                                f"[N, 3, {ch}, {cw}] uint8 (resized and cropped as its manifest says)")
+        if x.shape[0] < 1 or x.shape[0] > self.cfg.max_images:
+            raise APIError(400, f"batch of {x.shape[0]} images; send 1 to {self.cfg.max_images}")
+        return self.run_job(model, np.ascontiguousarray(x, dtype=np.uint8), x.shape[0], 1).probs
+
+    def probs_for_images(self, model: ServedModel, images: list[tuple[str, bytes]], tta: str | None = None) -> np.ndarray:
+        if not images or len(images) > self.cfg.max_images:
+            raise APIError(400, f"send 1 to {self.cfg.max_images} encoded images, got {len(images)}")
+        _, views = model.views_for(tta)
+        pixels = np.concatenate([decode_to_views(d, n, model.spec, views, self.limits).numpy() for n, d in images])
+        return self.run_job(model, pixels, len(images), len(views)).probs
+
+
+def check_topk(k, n_classes: int) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise APIError(400, f"topk must be an integer, got {k!r}") from None
+    if k < 1:
+        raise APIError(400, f"topk must be >= 1, got {k}")
+    return min(k, n_classes)

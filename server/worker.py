@@ -1,0 +1,236 @@
+"""Inference workers for Redis mode: batch jobs from one stream per model through a consumer group.
+
+    python -m server.worker --redis-url redis://127.0.0.1:6379/0 --bundle bundles/digits [--bundle ...]
+
+Run any number of them, on any machine. Each reads with XREADGROUP, gathers up to --max-batch rows
+or until --max-delay-ms passes, runs one batched inference, then writes each reply and XACKs it in
+one Lua script (so a job is answered once even if two workers end up holding it). Entries a dead
+worker left pending are reclaimed with XAUTOCLAIM after --claim-idle-ms; one delivered more than
+--max-deliveries times goes to the dead-letter stream and its client gets an error. Jobs whose
+deadline has passed are acknowledged without being computed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+
+import redis
+
+from .batching import Job, run_batch
+from .config import WorkerConfig, add_common_arguments
+from .metrics import ServerMetrics
+from .models import ServedModel, load_served_model
+from .redis_front import REDIS_ERRORS, connect
+from .redisq import GROUP, REPLY_SCRIPT, Keys, decode_job, encode_reply
+
+log = logging.getLogger("server.worker")
+
+
+class ModelWorker(threading.Thread):
+    def __init__(self, cfg: WorkerConfig, model: ServedModel, metrics: ServerMetrics, stop: threading.Event):
+        super().__init__(name=f"worker-{model.name}", daemon=True)
+        self.cfg, self.model, self.metrics, self.stop = cfg, model, metrics, stop
+        self.keys = Keys(cfg.prefix)
+        self.stream = self.keys.jobs(model.name)
+        self.r = connect(cfg.redis_url)
+        self._reply = self.r.register_script(REPLY_SCRIPT)
+        self._next_beat = self._next_claim = 0.0
+        self.max_rows = min(cfg.max_batch, model.max_batch)
+
+    # -- Redis plumbing -------------------------------------------------------------------------
+    def ensure_group(self) -> None:
+        try:   # from id 0: jobs added before any worker existed are served (or skipped as expired)
+            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _finish(self, entry_id, reply_key: str, job_id: str, payload: bytes, stat: str, dead_reason: str = "") -> bool:
+        keys = [self.stream, reply_key, self.keys.stats(self.model.name), self.keys.dead(self.model.name) if dead_reason else ""]
+        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, self.cfg.reply_ttl_s, stat, job_id, dead_reason]))
+
+    def _dead_letter(self, entry_id, fields: dict, reason: str) -> None:
+        reply = fields.get(b"reply", b"").decode() or self.keys.reply("unknown")
+        job_id = fields.get(b"id", b"?").decode()
+        msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.keys.dead(self.model.name)}"
+        self._finish(entry_id, reply, job_id, encode_reply({"error": msg, "status": 500}), "dead", reason)
+        self.metrics.dead_letters.labels(self.model.name).inc()
+        log.error("%s", msg)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = 0.1
+        while not self.stop.is_set():
+            try:
+                self.step()
+                backoff = 0.1
+            except REDIS_ERRORS as exc:
+                self._next_beat = self._next_claim = 0.0   # beat again as soon as Redis is back
+                log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
+                self.stop.wait(backoff)
+                backoff = min(2.0, backoff * 2)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._next_beat = 0.0
+                self.ensure_group()   # Redis restarted empty, or the stream was deleted
+
+    def heartbeat(self) -> None:
+        now = time.time()
+        key = self.keys.workers(self.model.name)
+        self.r.zadd(key, {self.cfg.consumer: now})
+        self.r.zremrangebyscore(key, "-inf", now - 60)
+
+    def step(self) -> None:
+        now = time.time()
+        if now >= self._next_beat:
+            self.heartbeat()
+            self._next_beat = now + 1.0
+        if now >= self._next_claim:
+            self.reclaim()
+            self._next_claim = now + max(0.1, self.cfg.claim_idle_ms / 2000.0)
+        got = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=self.max_rows, block=500)
+        entries = got[0][1] if got else []
+        if not entries:
+            return
+        rows = sum(_rows(f) for _, f in entries)
+        # Fill the batch for at most max_delay_ms with non-blocking reads 1 ms apart: Redis wakes a
+        # blocked reader on new entries at once, but only notices a short BLOCK timeout at its next
+        # cron tick (up to 100 ms at the default hz 10), so BLOCK cannot time a 2 ms window.
+        end = time.monotonic() + self.cfg.max_delay_ms / 1000.0
+        while rows < self.max_rows:
+            more = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=max(1, self.max_rows - rows))
+            if more and more[0][1]:
+                entries += more[0][1]
+                rows += sum(_rows(f) for _, f in more[0][1])
+                continue
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, 0.001))
+        self.process(entries)
+
+    def reclaim(self) -> None:
+        start = "0-0"
+        for _ in range(10):
+            res = self.r.xautoclaim(self.stream, GROUP, self.cfg.consumer, self.cfg.claim_idle_ms,
+                                    start_id=start, count=self.max_rows)
+            start, msgs = res[0], [m for m in res[1] if m and m[1]]
+            if msgs:
+                ids = [m[0] for m in msgs]
+                pend = self.r.xpending_range(self.stream, GROUP, min=min(ids), max=max(ids), count=len(ids) * 4 + 10,
+                                             consumername=self.cfg.consumer)
+                times = {p["message_id"]: p["times_delivered"] for p in pend}
+                log.warning("reclaimed %d stalled job(s) from %s", len(msgs), self.stream)
+                live = []
+                for eid, fields in msgs:
+                    n = times.get(eid, 1)
+                    if n > self.cfg.max_deliveries:
+                        self._dead_letter(eid, fields, f"failed on {n - 1} deliveries to workers")
+                    else:
+                        live.append((eid, fields))
+                if live:
+                    self.process(live)
+            if start in (b"0-0", "0-0"):
+                break
+
+    def process(self, entries: list) -> None:
+        jobs: list[tuple[bytes, Job, str]] = []
+        now = time.time()
+        for eid, fields in entries:
+            try:
+                job, reply = decode_job(self.model.name, fields)
+            except ValueError as exc:
+                self._dead_letter(eid, fields, f"is malformed ({exc})")
+                continue
+            if job.expired(now):
+                self._finish(eid, reply, job.id, b"", "expired")
+                self.metrics.expired.labels(self.model.name).inc()
+                continue
+            jobs.append((eid, job, reply))
+        if not jobs:
+            return
+        try:
+            results = run_batch([j for _, j, _ in jobs], self.model.predict, self.max_rows, self.model.combine)
+            groups = [(jobs, results)]
+        except Exception:
+            log.exception("batch of %d jobs failed; retrying them one by one", len(jobs))
+            groups = []
+            for item in jobs:
+                try:
+                    groups.append(([item], run_batch([item[1]], self.model.predict, self.max_rows, self.model.combine)))
+                except Exception:   # left pending: reclaimed later, dead-lettered after max_deliveries
+                    log.exception("job %s failed", item[1].id)
+        for items, results in groups:
+            r0 = results[0]
+            self.metrics.observe_result(self.model.name, r0.batch_rows, r0.queue_s, r0.infer_s, 0)
+            for (eid, job, reply), res in zip(items, results):
+                meta = {"batch_rows": res.batch_rows, "queue_s": res.queue_s, "infer_s": res.infer_s,
+                        "worker": self.cfg.consumer}
+                if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied"):
+                    self.metrics.images.labels(self.model.name).inc(job.n_images)
+
+
+def _rows(fields: dict) -> int:
+    try:
+        return int(fields[b"shape"].split(b",")[0])
+    except (KeyError, ValueError):
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
+    add_common_arguments(p)
+    p.add_argument("--claim-idle-ms", type=int, default=5000, help="reclaim jobs pending this long")
+    p.add_argument("--max-deliveries", type=int, default=3, help="then dead-letter the job")
+    p.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve this worker's /metrics on this port")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.bundles:
+        print("error: pass --bundle DIR (a bundle written by `python -m export`)", file=sys.stderr)
+        return 2
+    cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
+                       max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
+                       max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
+                       metrics_port=args.metrics_port)
+    if args.consumer:
+        cfg.consumer = args.consumer
+    try:
+        models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
+    except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = ServerMetrics("worker")
+    if cfg.metrics_port:
+        from prometheus_client import start_http_server
+        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    workers = [ModelWorker(cfg, m, metrics, stop) for m in models]
+    for w in workers:
+        w.start()
+    log.info("worker %s serving %s from %s", cfg.consumer, ", ".join(m.name for m in models), cfg.redis_url)
+    print(f"worker {cfg.consumer} ready: {', '.join(m.name for m in models)}", flush=True)
+    while not stop.is_set() and all(w.is_alive() for w in workers):
+        stop.wait(0.5)
+    crashed = not stop.is_set()   # a model thread died of an unexpected error (logged above)
+    stop.set()
+    for w in workers:
+        w.join(timeout=5)
+    return 1 if crashed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""HTTP API in embedded mode with a fake model: inputs, options, errors, metrics, KServe v2."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from server.app import create_app
+from server.config import ServerConfig
+from server_fixtures import make_fake_model, png_bytes
+from trainer.data.images import decode_image
+from trainer.tta import apply_views, merge_probs, parse_policy
+
+import torch
+
+
+@pytest.fixture(scope="module")
+def fake():
+    return make_fake_model()
+
+
+@pytest.fixture(scope="module")
+def app(fake):
+    app = create_app(ServerConfig(max_request_bytes=200_000, max_images=4, max_delay_ms=2), models=[fake])
+    yield app
+    app.extensions["inference"].dispatcher.close()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def expected(fake, data: bytes, tta: str = "none") -> np.ndarray:
+    views = apply_views(decode_image(data), fake.spec, parse_policy(tta)).numpy()
+    return merge_probs(torch.from_numpy(fake.predict(views))[:, None], "mean").numpy()[0]
+
+
+def full_probs(pred: dict, k: int) -> np.ndarray:
+    out = np.zeros(k, np.float32)
+    out[pred["indices"]] = pred["probabilities"]
+    return out
+
+
+def test_multipart_raw_and_json_give_the_same_correct_answer(client, fake):
+    data = png_bytes(seed=5)
+    want = expected(fake, data)
+    answers = [
+        client.post("/predict", data={"file": (io.BytesIO(data), "a.png")}, content_type="multipart/form-data"),
+        client.post("/predict", data=data, content_type="image/png"),
+        client.post("/predict", json={"images": [base64.b64encode(data).decode()]}),
+    ]
+    for r in answers:
+        assert r.status_code == 200, r.get_json()
+        body = r.get_json()
+        assert body["model"] == "fake" and body["version"] == "test" and body["tta"] == "none"
+        np.testing.assert_allclose(full_probs(body["predictions"][0], 3), want, rtol=1e-4, atol=1e-5)
+        assert body["predictions"][0]["labels"][0] == f"c{int(want.argmax())}"
+        assert set(body["timings_ms"]) == {"decode", "queue", "inference", "total"}
+
+
+def test_many_images_topk_and_tta(client, fake):
+    imgs = [png_bytes(seed=s) for s in range(3)]
+    r = client.post("/predict", data={"file": [(io.BytesIO(d), f"{i}.png") for i, d in enumerate(imgs)],
+                                      "topk": "2", "tta": "hflip"}, content_type="multipart/form-data")
+    assert r.status_code == 200, r.get_json()
+    body = r.get_json()
+    assert body["tta"] == "hflip" and [p["file"] for p in body["predictions"]] == ["0.png", "1.png", "2.png"]
+    for d, p in zip(imgs, body["predictions"]):
+        assert len(p["labels"]) == 2
+        want = expected(fake, d, "hflip")
+        np.testing.assert_allclose(p["probabilities"], np.sort(want)[::-1][:2], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,status,words", [
+    (dict(data=b"", content_type="image/png"), 400, "empty"),
+    (dict(data=png_bytes()[:80], content_type="image/png"), 422, "truncated"),
+    (dict(data=b"just text", content_type="image/jpeg"), 415, "not a recognised image"),
+    (dict(data=b"x=1", content_type="application/x-www-form-urlencoded"), 415, "Content-Type"),
+    (dict(data=b"{not json", content_type="application/json"), 400, "JSON"),
+    (dict(json={"images": ["***"]}), 400, "base64"),
+    (dict(json={"images": "abc"}), 400, "list"),
+    (dict(data={"nofile": "1"}, content_type="multipart/form-data"), 400, "file field"),
+    (dict(data=png_bytes(), content_type="image/png", query_string={"model": "nope"}), 404, "unknown model"),
+    (dict(data=png_bytes(), content_type="image/png", query_string={"tta": "sideways"}), 422, "TTA"),
+    (dict(data=png_bytes(), content_type="image/png", query_string={"topk": "many"}), 400, "topk"),
+    (dict(data=b"\0" * 300_000, content_type="image/png"), 413, "too large"),
+    (dict(json={"images": [base64.b64encode(png_bytes()).decode()] * 5}), 413, "--max-images"),
+])
+def test_client_mistakes_get_json_4xx_and_the_server_stays_healthy(client, kwargs, status, words):
+    r = client.post("/predict", **kwargs)
+    body = r.get_json()
+    assert r.status_code == status, body
+    assert body["status"] == status and words.lower() in body["error"].lower()
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.post("/predict", data=png_bytes(), content_type="image/png").status_code == 200
+
+
+def test_wrong_method_and_unknown_route_are_json(client):
+    r = client.get("/predict")
+    assert r.status_code == 405 and "error" in r.get_json()
+    assert client.get("/nothing-here").get_json()["status"] == 404
+
+
+def test_metrics_count_requests_by_status_and_batches(client):
+    client.post("/predict", data=png_bytes(), content_type="image/png")
+    client.post("/predict", data=b"", content_type="image/png")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'server_requests_total{endpoint="/predict",status="200"}' in text
+    assert 'server_requests_total{endpoint="/predict",status="400"}' in text
+    assert 'server_batch_size_bucket{le="1.0",model="fake"}' in text
+    assert 'server_queue_depth{model="fake"} 0.0' in text
+    assert "server_inference_seconds_count" in text and "server_queue_seconds_count" in text
+
+
+def test_page_and_models(client):
+    r = client.get("/")
+    assert r.status_code == 200 and b"<title>Image classifier</title>" in r.data
+    assert client.get("/models").get_json()["models"][0]["name"] == "fake"
+
+
+# -- KServe v2 -------------------------------------------------------------------------------
+def test_kserve_health_and_metadata(client):
+    assert client.get("/v2/health/live").status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    assert client.get("/v2/models/fake/ready").status_code == 200
+    meta = client.get("/v2/models/fake").get_json()
+    assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, 32, 32]}]
+    assert meta["outputs"][0]["shape"] == [-1, 3] and meta["parameters"]["classes"] == ["c0", "c1", "c2"]
+    assert client.get("/v2/models/nope").status_code == 404
+
+
+def test_kserve_infer_uint8_json_and_binary(client, fake):
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    want = fake.predict(x)
+    r = client.post("/v2/models/fake/infer", json={"id": "7", "inputs": [
+        {"name": "images", "datatype": "UINT8", "shape": [2, 3, 32, 32], "data": x.reshape(-1).tolist()}]})
+    assert r.status_code == 200, r.get_json()
+    out = r.get_json()
+    assert out["id"] == "7" and out["outputs"][0]["shape"] == [2, 3]
+    np.testing.assert_allclose(np.array(out["outputs"][0]["data"]).reshape(2, 3), want, rtol=1e-4, atol=1e-5)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 3, 32, 32],
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    r = client.post("/v2/models/fake/infer", data=head + x.tobytes(),
+                    headers={"Inference-Header-Content-Length": str(len(head))}, content_type="application/octet-stream")
+    assert r.status_code == 200
+    n = int(r.headers["Inference-Header-Content-Length"])
+    meta = json.loads(r.data[:n])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 24
+    np.testing.assert_allclose(np.frombuffer(r.data[n:], np.float32).reshape(2, 3), want, rtol=1e-4, atol=1e-5)
+
+
+def test_kserve_infer_bytes_of_encoded_images(client, fake):
+    imgs = [png_bytes(seed=1), png_bytes(seed=2)]
+    raw = b"".join(struct.pack("<I", len(d)) + d for d in imgs)
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    r = client.post("/v2/models/fake/infer", data=head + raw, headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 200, r.get_json()
+    got = np.array(r.get_json()["outputs"][0]["data"]).reshape(2, 3)
+    np.testing.assert_allclose(got, [expected(fake, d) for d in imgs], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inp,words", [
+    ({"name": "images", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": [0.0] * 3072}, "datatype"),
+    ({"name": "images", "datatype": "UINT8", "shape": [1, 3, 16, 16], "data": [0] * 768}, "shape"),
+    ({"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [0] * 10}, "values for shape"),
+    ({"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [300] * 3072}, "0..255"),
+    ({"name": "pixels", "datatype": "UINT8", "shape": [1], "data": [0]}, "unknown input"),
+    ({"name": "images", "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}, "not a recognised image"),
+    ({"name": "images", "datatype": "UINT8", "shape": "1x3", "data": []}, "shape"),
+])
+def test_kserve_bad_tensors_are_4xx(client, inp, words):
+    r = client.post("/v2/models/fake/infer", json={"inputs": [inp]})
+    assert 400 <= r.status_code < 500 and words in r.get_json()["error"], r.get_json()
+    assert client.post("/v2/models/fake/infer", data=b"{oops", content_type="application/json").status_code == 400
+    assert client.get("/v2/health/ready").status_code == 200
