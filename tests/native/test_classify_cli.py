@@ -92,3 +92,11 @@ def test_bench_prints_percentiles(classify_bin, bundle_a):
     for key in ("end_to_end_ms", "model_ms"):
         assert 0 < out[key]["min"] <= out[key]["p50"] <= out[key]["p90"] <= out[key]["p99"]
     assert np.isfinite(out["end_to_end_ms"]["mean"])
+
+
+def test_ensemble_bundle_from_the_command_line(classify_bin, ensembles, eval_images):
+    res = classify(classify_bin, "--bundle", ensembles["weighted"], "--topk", 1, "--threads", 1, *eval_images[:6])
+    assert res.returncode == 0, res.stderr
+    ref = load_bundle(ensembles["weighted"], backend="torchscript").predict(eval_images[:6], topk=1)
+    for o, probs in zip(lines(res), ref.probs):
+        assert abs(o["topk"][0]["prob"] - probs.max()) <= 1e-4
