@@ -8,8 +8,9 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 
 # Debian packages: redis-server for the serving tests, chromium for the browser-page test (driven by
-# Playwright through executable_path; never `playwright install`), a C++ toolchain and CMake for the native runtime.
-APT_PKGS="redis-server chromium cmake g++ nlohmann-json3-dev libstb-dev"
+# Playwright through executable_path; never `playwright install`); for the native runtime a C++
+# toolchain, CMake, nlohmann-json, libjpeg-turbo, libpng, OpenSSL's libcrypto (SHA-256), Python headers.
+APT_PKGS="redis-server chromium cmake g++ make nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libpng-dev libssl-dev python3-dev"
 missing=""
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -29,14 +30,23 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 VPY="$ROOT/.venv/bin/python"
-stamp_src=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+stamp_src=$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp_src" ]; then
   echo "setup: installing Python packages into .venv (first run takes a few minutes)"
   "$VPY" -m pip install -q --upgrade pip setuptools wheel
   # torch first, exactly pinned: a CUDA build that also runs on the CPU.
   "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
-  # Build against the installed torch, never a second copy in an isolated build environment.
+  # Build requirements first: the install below runs without build isolation, so that the native
+  # runtime compiles against the installed torch, never a second copy in an isolated environment.
+  "$VPY" -m pip install -q "setuptools>=68" "pybind11>=2.12"
   "$VPY" -m pip install -q --no-build-isolation -e ".[dev]"
   echo "$stamp_src" > .setup-stamp
+fi
+# The native runtime (native/libtorch): build/bin/classify and python/classify_native/_core*.so.
+# Incremental, so re-running after C++ changes only recompiles what changed.
+if [ "${SHIPCLASSIFIER_SKIP_NATIVE:-0}" != 1 ]; then
+  echo "setup: building the native runtime (first build takes several minutes)"
+  cmake -S . -B build -DPython_EXECUTABLE="$VPY" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  cmake --build build -j "$(nproc)" >/dev/null
 fi
 echo "setup: ready ($("$VPY" -c 'import torch; print("torch", torch.__version__)'))"

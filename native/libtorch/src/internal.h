@@ -1,0 +1,82 @@
+// Internal helpers shared by the library's translation units (not installed, not public API).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "classify/runtime.h"
+
+namespace classify {
+
+// EXIF orientation (1..8) from a TIFF block ("II*\0" / "MM\0*" header); 1 when absent or malformed.
+int exif_orientation(const uint8_t* tiff, size_t size);
+// Apply orientation as PIL's ImageOps.exif_transpose does (2..8; anything else is a no-op).
+Image apply_orientation(Image img, int orientation);
+
+// (H, W, 3) uint8 image -> (3, H, W) uint8 tensor (a copy).
+torch::Tensor image_to_chw(const Image& img);
+// trainer.data.transforms.resized_shape: shorter side to size, longer truncated.
+std::pair<int64_t, int64_t> resized_shape(int64_t h, int64_t w, int64_t size);
+// trainer.data.transforms.resize_uint8 for (3, H, W) or (N, 3, H, W) uint8.
+torch::Tensor resize_uint8(const torch::Tensor& img, int64_t out_h, int64_t out_w, const std::string& interpolation);
+// trainer.tta.apply_views: (3, H, W) uint8 -> (V, 3, ch, cw) uint8.
+torch::Tensor apply_views(const torch::Tensor& chw, const Preprocessing& pre, const std::vector<View>& views);
+// trainer.tta.merge_probs: (V, N, K) -> (N, K).
+torch::Tensor merge_probs(const torch::Tensor& probs, const std::string& how);
+void check_views(const std::vector<View>& views, const Preprocessing& pre, const std::string& where);
+
+// ---- bundles (manifest.cpp) -----------------------------------------------------------------
+struct Artifact {
+  std::string key, file, format, sha256;
+};
+
+struct Member;
+
+// A parsed, validated manifest.json (schema_version 1); see docs/BUNDLE.md.
+struct Bundle {
+  std::string dir;            // the bundle folder
+  std::string manifest_path;  // dir + "/manifest.json"
+  std::string kind;           // model | ensemble
+  std::string name;
+  std::vector<std::string> classes;
+  std::string tta_default = "none";
+  std::string tta_merge = "mean";
+  std::vector<View> tta_views;
+  // kind == "model"
+  Preprocessing pre;
+  int max_batch = 1;
+  std::vector<Artifact> artifacts;
+  // kind == "ensemble"
+  std::string fusion;
+  std::vector<Member> members;
+
+  const Artifact* artifact(const std::string& key) const;
+};
+
+struct Member {
+  std::string name;
+  double weight = 1.0;
+  Bundle bundle;
+};
+
+// Read dir/manifest.json (and, for ensembles, each member's, checking manifest_sha256).
+// Throws BundleError naming the file and the fix.
+Bundle read_bundle(const std::string& dir);
+// Path of the artifact after checking its sha256; throws BundleError when missing or tampered.
+std::string checked_artifact_path(const Bundle& b, const std::string& key);
+
+// ---- models (model.cpp) ---------------------------------------------------------------------
+class Model {
+ public:
+  virtual ~Model() = default;
+  // (N, 3, H, W) uint8 on the model's device -> (N, K) float32 probabilities.
+  virtual torch::Tensor run(const torch::Tensor& images) = 0;
+};
+std::unique_ptr<Model> load_model(const std::string& path, const std::string& format, const torch::Device& device);
+
+}  // namespace classify

@@ -1,0 +1,202 @@
+// manifest.json reader (schema_version 1, docs/BUNDLE.md; python/export/manifest.py is the Python
+// twin) and artifact checksums (OpenSSL's SHA-256).
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+
+#include "internal.h"
+
+namespace classify {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+[[noreturn]] void fail(const std::string& where, const std::string& what) { throw BundleError(where + ": " + what); }
+
+const json& need(const json& obj, const char* key, const std::string& where) {
+  if (!obj.is_object() || !obj.contains(key))
+    fail(where, std::string("missing required key '") + key +
+                    "'; the bundle is incomplete or was written by another tool; re-export it with 'python -m export'");
+  return obj.at(key);
+}
+
+template <typename T>
+T get(const json& obj, const char* key, const std::string& where) {
+  const json& v = need(obj, key, where);
+  try {
+    return v.get<T>();
+  } catch (const json::exception& e) {
+    fail(where, std::string("key '") + key + "' has the wrong type (" + e.what() + ")");
+  }
+}
+
+std::vector<View> parse_views(const json& tta, const std::string& where) {
+  const json& views = need(tta, "views", where);
+  if (!views.is_array() || views.empty()) fail(where, "'tta.views' must be a non-empty list");
+  std::vector<View> out;
+  for (const json& v : views) {
+    View view;
+    if (v.contains("resize") && !v["resize"].is_null()) view.resize = get<int>(v, "resize", where);
+    if (v.contains("crop")) view.crop = get<std::string>(v, "crop", where);
+    if (v.contains("flip")) view.flip = get<std::string>(v, "flip", where);
+    out.push_back(view);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string file_sha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open to compute its sha256");
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0) EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  std::array<unsigned char, 32> digest{};
+  unsigned int len = 0;
+  EVP_DigestFinal_ex(ctx, digest.data(), &len);
+  EVP_MD_CTX_free(ctx);
+  std::string hex;
+  char b[3];
+  for (unsigned i = 0; i < len; ++i) {
+    std::snprintf(b, sizeof b, "%02x", digest[i]);
+    hex += b;
+  }
+  return hex;
+}
+
+const Artifact* Bundle::artifact(const std::string& key) const {
+  for (const Artifact& a : artifacts)
+    if (a.key == key) return &a;
+  return nullptr;
+}
+
+Bundle read_bundle(const std::string& dir_in) {
+  Bundle b;
+  fs::path dir(dir_in);
+  if (dir.filename() == "manifest.json" && fs::is_regular_file(dir)) dir = dir.parent_path();
+  b.dir = dir.string();
+  b.manifest_path = (dir / "manifest.json").string();
+  const std::string& where = b.manifest_path;
+  if (!fs::is_regular_file(b.manifest_path))
+    throw BundleError("'" + dir_in + "' is not a bundle: " + b.manifest_path +
+                      " not found (build one with 'python -m export --checkpoint RUN/best.pt --out DIR')");
+  json m;
+  try {
+    std::ifstream in(b.manifest_path);
+    m = json::parse(in);
+  } catch (const json::exception& e) {
+    fail(where, std::string("not valid JSON (") + e.what() + "); the file is corrupt, re-export the bundle");
+  }
+  if (!m.is_object()) fail(where, "expected a JSON object at the top level");
+  if (!m.contains("schema_version") || m["schema_version"] != kSchemaVersion)
+    fail(where, "unknown schema_version " + (m.contains("schema_version") ? m["schema_version"].dump() : "(none)") +
+                    "; this reader understands version 1; re-export the bundle with this version of "
+                    "'python -m export' (or upgrade the native runtime)");
+  b.kind = get<std::string>(m, "kind", where);
+  if (b.kind != "model" && b.kind != "ensemble") fail(where, "kind must be 'model' or 'ensemble', got '" + b.kind + "'");
+  b.name = get<std::string>(m, "name", where);
+  b.classes = get<std::vector<std::string>>(m, "classes", where);
+  if (b.classes.size() < 2) fail(where, "'classes' must be a list of at least two class names");
+  const json& tta = need(m, "tta", where);
+  if (tta.contains("default")) b.tta_default = get<std::string>(tta, "default", where);
+  if (tta.contains("merge")) b.tta_merge = get<std::string>(tta, "merge", where);
+  b.tta_views = parse_views(tta, where);
+
+  if (b.kind == "ensemble") {
+    b.fusion = get<std::string>(m, "fusion", where);
+    if (b.fusion != "mean" && b.fusion != "weighted" && b.fusion != "vote")
+      fail(where, "unknown fusion '" + b.fusion + "'; use mean, weighted or vote");
+    const json& members = need(m, "members", where);
+    if (!members.is_array() || members.empty()) fail(where, "an ensemble needs at least one member");
+    for (const json& mem : members) {
+      Member member;
+      member.name = get<std::string>(mem, "name", where);
+      member.weight = get<double>(mem, "weight", where);
+      std::string sub = (dir / get<std::string>(mem, "path", where)).string();
+      if (mem.contains("manifest_sha256") && mem["manifest_sha256"].is_string()) {
+        std::string sub_manifest = sub + "/manifest.json";
+        if (fs::is_regular_file(sub_manifest) && file_sha256(sub_manifest) != mem["manifest_sha256"].get<std::string>())
+          throw BundleError(sub_manifest + ": sha256 differs from the ensemble manifest's; the member was modified: "
+                            "rebuild the ensemble with 'python -m export ensemble'");
+      }
+      member.bundle = read_bundle(sub);
+      if (member.bundle.classes != b.classes)
+        throw BundleError(member.bundle.manifest_path + ": member '" + member.name +
+                          "' has different classes from the ensemble; ensemble only models trained on the same classes");
+      b.members.push_back(std::move(member));
+    }
+    return b;
+  }
+
+  const json& pre = need(m, "preprocessing", where);
+  auto crop = get<std::vector<int>>(pre, "crop_size", where);
+  if (crop.size() != 2 || crop[0] <= 0 || crop[1] <= 0) fail(where, "preprocessing.crop_size must be [height, width]");
+  b.pre.crop_h = crop[0];
+  b.pre.crop_w = crop[1];
+  b.pre.resize_size = get<int>(pre, "resize_size", where);
+  b.pre.interpolation = get<std::string>(pre, "interpolation", where);
+  b.pre.mean = get<std::vector<double>>(pre, "mean", where);
+  b.pre.std = get<std::vector<double>>(pre, "std", where);
+  // Only the policies this runtime implements; anything else is refused rather than guessed.
+  auto expect = [&](const char* key, const std::string& want) {
+    if (pre.contains(key) && pre[key] != want)
+      fail(where, std::string("preprocessing.") + key + " is " + pre[key].dump() + "; the native runtime supports only '" +
+                      want + "'");
+  };
+  expect("resize_policy", "shorter_side");
+  expect("crop", "center");
+  expect("channel_order", "RGB");
+  expect("input_dtype", "uint8");
+  expect("layout", "NCHW");
+  expect("alpha", "drop");
+  expect("sixteen_bit", "round(v/257)");
+  if (b.pre.interpolation != "bilinear" && b.pre.interpolation != "bicubic")
+    fail(where, "preprocessing.interpolation '" + b.pre.interpolation + "' is not supported; use bilinear or bicubic");
+  if (b.pre.resize_size < std::min(b.pre.crop_h, b.pre.crop_w))
+    fail(where, "preprocessing.resize_size is smaller than crop_size");
+  b.max_batch = get<int>(m, "max_batch", where);
+  if (b.max_batch < 1) fail(where, "max_batch must be a positive integer");
+  const json& arts = need(m, "artifacts", where);
+  if (!arts.is_object() || arts.empty()) fail(where, "no artifacts listed");
+  for (auto it = arts.begin(); it != arts.end(); ++it) {
+    std::string w = where + ": artifacts." + it.key();
+    Artifact a{it.key(), get<std::string>(*it, "file", w), get<std::string>(*it, "format", w),
+               get<std::string>(*it, "sha256", w)};
+    if (fs::path(a.file).filename().string() != a.file) fail(w, "file must be a plain file name, got '" + a.file + "'");
+    b.artifacts.push_back(a);
+  }
+  return b;
+}
+
+std::string checked_artifact_path(const Bundle& b, const std::string& key) {
+  const Artifact* a = b.artifact(key);
+  if (!a) {
+    std::string have;
+    for (const Artifact& x : b.artifacts) have += (have.empty() ? "" : ", ") + x.key;
+    throw BundleError(b.dir + ": the bundle has no '" + key + "' artifact (it has: " + have +
+                      "); re-export with --format " + key + " or pick another --format");
+  }
+  std::string path = (fs::path(b.dir) / a->file).string();
+  if (!fs::is_regular_file(path))
+    throw BundleError(path + ": missing; the bundle is incomplete, copy it again or re-export it");
+  std::string got = file_sha256(path);
+  if (got != a->sha256)
+    throw BundleError(path + ": sha256 " + got.substr(0, 16) + "... differs from the manifest's " +
+                      a->sha256.substr(0, std::min<size_t>(16, a->sha256.size())) +
+                      "...; the file was modified or corrupted: copy the bundle again or re-export it");
+  return path;
+}
+
+}  // namespace classify

@@ -1,0 +1,242 @@
+// Runtime: bundle -> models, and images -> probabilities (decode, TTA views, batched inference,
+// view merge, ensemble fusion), with per-image errors.
+#include <algorithm>
+#include <filesystem>
+#include <numeric>
+
+#include <ATen/Parallel.h>
+
+#include "internal.h"
+
+namespace classify {
+namespace fs = std::filesystem;
+
+namespace {
+
+struct LoadedModel {
+  std::string name;
+  double weight = 1.0;
+  Preprocessing pre;
+  int max_batch = 1;
+  std::unique_ptr<Model> model;
+};
+
+bool same_pre(const Preprocessing& a, const Preprocessing& b) {
+  return a.crop_h == b.crop_h && a.crop_w == b.crop_w && a.resize_size == b.resize_size &&
+         a.interpolation == b.interpolation;
+}
+
+torch::Device parse_device(const std::string& s) {
+  if (s == "cpu") return torch::Device(torch::kCPU);
+  if (s == "cuda" || s.rfind("cuda:", 0) == 0) {
+    if (!torch::cuda::is_available())
+      throw OptionError("device '" + s + "' requested but CUDA is not available here; use --device cpu");
+    return torch::Device(s == "cuda" ? std::string("cuda:0") : s);
+  }
+  throw OptionError("unknown device '" + s + "'; use cpu, cuda or cuda:N");
+}
+
+}  // namespace
+
+struct Runtime::Impl {
+  Bundle bundle;
+  Options options;
+  torch::Device device{torch::kCPU};
+  std::string format;
+  std::vector<View> views;
+  std::string merge;
+  std::vector<LoadedModel> models;  // one for a model bundle, one per member for an ensemble
+
+  void load(const Bundle& b, const std::string& name, double weight) {
+    std::string fmt = options.format;
+    if (fmt == "auto") fmt = b.artifact("pt2") ? "pt2" : "torchscript";
+    if (fmt != "pt2" && fmt != "torchscript") throw OptionError("unknown format '" + fmt + "'; use pt2 or torchscript");
+    std::string path = checked_artifact_path(b, fmt);
+    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, fmt, device)};
+    models.push_back(std::move(m));
+    if (format.empty()) format = fmt;
+    else if (format != fmt) format = "mixed";
+  }
+
+  // (R, 3, h, w) uint8 on CPU -> (R, K) float32 on CPU, in pieces of at most max_batch rows.
+  torch::Tensor run_rows(LoadedModel& m, const torch::Tensor& rows) {
+    c10::InferenceMode guard;
+    std::vector<torch::Tensor> outs;
+    for (int64_t s = 0; s < rows.size(0); s += m.max_batch) {
+      torch::Tensor piece = rows.slice(0, s, std::min<int64_t>(rows.size(0), s + m.max_batch)).to(device);
+      outs.push_back(m.model->run(piece).to(torch::kCPU, torch::kFloat32));
+    }
+    return torch::cat(outs);
+  }
+
+  // Member probabilities (M, N, K) -> (N, K) by the ensemble's fusion rule.
+  torch::Tensor fuse(const std::vector<torch::Tensor>& per_model) {
+    if (models.size() == 1) return per_model[0];
+    torch::Tensor p = torch::stack(per_model);
+    std::vector<double> w;
+    for (const LoadedModel& m : models) w.push_back(bundle.fusion == "mean" ? 1.0 : m.weight);
+    double total = std::accumulate(w.begin(), w.end(), 0.0);
+    torch::Tensor wt = torch::tensor(w, torch::kFloat64).div(total).to(torch::kFloat32).view({-1, 1, 1});
+    if (bundle.fusion == "vote") {
+      // weighted majority of member top-1, as vote fractions; argmax of the fractions ties low
+      torch::Tensor onehot = torch::one_hot(p.argmax(-1), p.size(-1)).to(torch::kFloat32);
+      return (onehot * wt).sum(0);
+    }
+    return (p * wt).sum(0);
+  }
+};
+
+Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(std::make_unique<Impl>()) {
+  Impl& d = *impl_;
+  d.options = options;
+  if (options.batch < 1) throw OptionError("batch must be at least 1, got " + std::to_string(options.batch));
+  if (options.threads < 0) throw OptionError("threads must be >= 0, got " + std::to_string(options.threads));
+  if (options.format != "auto" && options.format != "pt2" && options.format != "torchscript")
+    throw OptionError("unknown format '" + options.format + "'; use pt2, torchscript or auto");
+  d.device = parse_device(options.device);
+  if (options.threads > 0) torch::set_num_threads(options.threads);
+  d.bundle = read_bundle(bundle_dir);
+  d.views = options.tta.empty() ? d.bundle.tta_views : parse_tta_policy(options.tta);
+  d.merge = d.bundle.tta_merge;
+  if (d.bundle.kind == "model") {
+    d.load(d.bundle, d.bundle.name, 1.0);
+  } else {
+    for (const Member& m : d.bundle.members) d.load(m.bundle, m.name, m.weight);
+  }
+  for (const LoadedModel& m : d.models) check_views(d.views, m.pre, d.bundle.manifest_path + " (" + m.name + ")");
+}
+
+Runtime::~Runtime() = default;
+Runtime::Runtime(Runtime&&) noexcept = default;
+Runtime& Runtime::operator=(Runtime&&) noexcept = default;
+
+const std::vector<std::string>& Runtime::classes() const { return impl_->bundle.classes; }
+const Preprocessing& Runtime::preprocessing() const { return impl_->models.front().pre; }
+std::string Runtime::kind() const { return impl_->bundle.kind; }
+std::string Runtime::format() const { return impl_->format; }
+const std::vector<View>& Runtime::views() const { return impl_->views; }
+std::string Runtime::merge() const { return impl_->merge; }
+
+std::vector<Result> Runtime::predict_images(std::vector<Image> images, std::vector<std::string> sources,
+                                            std::vector<std::string> errors) {
+  Impl& d = *impl_;
+  const int64_t n = static_cast<int64_t>(images.size());
+  errors.resize(n);
+  sources.resize(n);
+  std::vector<Result> results(n);
+  const int64_t V = static_cast<int64_t>(d.views.size());
+  // Distinct preprocessings among the models (ensemble members usually share one).
+  std::vector<int> pre_of(d.models.size());
+  std::vector<const Preprocessing*> pres;
+  for (size_t i = 0; i < d.models.size(); ++i) {
+    auto it = std::find_if(pres.begin(), pres.end(), [&](const Preprocessing* p) { return same_pre(*p, d.models[i].pre); });
+    pre_of[i] = static_cast<int>(it - pres.begin());
+    if (it == pres.end()) pres.push_back(&d.models[i].pre);
+  }
+  const int64_t chunk = std::max(1, d.options.batch);
+  for (int64_t s = 0; s < n; s += chunk) {
+    const int64_t e = std::min(n, s + chunk);
+    // views[p][i]: (V, 3, h, w) uint8 for image i under preprocessing p; decode/resize in parallel.
+    std::vector<std::vector<torch::Tensor>> views(pres.size(), std::vector<torch::Tensor>(e - s));
+    at::parallel_for(s, e, 1, [&](int64_t b, int64_t en) {
+      for (int64_t i = b; i < en; ++i) {
+        if (!errors[i].empty()) continue;
+        try {
+          torch::Tensor chw = image_to_chw(images[i]);
+          for (size_t p = 0; p < pres.size(); ++p) views[p][i - s] = apply_views(chw, *pres[p], d.views);
+        } catch (const std::exception& ex) {
+          errors[i] = sources[i] + ": cannot preprocess (" + ex.what() + ")";
+        }
+        images[i] = Image{};  // free the decoded pixels early
+      }
+    });
+    std::vector<int64_t> good;
+    for (int64_t i = s; i < e; ++i)
+      if (errors[i].empty()) good.push_back(i);
+    for (int64_t i = s; i < e; ++i) results[i] = Result{sources[i], {}, errors[i]};
+    if (good.empty()) continue;
+    std::vector<torch::Tensor> per_model;
+    for (size_t mi = 0; mi < d.models.size(); ++mi) {
+      std::vector<torch::Tensor> stack;
+      for (int64_t i : good) stack.push_back(views[pre_of[mi]][i - s]);
+      torch::Tensor rows = torch::cat(stack);  // (G*V, 3, h, w)
+      torch::Tensor probs = d.run_rows(d.models[mi], rows);
+      const int64_t G = static_cast<int64_t>(good.size());
+      probs = probs.view({G, V, -1}).transpose(0, 1);  // (V, G, K)
+      per_model.push_back(merge_probs(probs, d.merge));
+    }
+    torch::Tensor fused = d.fuse(per_model).contiguous();  // (G, K)
+    const int64_t K = fused.size(1);
+    const float* p = fused.data_ptr<float>();
+    for (size_t g = 0; g < good.size(); ++g) results[good[g]].probs.assign(p + g * K, p + (g + 1) * K);
+  }
+  return results;
+}
+
+std::vector<Result> Runtime::predict_files(const std::vector<std::string>& paths) {
+  std::vector<Image> images(paths.size());
+  std::vector<std::string> errors(paths.size());
+  at::parallel_for(0, static_cast<int64_t>(paths.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      try {
+        images[i] = decode_file(paths[i]);
+      } catch (const std::exception& ex) {
+        errors[i] = ex.what();
+      }
+    }
+  });
+  return predict_images(std::move(images), paths, std::move(errors));
+}
+
+std::vector<Result> Runtime::predict_bytes(const std::vector<std::string>& blobs) {
+  std::vector<Image> images(blobs.size());
+  std::vector<std::string> errors(blobs.size()), sources(blobs.size());
+  for (size_t i = 0; i < blobs.size(); ++i) sources[i] = "<bytes #" + std::to_string(i) + ">";
+  at::parallel_for(0, static_cast<int64_t>(blobs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      try {
+        images[i] = decode_bytes(reinterpret_cast<const uint8_t*>(blobs[i].data()), blobs[i].size(), sources[i]);
+      } catch (const std::exception& ex) {
+        errors[i] = ex.what();
+      }
+    }
+  });
+  return predict_images(std::move(images), std::move(sources), std::move(errors));
+}
+
+std::vector<Result> Runtime::predict_pixels(const uint8_t* nhwc, int n, int height, int width) {
+  if (n < 0 || height <= 0 || width <= 0) throw OptionError("predict_pixels needs (N, H, W, 3) with H, W > 0");
+  std::vector<Image> images(n);
+  std::vector<std::string> sources(n);
+  const size_t per = static_cast<size_t>(height) * width * 3;
+  for (int i = 0; i < n; ++i) {
+    images[i] = Image{height, width, std::vector<uint8_t>(nhwc + i * per, nhwc + (i + 1) * per)};
+    sources[i] = "<array #" + std::to_string(i) + ">";
+  }
+  return predict_images(std::move(images), std::move(sources));
+}
+
+std::vector<float> Runtime::run_preprocessed(const uint8_t* n3hw, int n) {
+  Impl& d = *impl_;
+  const Preprocessing& pre = d.models.front().pre;
+  torch::Tensor rows = torch::from_blob(const_cast<uint8_t*>(n3hw), {n, 3, pre.crop_h, pre.crop_w}, torch::kUInt8);
+  std::vector<torch::Tensor> per_model;
+  for (LoadedModel& m : d.models) {
+    if (!same_pre(m.pre, pre)) throw OptionError("run_preprocessed: ensemble members have different input sizes");
+    per_model.push_back(d.run_rows(m, rows));
+  }
+  torch::Tensor fused = d.fuse(per_model).contiguous();
+  return std::vector<float>(fused.data_ptr<float>(), fused.data_ptr<float>() + fused.numel());
+}
+
+std::vector<TopK> Runtime::topk(const std::vector<float>& probs, int k) const {
+  std::vector<int> idx(probs.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return probs[a] > probs[b]; });
+  idx.resize(std::min<size_t>(idx.size(), static_cast<size_t>(std::max(k, 0))));
+  std::vector<TopK> out;
+  for (int i : idx) out.push_back(TopK{i, impl_->bundle.classes.at(i), probs[i]});
+  return out;
+}
+
+}  // namespace classify

@@ -1,0 +1,41 @@
+"""The native runtime as a backend of the Python bundle loader (export.load_bundle).
+
+    import classify_native.backend; classify_native.backend.register()
+    from export import load_bundle
+    bundle = load_bundle("bundles/digits", backend="native", threads=2)
+
+The loader keeps decoding, preprocessing and TTA in Python and calls this backend for the model
+itself ((N, 3, H, W) uint8 -> (N, K) probabilities), through the C++ Runtime (.pt2 when the bundle
+has it, else TorchScript). For C++ end to end (decode and preprocessing too) use
+classify_native.Runtime directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ._core import Runtime
+
+BACKEND_NAME = "native"
+
+
+def native_backend(folder: Path, manifest: dict, threads: int | None, device: str):
+    """export.loader BackendFactory: the C++ Runtime's raw model call."""
+    rt = Runtime(str(folder), format="auto", threads=threads or 0, device=device)
+
+    def run(batch) -> np.ndarray:
+        return rt.run_preprocessed(np.ascontiguousarray(np.asarray(batch), dtype=np.uint8))
+
+    return run
+
+
+def register() -> bool:
+    """Register backend 'native' with export.loader; False when the export package is absent."""
+    try:
+        from export.loader import list_backends, register_backend
+    except ImportError:
+        return False
+    if BACKEND_NAME not in list_backends():
+        register_backend(BACKEND_NAME, native_backend)
+    return True
