@@ -212,6 +212,12 @@ class EnsembleBundle:
 
 def _pick_backend(manifest: dict, backend: str, folder: Path) -> str:
     if backend != "auto":
+        if backend == "native" and backend not in _BACKENDS:
+            try:  # the compiled module registers itself on import; it depends on us, not we on it
+                import classify_native  # noqa: F401
+            except ImportError as exc:
+                raise BundleError(f"backend 'native' needs the compiled runtime ({exc}); build it with "
+                                  "'bash scripts/setup.sh' or 'cmake -S . -B build && cmake --build build'") from None
         if backend not in _BACKENDS:
             raise BundleError(f"unknown backend {backend!r}; use one of {', '.join(list_backends())}")
         return backend
