@@ -23,4 +23,4 @@ python3 -m trainer distill $R --model mobilenet_v2 --lr 0.05 --teacher runs/gpu/
 python3 -m trainer features --checkpoint runs/gpu/best.pt --data data/digits --classifier logreg --device cuda \
     --out runs/gpu/logreg.joblib 2>&1 | tail -3 | tee -a "$OUT/gpu_extras.log"
 python3 -m trainer visualize --checkpoint runs/gpu/best.pt --image "$(ls data/digits/val/3/*.png | head -1)" \
-    --layers layer1,layer2 --device cuda --out runs/gpu/vis 2>&1 | tail -2 | tee -a "$OUT/gpu_extras.log"
+    --layers layer1,layer2 --out runs/gpu/vis 2>&1 | tail -2 | tee -a "$OUT/gpu_extras.log"
