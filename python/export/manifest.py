@@ -9,11 +9,12 @@ tests reuse this reader; the C++ runtime reads the same file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
+
+from trainer.engine.checkpoint import file_sha256  # noqa: F401 - one implementation, re-exported for readers
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -45,14 +46,6 @@ def utc_version() -> str:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_path(bundle: str | os.PathLike) -> Path:
