@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,13 +38,31 @@ def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_
         n, done = 240, []
         rc = redis_proc.client()
         killed = {}
+        kill_lock = threading.Lock()
+
+        def pending_by_consumer() -> dict:
+            return {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"]
+                    for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
+
+        def kill_k0_while_it_holds_jobs():
+            # Kill at a moment k0 holds unacknowledged entries (the other 15 threads keep the load
+            # going meanwhile); between two batches it may briefly hold none.
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pending = pending_by_consumer()
+                if pending.get("k0", 0) > 0:
+                    break
+                time.sleep(0.002)
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed["pending"] = pending
 
         def one(i):
             r = app.test_client().post("/predict", data=datas[i % 12], content_type="image/png")
             done.append(i)
-            if len(done) == 40 and not killed:
-                killed["pending"] = {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"] for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
-                os.kill(workers[0].pid, signal.SIGKILL)
+            if len(done) >= 40 and not killed:
+                with kill_lock:
+                    if not killed:
+                        kill_k0_while_it_holds_jobs()
             return i, r.status_code, r.get_json()
 
         with ThreadPoolExecutor(16) as pool:
