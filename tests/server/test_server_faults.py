@@ -25,11 +25,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_proc, digits_bundle, tiny_digits):
-    workers = [start_worker(redis_url, digits_bundle, "--consumer", f"k{i}", "--claim-idle-ms", "1000",
-                            "--max-batch", "8") for i in range(2)]
+    def worker(name):
+        return start_worker(redis_url, digits_bundle, "--consumer", name, "--claim-idle-ms", "1000", "--max-batch", "8")
+
+    # k0 alone takes the load, so it is killed while it holds entries; k1 starts after the kill
+    # and must reclaim them.
+    workers = [worker("k0")]
     try:
-        for w in workers:
-            wait_ready(w)
+        wait_ready(workers[0])
         app = create_app(ServerConfig(bundles=[str(digits_bundle)], redis_url=redis_url, timeout_s=30, max_queue=1000))
         ref = load_bundle(digits_bundle, threads=1)
         files = digit_images(tiny_digits, 12)
@@ -46,7 +49,7 @@ def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_
 
         def kill_k0_while_it_holds_jobs():
             # Kill at a moment k0 holds unacknowledged entries (the other 15 threads keep the load
-            # going meanwhile); between two batches it may briefly hold none.
+            # going meanwhile); between two batches it briefly holds none.
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 pending = pending_by_consumer()
@@ -55,6 +58,8 @@ def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_
                 time.sleep(0.002)
             os.kill(workers[0].pid, signal.SIGKILL)
             killed["pending"] = pending
+            workers.append(worker("k1"))
+            threading.Thread(target=wait_ready, args=(workers[1],), daemon=True).start()  # drains its output
 
         def one(i):
             r = app.test_client().post("/predict", data=datas[i % 12], content_type="image/png")
