@@ -13,6 +13,8 @@ then times, on the same images, threads and batch size:
 
 - ``native_decode_preprocess`` / ``python_decode_preprocess``: decode + resize/crop alone
 
+Each measurement runs in a fresh process with only its runtime loaded (onnxruntime's and OpenMP's
+worker threads keep spinning after a run and would slow whichever runtime runs next in the same process).
 The overhead is reported both directly (``native_decode_preprocess`` / ``native_model``) and as
 (native_e2e - native_model) / native_model; target < 15% for resnet50 at 224. Prints a table; the last line is JSON
 (also written to --out).
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -88,6 +91,48 @@ def timeit(fn, repeat: int, warmup: int = 2) -> dict:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "runs": repeat}
 
 
+MEASUREMENTS = ["native_decode_preprocess", "python_decode_preprocess", "native_e2e", "native_model", "python_e2e",
+                "python_pt2_model", "onnxruntime_model", "torchscript_model"]
+
+
+def measure(name: str, bundle: Path, batches: list[list[str]], threads: int, batch: int, repeat: int) -> dict:
+    """Time one measurement (see the module docstring), loading only the runtime it needs."""
+    import classify_native
+    from export import load_bundle
+
+    rt = classify_native.Runtime(str(bundle), format="pt2", tta="none", threads=threads, batch=batch)
+    pre = rt.preprocessing
+
+    def per_batch(fn):
+        return lambda: [fn(i) for i in range(len(batches))]
+
+    if name == "native_decode_preprocess":  # decode + resize/crop alone: the overhead measured directly
+        return timeit(per_batch(lambda i: [classify_native.preprocess(
+            classify_native.decode_file(p), pre["crop_size"], pre["resize_size"], pre["interpolation"])
+            for p in batches[i]]), repeat)
+    if name == "native_e2e":
+        return timeit(per_batch(lambda i: rt.predict_files(batches[i])), repeat)
+    # The exact uint8 rows the model sees, per batch (same for every backend).
+    rows = [np.stack([classify_native.preprocess(classify_native.decode_file(p), pre["crop_size"],
+                                                 pre["resize_size"], pre["interpolation"])[0] for p in b])
+            for b in batches]
+    if name == "native_model":
+        return timeit(per_batch(lambda i: rt.run_preprocessed(rows[i])), repeat)
+    del rt  # the Python measurements run without the native runtime loaded
+    rows_t = [torch.from_numpy(r) for r in rows]
+    backend = {"python_e2e": "pt2", "python_pt2_model": "pt2", "python_decode_preprocess": "pt2",
+               "onnxruntime_model": "onnxruntime", "torchscript_model": "torchscript"}[name]
+    py = load_bundle(bundle, backend=backend, tta="none", threads=threads)
+    if name == "python_decode_preprocess":
+        from trainer.data.images import decode_image
+        from trainer.data.transforms import eval_transform
+
+        return timeit(per_batch(lambda i: [eval_transform(decode_image(p), py.spec) for p in batches[i]]), repeat)
+    if name == "python_e2e":
+        return timeit(per_batch(lambda i: py.predict(batches[i])), repeat)
+    return timeit(per_batch(lambda i: py.predict_tensor(rows_t[i])), repeat)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="resnet50")
@@ -100,48 +145,25 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=10, help="timed passes over all images")
     ap.add_argument("--out", default="benchmarks/results/native.json")
+    ap.add_argument("--only", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
     a = ap.parse_args(argv)
-
-    import classify_native
-    from export import load_bundle
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     bundle = Path(a.bundle) if a.bundle else ensure_bundle(work, a.arch, a.img_size, a.classes, max(8, a.batch))
     paths = write_images(work / "images", a.images)
     batches = [paths[i:i + a.batch] for i in range(0, len(paths), a.batch)]
-
-    rt = classify_native.Runtime(str(bundle), format="pt2", tta="none", threads=a.threads, batch=a.batch)
-    py = {b: load_bundle(bundle, backend=b, tta="none", threads=a.threads)
-          for b in ("pt2", "onnxruntime", "torchscript")}
-    # The exact uint8 rows the model sees, per batch (same for every backend).
-    rows = [np.stack([classify_native.preprocess(classify_native.decode_file(p), rt.preprocessing["crop_size"],
-                                                 rt.preprocessing["resize_size"], rt.preprocessing["interpolation"])[0]
-                      for p in b]) for b in batches]
-    rows_t = [torch.from_numpy(r) for r in rows]
-
-    def per_batch(fn):
-        return lambda: [fn(i) for i in range(len(batches))]
-
-    from trainer.data.images import decode_image
-    from trainer.data.transforms import eval_transform
-
-    pre = rt.preprocessing
-    spec = py["pt2"].spec
-    res = {
-        # decode + resize/crop alone, per batch: the overhead measured directly, not as a difference
-        "native_decode_preprocess": timeit(per_batch(lambda i: [classify_native.preprocess(
-            classify_native.decode_file(p), pre["crop_size"], pre["resize_size"], pre["interpolation"])
-            for p in batches[i]]), a.repeat),
-        "python_decode_preprocess": timeit(per_batch(lambda i: [eval_transform(decode_image(p), spec)
-                                                                for p in batches[i]]), a.repeat),
-        "native_e2e": timeit(per_batch(lambda i: rt.predict_files(batches[i])), a.repeat),
-        "native_model": timeit(per_batch(lambda i: rt.run_preprocessed(rows[i])), a.repeat),
-        "python_e2e": timeit(per_batch(lambda i: py["pt2"].predict(batches[i])), a.repeat),
-        "python_pt2_model": timeit(per_batch(lambda i: py["pt2"].predict_tensor(rows_t[i])), a.repeat),
-        "onnxruntime_model": timeit(per_batch(lambda i: py["onnxruntime"].predict_tensor(rows_t[i])), a.repeat),
-        "torchscript_model": timeit(per_batch(lambda i: py["torchscript"].predict_tensor(rows_t[i])), a.repeat),
-    }
+    if a.only:
+        print(json.dumps(measure(a.only, bundle, batches, a.threads, a.batch, a.repeat)))
+        return 0
+    # One fresh process per measurement: runtimes that share a process disturb each other (onnxruntime's
+    # and OpenMP's worker threads spin after a run, taking the cores the next runtime needs).
+    res = {}
+    for name in MEASUREMENTS:
+        cmd = [sys.executable, __file__, "--bundle", str(bundle), "--work", str(work), "--images", str(a.images),
+               "--threads", str(a.threads), "--batch", str(a.batch), "--repeat", str(a.repeat), "--only", name]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        res[name] = json.loads(out.strip().splitlines()[-1])
     nb = len(batches)
     for v in res.values():  # per batch of --batch images
         v["median_ms"] /= nb

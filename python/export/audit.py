@@ -69,11 +69,12 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
         key = next((k for k in FP32_ORDER if k in manifest["artifacts"]), None)
         if key is None:
             raise BundleError(f"{folder}: no fp32 artifact and no source checkpoint to compare against") from None
-        reference = open_runtime(folder / manifest["artifacts"][key]["file"], manifest["artifacts"][key]["format"])
+        art = manifest["artifacts"][key]
+        reference = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
         ref_name = key
     report = {"reference": ref_name, "images": images.source, "artifacts": {}}
     for key, art in manifest["artifacts"].items():
-        run = open_runtime(folder / art["file"], art["format"])
+        run = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
         res = check_parity(reference, run, images.images, key, manifest["max_batch"],
                            None if key == "onnx_int8" else tol, images.source)
         report["artifacts"][key] = res

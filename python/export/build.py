@@ -51,6 +51,8 @@ class ExportOptions:
     tta_merge: str = "mean"
     tolerance: float = 1e-4
     force: bool = False
+    # .pt2 only: batch sizes that also get a model compiled for exactly that size (prepacked weights)
+    pt2_static_batches: list[int] = field(default_factory=lambda: [1])
 
 
 def resolve_formats(names: list[str]) -> list[str]:
@@ -73,6 +75,9 @@ def _check_options(o: ExportOptions) -> None:
                           "training split)")
     if o.quantize and "onnx" not in o.formats:
         o.formats.append("onnx")  # the int8 model is quantized from the fp32 ONNX
+    bad = [n for n in o.pt2_static_batches if not 1 <= n <= o.max_batch]
+    if bad:
+        raise BundleError(f"--pt2-static-batches {bad}: each size must be between 1 and --max-batch {o.max_batch}")
     if o.max_batch < 2:
         raise BundleError(f"--max-batch must be at least 2 (the batch dimension is dynamic), got {o.max_batch}")
     if o.tta_merge not in MERGES:
@@ -159,14 +164,15 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
                 extra = fmt.write_torchscript(net, example, path, embedded)
             else:
                 program = program or fmt.export_program(net, example, opts.max_batch)
-                extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx" else fmt.write_pt2(program, path))
+                extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx" else fmt.write_pt2(program, path, tuple(opts.pt2_static_batches)))
             seconds = time.perf_counter() - t0
             art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size, **extra}
             if extra.get("data_files"):
                 art["data_sha256"] = {d: file_sha256(tmp / d) for d in extra["data_files"]}
             art["export_seconds"] = round(seconds, 2)
             if opts.verify:
-                art["parity"] = check_parity(eager, fmt.open_runtime(path, kind), val.images, key, opts.max_batch,
+                run = fmt.open_runtime(path, kind, static_batch_models=extra.get("static_batch_models"))
+                art["parity"] = check_parity(eager, run, val.images, key, opts.max_batch,
                                              opts.tolerance, val.source)
                 say(f"  {key}: max abs diff {art['parity']['max_abs_diff']:.2g} at batch sizes "
                     f"{art['parity']['batch_sizes']} ({seconds:.1f}s)")

@@ -43,6 +43,10 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs probability difference allowed")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON at the end")
+    p.add_argument("--pt2-static-batches", type=int, nargs="*", default=[1], metavar="N",
+                   help=".pt2 also holds a model compiled for exactly these batch sizes (weights prepacked: "
+                        "resnet50 batch 1 on CPU 40 vs 58 ms; each adds the weights once more). Default 1; "
+                        "give no value to compile only the dynamic-batch model")
     return p
 
 
@@ -54,7 +58,8 @@ def _cmd_export(argv) -> int:
     opts = ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=a.format, opset=a.opset,
                          max_batch=a.max_batch, weights=weights, verify=a.verify, quantize=a.quantize,
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
-                         name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force)
+                         name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
+                         pt2_static_batches=sorted(set(a.pt2_static_batches)))
     _, manifest = build_bundle(opts)
     if a.json:
         print(json.dumps(manifest, indent=2))

@@ -51,7 +51,8 @@ def list_backends() -> list[str]:
 def _artifact_factory(key: str) -> BackendFactory:
     def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
         path = check_artifact(folder, manifest, key)
-        return open_runtime(path, manifest["artifacts"][key]["format"], threads, device)
+        art = manifest["artifacts"][key]
+        return open_runtime(path, art["format"], threads, device, art.get("static_batch_models"))
 
     return factory
 

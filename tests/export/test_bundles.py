@@ -64,6 +64,7 @@ def test_manifest_records_every_artifact_and_check(digits_bundle, digits_checkpo
         assert art["parity"]["max_abs_diff"] <= 1e-4 and art["parity"]["top1_agree"]
         assert art["parity"]["batch_sizes"] == [1, 2, 5]
         assert art["parity"]["images"].startswith("validation split of")
+    assert m["artifacts"]["pt2"]["static_batch_models"] == {"1": "batch1"}  # batch 1 runs prepacked weights
     onnx = m["artifacts"]["onnx"]
     for name in onnx.get("data_files", []):
         assert onnx["data_sha256"][name] == file_sha256(digits_bundle / name)
@@ -122,7 +123,7 @@ def test_predict_tensor_chunks_by_max_batch_and_checks_input(digits_bundle):
     bundle = export.load_bundle(digits_bundle, backend="pt2")
     x = torch.randint(0, 256, (37, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     whole = bundle.predict_tensor(x)  # 37 > max_batch 16: three calls
-    singles = np.concatenate([bundle.predict_tensor(x[i:i + 1]) for i in range(37)])
+    singles = np.concatenate([bundle.predict_tensor(x[i:i + 1]) for i in range(37)])  # the static batch-1 model
     np.testing.assert_allclose(whole, singles, atol=1e-5)
     with pytest.raises(export.BundleError, match="uint8"):
         bundle.predict_tensor(x.float())

@@ -65,6 +65,12 @@ def test_checkpoint_with_another_class_count(tmp_path, capsys):
     assert code == 2 and "5 classes" in err
 
 
+def test_pt2_static_batch_outside_the_batch_range(small, tmp_path, capsys):
+    code, err = export_cli("--checkpoint", small[0], "--format", "pt2", "--max-batch", "4", "--pt2-static-batches",
+                           "1", "8", "--out", tmp_path / "b", capsys=capsys)
+    assert code == 2 and "--pt2-static-batches [8]" in err and not (tmp_path / "b").exists()
+
+
 def test_int8_needs_calibration(small, tmp_path, capsys):
     code, err = export_cli("--checkpoint", small[0], "--quantize", "int8", "--out", tmp_path / "b", capsys=capsys)
     assert code == 2 and "--calibration" in err

@@ -113,6 +113,29 @@ def test_bundle_refusals_name_file_and_fix(native, bundle_a, bundle_b, tmp_path)
         native.Runtime(str(bundle_a), tta="multiscale:20")
 
 
+def test_pt2_static_batch1_model_is_used_and_matches(native, bundle_a, eval_images, tmp_path):
+    """The .pt2 holds a batch-1 model (prepacked weights) besides the dynamic one: batch 1 goes to it,
+    larger batches to the dynamic model, and both agree with the Python loader."""
+    art = json.loads((bundle_a / "manifest.json").read_text())["artifacts"]["pt2"]
+    assert art["static_batch_models"] == {"1": "batch1"}
+    ref = load_bundle(bundle_a, backend="pt2", tta="none", threads=1).predict(eval_images)
+    for batch in (1, 3):
+        got = native_probs(native.Runtime(str(bundle_a), format="pt2", tta="none", threads=1, batch=batch), eval_images)
+        assert np.abs(got - ref.probs).max() <= TOL
+    # a manifest naming a model the package lacks is refused with the model's name
+    bad = tmp_path / "renamed"
+    shutil.copytree(bundle_a, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["artifacts"]["pt2"]["static_batch_models"] = {"1": "batch9"}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(native.BundleError, match="cannot load model 'batch9'"):
+        native.Runtime(str(bad), format="pt2")
+    m["artifacts"]["pt2"]["static_batch_models"] = {"one": "batch1"}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(native.BundleError, match="static_batch_models key 'one' is not a batch size"):
+        native.Runtime(str(bad), format="pt2")
+
+
 def test_gil_is_released_during_inference(native, bundle_a, eval_images):
     """While C++ decodes and runs the model, another Python thread keeps running. With the GIL held
     it would only get in between calls (a handful of ticks); released, it ticks every millisecond."""

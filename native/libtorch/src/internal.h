@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -33,6 +34,8 @@ void check_views(const std::vector<View>& views, const Preprocessing& pre, const
 // ---- bundles (manifest.cpp) -----------------------------------------------------------------
 struct Artifact {
   std::string key, file, format, sha256;
+  // .pt2 only: batch size -> name of a model compiled for exactly that batch (weights prepacked).
+  std::map<int64_t, std::string> static_batch_models;
 };
 
 struct Member;
@@ -77,6 +80,6 @@ class Model {
   // (N, 3, H, W) uint8 on the model's device -> (N, K) float32 probabilities.
   virtual torch::Tensor run(const torch::Tensor& images) = 0;
 };
-std::unique_ptr<Model> load_model(const std::string& path, const std::string& format, const torch::Device& device);
+std::unique_ptr<Model> load_model(const std::string& path, const Artifact& artifact, const torch::Device& device);
 
 }  // namespace classify

@@ -173,8 +173,22 @@ Bundle read_bundle(const std::string& dir_in) {
   for (auto it = arts.begin(); it != arts.end(); ++it) {
     std::string w = where + ": artifacts." + it.key();
     Artifact a{it.key(), get<std::string>(*it, "file", w), get<std::string>(*it, "format", w),
-               get<std::string>(*it, "sha256", w)};
+               get<std::string>(*it, "sha256", w), {}};
     if (fs::path(a.file).filename().string() != a.file) fail(w, "file must be a plain file name, got '" + a.file + "'");
+    if (it->contains("static_batch_models")) {
+      const json& sm = (*it)["static_batch_models"];
+      if (!sm.is_object()) fail(w, "static_batch_models must map batch sizes to model names");
+      for (auto s = sm.begin(); s != sm.end(); ++s) {
+        int64_t n = 0;
+        try {
+          n = std::stoll(s.key());
+        } catch (const std::exception&) {
+          fail(w, "static_batch_models key '" + s.key() + "' is not a batch size");
+        }
+        if (n < 1 || !s->is_string()) fail(w, "static_batch_models must map batch sizes >= 1 to model names");
+        a.static_batch_models[n] = s->get<std::string>();
+      }
+    }
     b.artifacts.push_back(a);
   }
   return b;

@@ -52,7 +52,7 @@ struct Runtime::Impl {
     if (fmt == "auto") fmt = b.artifact("pt2") ? "pt2" : "torchscript";
     if (fmt != "pt2" && fmt != "torchscript") throw OptionError("unknown format '" + fmt + "'; use pt2 or torchscript");
     std::string path = checked_artifact_path(b, fmt);
-    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, fmt, device)};
+    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, *b.artifact(fmt), device)};
     models.push_back(std::move(m));
     if (format.empty()) format = fmt;
     else if (format != fmt) format = "mixed";
