@@ -108,13 +108,15 @@ def measure(name: str, bundle: Path, batches: list[list[str]], threads: int, bat
 
     if name == "native_decode_preprocess":  # decode + resize/crop alone: the overhead measured directly
         return timeit(per_batch(lambda i: [classify_native.preprocess(
-            classify_native.decode_file(p), pre["crop_size"], pre["resize_size"], pre["interpolation"])
+            classify_native.decode_file(p), pre["crop_size"], pre["resize_size"], pre["interpolation"],
+            resize_kernel=pre["resize_kernel"])
             for p in batches[i]]), repeat)
     if name == "native_e2e":
         return timeit(per_batch(lambda i: rt.predict_files(batches[i])), repeat)
     # The exact uint8 rows the model sees, per batch (same for every backend).
     rows = [np.stack([classify_native.preprocess(classify_native.decode_file(p), pre["crop_size"],
-                                                 pre["resize_size"], pre["interpolation"])[0] for p in b])
+                                                 pre["resize_size"], pre["interpolation"],
+                                                 resize_kernel=pre["resize_kernel"])[0] for p in b])
             for b in batches]
     if name == "native_model":
         return timeit(per_batch(lambda i: rt.run_preprocessed(rows[i])), repeat)

@@ -17,6 +17,7 @@ class ServerConfig:
     port: int = 8000
     backend: str = "auto"                 # which bundle artifact runs in embedded mode
     threads: int | None = None            # intra-op threads for the model in embedded mode
+    runners: int = 1                      # embedded mode: batches in flight at once per model
     max_batch: int = 32                   # model rows per batched call
     max_delay_ms: float = 2.0             # how long a batch may wait to fill up
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
@@ -32,7 +33,8 @@ class ServerConfig:
     def validate(self) -> "ServerConfig":
         if not self.bundles:
             raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
-        for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images)):
+        for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images),
+                        ("runners", self.runners)):
             if v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:

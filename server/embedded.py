@@ -5,6 +5,7 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 
 from .batching import BatchResult, Job, PredictFn, run_batch
@@ -14,23 +15,46 @@ log = logging.getLogger("server.embedded")
 
 
 class EmbeddedBatcher:
-    """Collects jobs for one model into batches of up to max_batch rows or max_delay_ms."""
+    """Collects jobs for one model into batches of up to max_batch rows.
+
+    A batch takes every job already queued; it waits (at most max_delay_ms) for more only while
+    requests for this model are still being decoded (``arriving``): a lone request runs at once,
+    so batching costs no latency when there is nothing to batch with.
+    """
 
     def __init__(self, name: str, predict: PredictFn, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 256, combine=None):
+                 max_queue: int = 256, combine=None, runners: int = 1):
         self.name, self.predict, self.combine = name, predict, combine
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.max_queue = max_queue
         self._q: queue.Queue[tuple[Job, Future]] = queue.Queue()
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._thread.start()
+        # runners > 1: several batches in flight at once (the model must allow concurrent calls, as
+        # onnxruntime sessions do); with one intra-op thread each this avoids the thread pool's
+        # synchronisation and spinning, which on CPU costs more than it gains at batch sizes > 1.
+        self._threads = [threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+                         for i in range(runners)]
+        for t in self._threads:
+            t.start()
 
     def depth(self) -> int:
         return self._q.qsize()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(t.is_alive() for t in self._threads)
+
+    @contextmanager
+    def arriving(self):
+        """Wrap the decoding of a request for this model: the batch being gathered waits for it."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def submit(self, job: Job) -> Future:
         if self._q.qsize() >= self.max_queue:
@@ -57,11 +81,16 @@ class EmbeddedBatcher:
         items, rows = [first], first[0].rows
         end = time.monotonic() + self.max_delay
         while rows < self.max_batch:
-            remaining = end - time.monotonic()
             try:
-                item = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                item = self._q.get_nowait()
             except queue.Empty:
-                break
+                remaining = end - time.monotonic()
+                if remaining <= 0 or not self._arriving:
+                    break
+                try:
+                    item = self._q.get(timeout=remaining)
+                except queue.Empty:
+                    break
             items.append(item)
             rows += item[0].rows
         return items
@@ -87,4 +116,5 @@ class EmbeddedBatcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2)
+        for t in self._threads:
+            t.join(timeout=2)

@@ -5,6 +5,7 @@ needs the manifest (classes, preprocessing, TTA), so it never loads weights.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -79,16 +80,30 @@ class ServedModel:
 
 def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     """The loader's raw batched call; for an ensemble, each member's (fused after TTA merging,
-    in the same order as the loader's own predict)."""
+    in the same order as the loader's own predict). Only onnxruntime sessions are called from
+    several runner threads at once; other backends get one call at a time."""
     members = getattr(bundle, "members", None)
     if not members:
-        return (lambda x: np.asarray(bundle.predict_tensor(x), dtype=np.float32)), None
-    from export.loader import fuse
+        def predict(x: np.ndarray) -> np.ndarray:
+            return np.asarray(bundle.predict_tensor(x), dtype=np.float32)
+        combine = None
+    else:
+        from export.loader import fuse
 
-    def predict(x: np.ndarray) -> np.ndarray:   # (M, N, K)
-        return np.stack([np.asarray(m.predict_tensor(x), dtype=np.float32) for m in members])
+        def predict(x: np.ndarray) -> np.ndarray:   # (M, N, K)
+            return np.stack([np.asarray(m.predict_tensor(x), dtype=np.float32) for m in members])
 
-    return predict, (lambda per_member: fuse(per_member, bundle.weights, bundle.fusion))
+        def combine(per_member):
+            return fuse(per_member, bundle.weights, bundle.fusion)
+    if all(b.startswith("onnxruntime") for b in str(bundle.backend).split(",")):
+        return predict, combine
+    lock = threading.Lock()
+
+    def one_at_a_time(x: np.ndarray) -> np.ndarray:
+        with lock:
+            return predict(x)
+
+    return one_at_a_time, combine
 
 
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,

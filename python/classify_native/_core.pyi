@@ -29,8 +29,8 @@ def decode_file(path: str) -> npt.NDArray[np.uint8]: ...  # (H, W, 3)
 def decode_bytes(data: bytes, name: str = "<bytes>") -> npt.NDArray[np.uint8]: ...
 def parse_tta_policy(name: str) -> list[View]: ...
 def preprocess(image: npt.NDArray[np.uint8], crop_size: tuple[int, int], resize_size: int,
-               interpolation: str = "bilinear", views: str | Sequence[dict[str, Any]] = "none"
-               ) -> npt.NDArray[np.uint8]: ...  # (V, 3, ch, cw)
+               interpolation: str = "bilinear", views: str | Sequence[dict[str, Any]] = "none",
+               resize_kernel: str = "float32") -> npt.NDArray[np.uint8]: ...  # (V, 3, ch, cw)
 def file_sha256(path: str) -> str: ...
 
 class Runtime:

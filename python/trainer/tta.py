@@ -102,7 +102,7 @@ def apply_views(img, spec: PreprocessSpec, views: list[TTAView]) -> torch.Tensor
     for v in views:
         size = v.resize or spec.resize_size
         if size not in resized:
-            resized[size] = resize_uint8(img, resized_shape(h, w, size), spec.interpolation)
+            resized[size] = resize_uint8(img, resized_shape(h, w, size), spec.interpolation, spec.resize_kernel)
         r = resized[size]
         rh, rw = r.shape[-2:]
         if ch > rh or cw > rw:

@@ -106,3 +106,40 @@ def test_embedded_batcher_full_queue_gives_503_with_retry_after():
         b.submit(_job(1, 3))
     assert exc.value.status == 503 and exc.value.retry_after == 1
     b.close()
+
+
+def test_lone_job_does_not_wait_for_the_batch_to_fill_but_arriving_ones_are_waited_for():
+    calls: list[int] = []
+    m = make_fake_model(calls=calls)
+    b = EmbeddedBatcher("fake", m.predict, max_batch=16, max_delay_ms=5000)
+    t0 = time.time()
+    assert b.infer(_job(1, 0)).batch_rows == 1
+    assert time.time() - t0 < 2.5                  # nothing being decoded: no 5 s wait for company
+    results = []
+    with b.arriving():                             # a request is still being decoded ...
+        first = b.submit(_job(1, 1))
+        time.sleep(0.2)
+        second = b.submit(_job(2, 2))              # ... and joins the batch the first one waits in
+    results = [first.result(10), second.result(10)]
+    b.close()
+    assert [r.batch_rows for r in results] == [3, 3] and calls == [1, 3]
+
+
+def test_runners_keep_several_batches_in_flight():
+    active, peak, lock = [0], [0], threading.Lock()
+    m = make_fake_model()
+
+    def predict(x):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.1)
+        with lock:
+            active[0] -= 1
+        return m.predict(x)
+
+    b = EmbeddedBatcher("fake", predict, max_batch=1, max_delay_ms=0, runners=2)
+    futures = [b.submit(_job(1, i)) for i in range(6)]
+    out = [f.result(10) for f in futures]
+    b.close()
+    assert peak[0] == 2 and all(r.batch_rows == 1 for r in out)

@@ -34,7 +34,8 @@ def jpeg_of(path) -> bytes:
 
 @pytest.fixture(scope="module")
 def embedded(digits_bundle, ensemble_bundle):
-    app = create_app(ServerConfig(bundles=[str(digits_bundle), str(ensemble_bundle)], threads=1, max_delay_ms=2))
+    app = create_app(ServerConfig(bundles=[str(digits_bundle), str(ensemble_bundle)], threads=1, runners=2,
+                                  max_delay_ms=2))
     srv = LiveServer(app)
     yield srv
     srv.close()

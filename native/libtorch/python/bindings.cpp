@@ -111,12 +111,13 @@ PYBIND11_MODULE(_core, m) {
   m.def("parse_tta_policy", [](const std::string& name) { return views_to_list(classify::parse_tta_policy(name)); },
         py::arg("name"));
   m.def("preprocess", [](const U8Array& image, std::pair<int, int> crop_size, int resize_size,
-                         const std::string& interpolation, const py::object& views) {
+                         const std::string& interpolation, const py::object& views, const std::string& kernel) {
     classify::Preprocessing pre;
     pre.crop_h = crop_size.first;
     pre.crop_w = crop_size.second;
     pre.resize_size = resize_size;
     pre.interpolation = interpolation;
+    pre.resize_kernel = kernel;
     std::vector<classify::View> vs = views_from(views);
     classify::Image img = numpy_to_image(image);
     std::vector<uint8_t> out;
@@ -129,7 +130,8 @@ PYBIND11_MODULE(_core, m) {
     std::memcpy(arr.mutable_data(), out.data(), out.size());
     return arr;
   }, py::arg("image"), py::arg("crop_size"), py::arg("resize_size"), py::arg("interpolation") = "bilinear",
-     py::arg("views") = "none", "(H, W, 3) uint8 -> (V, 3, ch, cw) uint8, as trainer.tta.apply_views.");
+     py::arg("views") = "none", py::arg("resize_kernel") = "float32",
+     "(H, W, 3) uint8 -> (V, 3, ch, cw) uint8, as trainer.tta.apply_views.");
   m.def("file_sha256", &classify::file_sha256, py::arg("path"));
 
   py::class_<Runtime>(m, "Runtime")
@@ -157,6 +159,7 @@ PYBIND11_MODULE(_core, m) {
         d["crop_size"] = py::make_tuple(p.crop_h, p.crop_w);
         d["resize_size"] = p.resize_size;
         d["interpolation"] = p.interpolation;
+        d["resize_kernel"] = p.resize_kernel;
         return d;
       })
       .def("predict_files", [](Runtime& rt, const std::vector<std::string>& paths, int topk) {

@@ -24,7 +24,8 @@ torch::Tensor image_to_chw(const Image& img);
 // trainer.data.transforms.resized_shape: shorter side to size, longer truncated.
 std::pair<int64_t, int64_t> resized_shape(int64_t h, int64_t w, int64_t size);
 // trainer.data.transforms.resize_uint8 for (3, H, W) or (N, 3, H, W) uint8.
-torch::Tensor resize_uint8(const torch::Tensor& img, int64_t out_h, int64_t out_w, const std::string& interpolation);
+torch::Tensor resize_uint8(const torch::Tensor& img, int64_t out_h, int64_t out_w, const std::string& interpolation,
+                           const std::string& kernel);
 // trainer.tta.apply_views: (3, H, W) uint8 -> (V, 3, ch, cw) uint8.
 torch::Tensor apply_views(const torch::Tensor& chw, const Preprocessing& pre, const std::vector<View>& views);
 // trainer.tta.merge_probs: (V, N, K) -> (N, K).

@@ -147,6 +147,9 @@ Bundle read_bundle(const std::string& dir_in) {
   b.pre.crop_w = crop[1];
   b.pre.resize_size = get<int>(pre, "resize_size", where);
   b.pre.interpolation = get<std::string>(pre, "interpolation", where);
+  if (pre.contains("resize_kernel")) b.pre.resize_kernel = get<std::string>(pre, "resize_kernel", where);
+  if (b.pre.resize_kernel != "uint8" && b.pre.resize_kernel != "float32")
+    fail(where, "preprocessing.resize_kernel '" + b.pre.resize_kernel + "' is not supported; use uint8 or float32");
   b.pre.mean = get<std::vector<double>>(pre, "mean", where);
   b.pre.std = get<std::vector<double>>(pre, "std", where);
   // Only the policies this runtime implements; anything else is refused rather than guessed.

@@ -103,15 +103,19 @@ std::pair<int64_t, int64_t> resized_shape(int64_t h, int64_t w, int64_t size) {
   return {static_cast<int64_t>(static_cast<double>(size * h) / static_cast<double>(w)), size};
 }
 
-torch::Tensor resize_uint8(const torch::Tensor& img, int64_t out_h, int64_t out_w, const std::string& interpolation) {
+torch::Tensor resize_uint8(const torch::Tensor& img, int64_t out_h, int64_t out_w, const std::string& interpolation,
+                           const std::string& kernel) {
   const bool batched = img.dim() == 4;
   torch::Tensor x = batched ? img : img.unsqueeze(0);
   if (x.size(-2) == out_h && x.size(-1) == out_w) return img;
+  if (kernel != "uint8" && kernel != "float32")
+    throw OptionError("unknown resize_kernel '" + kernel + "'; use uint8 or float32");
+  torch::Tensor in = kernel == "uint8" ? x : x.to(torch::kFloat32);  // uint8: torch's integer kernel, as Python
   torch::Tensor y;
-  if (interpolation == "bilinear") y = at::_upsample_bilinear2d_aa(x.to(torch::kFloat32), {out_h, out_w}, false);
-  else if (interpolation == "bicubic") y = at::_upsample_bicubic2d_aa(x.to(torch::kFloat32), {out_h, out_w}, false);
+  if (interpolation == "bilinear") y = at::_upsample_bilinear2d_aa(in, {out_h, out_w}, false);
+  else if (interpolation == "bicubic") y = at::_upsample_bicubic2d_aa(in, {out_h, out_w}, false);
   else throw OptionError("unknown interpolation '" + interpolation + "'; use bilinear or bicubic");
-  x = y.round_().clamp_(0, 255).to(torch::kUInt8);  // round half to even, as torch.round
+  x = kernel == "uint8" ? y : y.round_().clamp_(0, 255).to(torch::kUInt8);  // round half to even, as torch.round
   return batched ? x : x.squeeze(0);
 }
 
@@ -125,7 +129,7 @@ torch::Tensor apply_views(const torch::Tensor& img, const Preprocessing& pre, co
     auto it = resized.find(size);
     if (it == resized.end()) {
       auto [rh, rw] = resized_shape(h, w, size);
-      it = resized.emplace(size, resize_uint8(img, rh, rw, pre.interpolation)).first;
+      it = resized.emplace(size, resize_uint8(img, rh, rw, pre.interpolation, pre.resize_kernel)).first;
     }
     const torch::Tensor& r = it->second;
     const int64_t rh = r.size(-2), rw = r.size(-1);

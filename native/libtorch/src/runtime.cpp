@@ -23,7 +23,7 @@ struct LoadedModel {
 
 bool same_pre(const Preprocessing& a, const Preprocessing& b) {
   return a.crop_h == b.crop_h && a.crop_w == b.crop_w && a.resize_size == b.resize_size &&
-         a.interpolation == b.interpolation;
+         a.interpolation == b.interpolation && a.resize_kernel == b.resize_kernel;
 }
 
 torch::Device parse_device(const std::string& s) {

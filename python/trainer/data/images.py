@@ -50,7 +50,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable (np.asarray's is not): torch can view it without a copy
 
 
 def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> np.ndarray:

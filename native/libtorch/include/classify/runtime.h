@@ -55,6 +55,7 @@ struct Preprocessing {
   int crop_h = 0, crop_w = 0;
   int resize_size = 0;
   std::string interpolation = "bilinear";  // bilinear | bicubic
+  std::string resize_kernel = "float32";   // uint8 | float32 (manifests without the key: float32)
   std::vector<double> mean, std;           // informational: folded into the graph
 };
 
