@@ -211,11 +211,17 @@ def test_eval_transform_resizes_shorter_side_and_center_crops():
     img = np.random.default_rng(0).integers(0, 255, (50, 100, 3), dtype=np.uint8)
     out = eval_transform(img, spec)
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
-    # same kernels as torchvision's tensor Resize(antialias) computed in float, then rounded
+    # the default: torch's antialiased kernel straight on uint8
     import torch.nn.functional as F
-    ref = F.interpolate(torch.from_numpy(img).permute(2, 0, 1)[None].float(), size=(36, 72), mode="bilinear",
-                        antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)[0]
-    assert torch.equal(out, ref[:, 2:34, 20:52])
+    chw = torch.from_numpy(img).permute(2, 0, 1)[None]
+    ref = F.interpolate(chw, size=(36, 72), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert spec.resize_kernel == "uint8" and torch.equal(out, ref[:, 2:34, 20:52])
+    # resize_kernel float32 (specs written before the field): computed in float, then rounded
+    old = PreprocessSpec.for_size(32, crop_pct=0.875)
+    old.resize_kernel = "float32"
+    ref32 = F.interpolate(chw.float(), size=(36, 72), mode="bilinear", antialias=True,
+                          align_corners=False).round().clamp(0, 255).to(torch.uint8)[0]
+    assert torch.equal(eval_transform(img, old), ref32[:, 2:34, 20:52])
 
 
 def test_preprocess_spec_round_trips_as_plain_data():
