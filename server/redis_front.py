@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import redis
 from redis.backoff import NoBackoff
@@ -54,6 +55,10 @@ class RedisDispatcher:
         if n == 0:
             return False, f"no live worker for model {model!r}; start `python -m server.worker`"
         return True, f"{n} worker(s)"
+
+    def arriving(self, model: str):
+        """Workers batch from the stream and cannot see requests still being decoded: nothing to tell."""
+        return nullcontext()
 
     def infer(self, job: Job) -> BatchResult:
         key, reply = self.keys.jobs(job.model), self.keys.reply(job.id)

@@ -6,8 +6,6 @@ in-process batching thread per model) or ``redis_front.RedisDispatcher`` (Redis 
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-
 import numpy as np
 
 from .batching import BatchResult, Job, topk
@@ -30,6 +28,7 @@ class EmbeddedDispatcher:
         return self.batchers[job.model].infer(job)
 
     def arriving(self, model: str):
+        """Wrap a request's decoding: the batch being gathered for the model waits for it."""
         return self.batchers[model].arriving()
 
     def depth(self, model: str) -> int:
@@ -50,11 +49,6 @@ class InferenceService:
         self.limits = DecodeLimits(cfg.max_pixels, tuple(cfg.allowed_formats), cfg.jpeg_draft)
         for m in models:
             metrics.queue_depth.labels(m.name).set_function(lambda name=m.name: dispatcher.depth(name))
-
-    def _arriving(self, model: ServedModel):
-        """Tell the batcher a request is being decoded (embedded mode; Redis workers cannot see it)."""
-        arriving = getattr(self.dispatcher, "arriving", None)
-        return arriving(model.name) if arriving else nullcontext()
 
     def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int) -> BatchResult:
         now = time.time()
@@ -77,7 +71,7 @@ class InferenceService:
                                 "(--max-images): split the request")
         k = check_topk(k, len(model.classes))
         policy, views = model.views_for(tta)
-        with self._arriving(model):
+        with self.dispatcher.arriving(model.name):
             blocks = [decode_to_views(data, name, model.spec, views, self.limits).numpy() for name, data in images]
         pixels = np.concatenate(blocks, axis=0)   # (n_images * V, 3, H, W) uint8
         t1 = time.perf_counter()
@@ -105,7 +99,7 @@ class InferenceService:
         if not images or len(images) > self.cfg.max_images:
             raise APIError(400, f"send 1 to {self.cfg.max_images} encoded images, got {len(images)}")
         _, views = model.views_for(tta)
-        with self._arriving(model):
+        with self.dispatcher.arriving(model.name):
             pixels = np.concatenate([decode_to_views(d, n, model.spec, views, self.limits).numpy() for n, d in images])
         return self.run_job(model, pixels, len(images), len(views)).probs
 

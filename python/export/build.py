@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,21 @@ def _default_name(ckpt: dict) -> str:
     return f"{stem}-{ckpt['arch']}" if stem else ckpt["arch"]
 
 
+@contextmanager
+def staged_bundle(out: Path):
+    """Yield a private folder next to ``out`` to write a bundle into; leaving the block without an
+    error moves it into place (``_install``), an error removes it, so a half-written bundle never
+    appears at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished bundle into place; an older bundle at ``out`` is removed only afterwards."""
     umask = os.umask(0)
@@ -150,10 +166,8 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
         "metrics": {"val_top1": ckpt.get("best_metric"), "best_epoch": ckpt.get("best_epoch")},
     }
     out = Path(opts.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     program = None
-    try:
+    with staged_bundle(out) as tmp:
         for key in opts.formats:
             file, kind = ARTIFACT_FILES[key]
             path = tmp / file
@@ -180,10 +194,6 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
         if opts.quantize:
             manifest["artifacts"]["onnx_int8"] = _int8(opts, tmp, manifest, spec, eager, val, say)
         write_manifest(tmp, manifest)
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"bundle: {out}")
     return out, manifest
 

@@ -8,12 +8,11 @@ Each member bundle is checked (manifest, sha256 of every artifact) and copied un
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 from trainer.tta import MERGES, parse_policy
 
-from .build import _install
+from .build import staged_bundle
 from .manifest import (FUSIONS, SCHEMA_VERSION, BundleError, file_sha256, manifest_path, read_manifest, utc_now,
                        utc_version, verify_checksums, write_manifest)
 
@@ -55,9 +54,7 @@ def build_ensemble(members: list[str], out: str, weights: list[float] | None = N
             n, i = f"{base}-{i}", i + 1
         names.append(n)
     views = parse_policy(tta)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
+    with staged_bundle(out_path) as tmp:
         entries = []
         for src, n, w in zip(members, names, weights):
             dst = tmp / "members" / n
@@ -70,9 +67,5 @@ def build_ensemble(members: list[str], out: str, weights: list[float] | None = N
                     "tta": {"default": tta, "merge": tta_merge, "views": [v.to_dict() for v in views]},
                     "provenance": {"created": utc_now(), "sources": [str(Path(m).resolve()) for m in members]}}
         write_manifest(tmp, manifest)
-        _install(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"ensemble bundle: {out_path} ({len(members)} members, fusion {fusion})")
     return out_path, manifest
