@@ -198,6 +198,53 @@ def test_corrupt_truncated_and_non_images_name_the_file(tmp_path):
     assert len(bad) == 3 and not any("good.jpg" in b for b in bad)
 
 
+def _photo(w=61, h=43, seed=0) -> Image.Image:
+    """Smooth colour structure plus noise: every IDCT and upsampling difference would show."""
+    rng = np.random.default_rng(seed)
+    small = Image.fromarray(rng.integers(0, 255, (h // 6 + 2, w // 6 + 2, 3), dtype=np.uint8))
+    arr = np.asarray(small.resize((w, h), Image.BICUBIC)).astype(int) + rng.integers(-20, 20, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def _pil_reference(data: bytes) -> np.ndarray:
+    import io
+    from PIL import ImageOps
+    with Image.open(io.BytesIO(data)) as img:
+        img = ImageOps.exif_transpose(img)
+        return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.parametrize("variant", [
+    dict(subsampling=0), dict(subsampling=1), dict(subsampling=2), dict(subsampling=2, progressive=True),
+    dict(subsampling=2, quality=40, optimize=True), dict(mode="L"), dict(subsampling=2, size=(1, 1)),
+    *[dict(subsampling=2, orientation=o) for o in range(1, 9)],
+])
+def test_jpeg_fast_path_gives_the_same_pixels_as_pil(variant):
+    """decode_image's simplejpeg path: identical to PIL + exif_transpose for every subsampling,
+    progressive, grayscale and all eight EXIF orientations (and actually taken for them)."""
+    import io
+    from trainer.data import images
+    if images.simplejpeg is None:
+        pytest.skip("simplejpeg not installed (a dependency; PIL alone is the reference)")
+    v = dict(variant)
+    img = _photo(*v.pop("size", (61, 43)))
+    if v.pop("mode", "RGB") == "L":
+        img = img.convert("L")
+    orientation = v.pop("orientation", None)
+    if orientation:
+        exif = img.getexif()
+        exif[0x0112] = orientation
+        v["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=v.pop("quality", 90), **v)
+    data = buf.getvalue()
+    with Image.open(io.BytesIO(data)) as header:
+        assert images._decode_jpeg_fast(header, data) is not None   # the fast path is the one tested
+    got, want = decode_image(data), _pil_reference(data)
+    assert got.shape == want.shape and got.flags.c_contiguous and got.flags.writeable
+    assert np.array_equal(got, want)
+
+
 def test_decode_from_bytes_equals_file(tmp_path):
     p = write_image(tmp_path / "x.png")
     assert np.array_equal(decode_image(p.read_bytes()), decode_image(p))
