@@ -164,7 +164,7 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
         runners = int(next((p for p in parts if p.isdigit()), 1))
         per = max(1, a.threads // runners)
         st.spawn(py, "-m", "server", *common, *draft, "--port", str(port), "--threads", str(per), "--runners",
-                 str(runners), "--max-queue", "10000", "--log-level", "WARNING", "--http", http, threads=per)
+                 str(runners), "--max-queue", "10000", "--log-level", "WARNING", "--http", http, *a.server_args.split(), threads=per)
     else:
         n = int(mode.split("-")[1])
         prefix = f"bench{port}"
@@ -247,7 +247,7 @@ def raw_model(a, body: bytes) -> dict:
         for _ in range(2):
             model.predict_tensor(xb)
         counts = [0] * callers
-        end = time.perf_counter() + max(1.5, a.seconds / 3)
+        end = time.perf_counter() + a.seconds   # as long as a load cell: no credit for short bursts
 
         def loop(i):
             while time.perf_counter() < end:
@@ -285,6 +285,18 @@ def raw_model(a, body: bytes) -> dict:
             "batch1_ms": 1e3 * statistics.median(one), "decode_preprocess_ms": 1e3 * statistics.median(dec)}
 
 
+def ceiling_of(before: dict, after: dict) -> dict:
+    """The best way to run the model, judged by the mean of its two measurements (before and after
+    the load): the maximum of ~10 noisy single measurements would overstate the ceiling."""
+    cands = {}
+    for key, label in (("one_call_at_a_time", "pooled"), ("concurrent_single_thread_calls", "split")):
+        for b, v in before[key].items():
+            cands[f"{label} batch {b}"] = (v + after[key][b]) / 2
+    config = max(cands, key=cands.get)
+    return {"images_per_s": cands[config], "config": config,
+            "batch1_ms": (before["batch1_ms"] + after["batch1_ms"]) / 2}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -295,7 +307,7 @@ def plot(results: dict, path: Path) -> None:
         c = [r["concurrency"] for r in rows]
         ax[0].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=mode)
         ax[1].plot(c, [r["p50_ms"] for r in rows], marker="o", label=mode)
-    ax[0].axhline(results["raw"]["batched_images_per_s"], ls="--", c="gray", label="raw batched model")
+    ax[0].axhline(results["ceiling"]["images_per_s"], ls="--", c="gray", label="raw batched model")
     for a_, t in zip(ax, ("throughput (requests/s)", "p50 latency (ms)")):
         a_.set_xscale("log", base=2)
         a_.set_xlabel("concurrency")
@@ -322,6 +334,7 @@ def main(argv=None) -> int:
     p.add_argument("--jpeg-draft", action="store_true", help="servers decode JPEGs at reduced DCT scale")
     p.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--server-args", default="", help="extra flags for the embedded servers, e.g. '--http-threads 16'")
     p.add_argument("--serve-baseline", choices=("seed", "shared"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -367,15 +380,17 @@ def main(argv=None) -> int:
         if redis_proc:
             redis_proc.terminate()
             redis_proc.wait()
-    after = raw_model(a, body)   # the ceiling is the better of two measurements (before and after)
+    after = raw_model(a, body)
     results["raw_after"] = after
-    if after["batched_images_per_s"] > results["raw"]["batched_images_per_s"]:
-        results["raw"], results["raw_after"] = after, results["raw"]
-    ceiling = results["raw"]["batched_images_per_s"]
-    print(f"raw model again: {after['batched_images_per_s']:.1f} images/s; ceiling {ceiling:.1f}")
+    results["ceiling"] = ceiling_of(results["raw"], after)
+    ceiling = results["ceiling"]["images_per_s"]
+    print(f"raw model again: {after['batched_images_per_s']:.1f} images/s ({after['best']}); ceiling "
+          f"{ceiling:.1f} ({results['ceiling']['config']}, mean of the two runs)")
     for rows in results["modes"].values():
         for r in rows:
             r["of_raw"] = r["throughput_rps"] / ceiling
+            if r["concurrency"] == 1:
+                r["p50_over_raw_batch1_ms"] = r["p50_ms"] - results["ceiling"]["batch1_ms"]
     for key, ref in (("vs_baseline", "baseline"), ("vs_baseline_shared", "baseline-shared")):
         base = {r["concurrency"]: r["throughput_rps"] for r in results["modes"].get(ref, [])}
         for rows in results["modes"].values():
@@ -391,6 +406,10 @@ def main(argv=None) -> int:
             print(f"| {mode} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
                   f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {100 * r['of_raw']:.0f}% | "
                   f"{'' if vb is None else f'{vb:.2f}'} | {'' if vs is None else f'{vs:.2f}'} |")
+    print(f"\nceiling {ceiling:.1f} images/s ({results['ceiling']['config']}); raw batch-1 model "
+          f"{results['ceiling']['batch1_ms']:.2f} ms; c=1 p50 above it: " + ", ".join(
+              f"{m} {r['p50_over_raw_batch1_ms']:+.2f} ms" for m, rows in results["modes"].items() for r in rows
+              if "p50_over_raw_batch1_ms" in r))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve.json").write_text(json.dumps(results, indent=2))
