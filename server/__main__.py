@@ -17,8 +17,6 @@ import shlex
 import sys
 from functools import partial
 
-from export.manifest import read_manifest
-
 from .config import ServerConfig, add_common_arguments
 
 
@@ -121,6 +119,8 @@ def _serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from export.manifest import read_manifest   # here, not at import: server.wsgi imports this module
+
     cfg, a = config_from_args(argv)
     try:
         cfg.validate()

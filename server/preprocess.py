@@ -61,7 +61,7 @@ def _decode_draft(data: bytes, name: str, resize_size: int) -> np.ndarray:
             # draft keeps both sides >= the request, so the shorter side stays >= resize_size
             img.draft("RGB", (max(1, w * resize_size // short), max(1, h * resize_size // short)))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)   # as decode_image: no copy when upright
             return _to_rgb_array(img)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{name}: unreadable image ({exc or type(exc).__name__})") from exc

@@ -6,6 +6,7 @@ in-process batching thread per model) or ``redis_front.RedisDispatcher`` (Redis 
 from __future__ import annotations
 
 import time
+
 import numpy as np
 
 from .batching import BatchResult, Job, topk
