@@ -8,7 +8,7 @@ same image, in one run; plus the raw batched model throughput as the ceiling.
 Every server runs in its own process(es), all started before the first measurement; the load
 generator is this process (threads, one connection per request). Cells run interleaved (for each
 concurrency, every mode in turn), so a shared machine's load drift hits all modes alike. Each cell
-warms up for --warmup seconds and then counts requests finished in --seconds. Reported: requests/s, p50/p95/p99 latency, the mean batch
+warms up for --warmup seconds and then counts the requests that finish in the next --seconds. Reported: requests/s, p50/p95/p99 latency, the mean batch
 size the server reports per request, and the ratio to the raw batched model throughput (images/s
 of ``predict_tensor`` on preprocessed crops at the best batch size up to --max-batch, no HTTP, no
 decoding). JSON goes
@@ -210,7 +210,9 @@ def closed_loop(url: str, body: bytes, concurrency: int, warmup: float, seconds:
                 conn.close()
                 conn = http.client.HTTPConnection(host, port, timeout=60)
             t1 = time.time()
-            if t0 >= t_start and t1 <= t_end:
+            # a request counts where it finishes: with seconds-long latencies (resnet50 at c=64),
+            # requiring the start inside the window as well would drop most of them
+            if t_start <= t1 <= t_end:
                 if ok:
                     lat.append(t1 - t0)
                     batches.append(out.get("batch_size", 1))
@@ -283,6 +285,26 @@ def raw_model(a, body: bytes) -> dict:
             "one_call_at_a_time": {str(b): v for b, v in pooled.items()},
             "concurrent_single_thread_calls": {str(b): v for b, v in split.items()},
             "batch1_ms": 1e3 * statistics.median(one), "decode_preprocess_ms": 1e3 * statistics.median(dec)}
+
+
+def raw_batch1_ms(a, body: bytes) -> float:
+    """Median batch-1 model time over a.seconds / 2 of back-to-back calls with --threads threads,
+    in this process: measured right before and after the c=1 cells, so a drifting machine gives the
+    c=1 latencies and their reference the same speed."""
+    from export import load_bundle
+    from trainer.data.images import decode_image
+    from trainer.data.transforms import eval_transform
+
+    m = load_bundle(a.bundle, threads=a.threads)
+    x1 = eval_transform(decode_image(body), m.spec)[None].numpy()
+    for _ in range(3):
+        m.predict_tensor(x1)
+    times, end = [], time.perf_counter() + a.seconds / 2
+    while time.perf_counter() < end or len(times) < 10:
+        t = time.perf_counter()
+        m.predict_tensor(x1)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
 
 
 def ceiling_of(before: dict, after: dict) -> dict:
@@ -363,17 +385,24 @@ def main(argv=None) -> int:
         redis_url = f"redis://127.0.0.1:{port}/0"
         time.sleep(0.5)
     stacks: dict[str, tuple[Stack, str]] = {}
+    batch1: list[float] = []
     try:
         for mode in a.modes:   # all up at once (idle ones cost ~nothing), so cells can interleave
             stacks[mode] = start_mode(mode, a, redis_url)
         results["modes"] = {m: [] for m in a.modes}
         for c in a.concurrency:   # interleaved: load drift on a shared machine hits every mode alike
+            if c == 1:
+                batch1.append(raw_batch1_ms(a, body))
             for mode in a.modes:
                 r = closed_loop(stacks[mode][1], body, c, a.warmup, a.seconds)
                 results["modes"][mode].append(r)
                 print(f"{mode:9s} c={c:3d}  {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
                       f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch']:5.2f}  "
                       f"errors {r['errors']}", flush=True)
+            if c == 1:
+                batch1.append(raw_batch1_ms(a, body))
+                print(f"raw batch-1 model time before/after the c=1 cells: {batch1[0]:.2f} / {batch1[1]:.2f} ms",
+                      flush=True)
     finally:
         for st, _ in stacks.values():
             st.stop()
@@ -383,6 +412,8 @@ def main(argv=None) -> int:
     after = raw_model(a, body)
     results["raw_after"] = after
     results["ceiling"] = ceiling_of(results["raw"], after)
+    if batch1:   # the c=1 reference: the batch-1 time measured next to those cells
+        results["ceiling"]["batch1_ms"] = statistics.fmean(batch1)
     ceiling = results["ceiling"]["images_per_s"]
     print(f"raw model again: {after['batched_images_per_s']:.1f} images/s ({after['best']}); ceiling "
           f"{ceiling:.1f} ({results['ceiling']['config']}, mean of the two runs)")

@@ -30,8 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runners", type=int, default=1,
                    help="embedded mode: batches in flight at once per model (onnxruntime backends; others "
                         "run one batch at a time). mobilenet_v3_large on 2 cores: --runners 2 --threads 1 "
-                        "served 1.23x the requests/s of --threads 2 at concurrency 16; resnet50 about the "
-                        "same. --threads 2 gives the lowest latency for a lone request")
+                        "served 1.23x the requests/s of --threads 2 at concurrency 16; a lone request then "
+                        "runs on an extra session with every core (see --solo-threads)")
+    p.add_argument("--solo-threads", type=int, default=None,
+                   help="embedded mode with --runners > 1: intra-op threads of an extra session that runs a "
+                        "batch when no other batch runs and no request is arriving (default: runners x "
+                        "threads, at most the cores; 0: no extra session, which saves a copy of the weights)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="request deadline (504 after it)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image; larger ones get 413")
@@ -51,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     a = build_parser().parse_args(argv)
     cfg = ServerConfig(bundles=a.bundles, redis_url=a.redis_url, host=a.host, port=a.port, backend=a.backend,
-                       threads=a.threads, runners=a.runners, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
+                       threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s)
     return cfg, a

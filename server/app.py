@@ -21,7 +21,9 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     cfg = config if isinstance(config, ServerConfig) else ServerConfig(**(config or {}))
     if models is None:
         cfg.validate()
-        models = [load_served_model(b, cfg.backend, cfg.threads, with_weights=cfg.redis_url is None)
+        embedded = cfg.redis_url is None
+        models = [load_served_model(b, cfg.backend, cfg.threads, with_weights=embedded,
+                                    solo_threads=cfg.solo_session_threads() if embedded else 0)
                   for b in cfg.bundles]
     model_set = ModelSet(models)
     metrics = ServerMetrics()

@@ -18,6 +18,7 @@ class ServerConfig:
     backend: str = "auto"                 # which bundle artifact runs in embedded mode
     threads: int | None = None            # intra-op threads for the model in embedded mode
     runners: int = 1                      # embedded mode: batches in flight at once per model
+    solo_threads: int | None = None       # threads of the lone-batch session (None: auto, 0: none)
     max_batch: int = 32                   # model rows per batched call
     max_delay_ms: float = 2.0             # how long a batch may wait to fill up
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
@@ -37,9 +38,22 @@ class ServerConfig:
                         ("runners", self.runners)):
             if v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.solo_threads is not None and self.solo_threads < 0:
+            raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
         return self
+
+    def solo_session_threads(self) -> int:
+        """Intra-op threads of the extra session a lone batch runs on (0: none). Auto: with several
+        runners of --threads each, their sum, at most the machine's cores; none with one runner or
+        without --threads (each runner's session then already uses every core)."""
+        if self.solo_threads is not None:
+            return self.solo_threads if self.runners > 1 else 0
+        if self.runners < 2 or not self.threads:
+            return 0
+        total = min(self.threads * self.runners, os.cpu_count() or 1)
+        return total if total > self.threads else 0
 
 
 @dataclass

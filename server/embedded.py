@@ -20,11 +20,22 @@ class EmbeddedBatcher:
     A batch takes every job already queued; it waits (at most max_delay_ms) for more only while
     requests for this model are still being decoded (``arriving``): a lone request runs at once,
     so batching costs no latency when there is nothing to batch with.
+
+    With several runners and a ``solo`` predict (a session with all the runners' threads), a batch
+    that finds no other batch running and no request being decoded runs on ``solo`` and holds every
+    runner slot while it does: a lone request gets every core (mobilenet_v3_large batch 1 on 2
+    cores: 3.6 ms instead of 6.3), and under load the runners keep their single-thread sessions,
+    which give more images/s than one pooled call at a time.
     """
 
     def __init__(self, name: str, predict: PredictFn, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 256, combine=None, runners: int = 1):
+                 max_queue: int = 256, combine=None, runners: int = 1, solo: PredictFn | None = None):
         self.name, self.predict, self.combine = name, predict, combine
+        self.solo = solo if runners > 1 else None
+        self.runners = runners
+        self._running = 0                    # runner slots taken by batches being computed
+        self._slots = threading.Condition()
+        self.solo_batches = 0                # how many batches ran on the solo session
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
         self.max_queue = max_queue
         self._q: queue.Queue[tuple[Job, Future]] = queue.Queue()
@@ -65,6 +76,9 @@ class EmbeddedBatcher:
         return fut
 
     def infer(self, job: Job) -> BatchResult:
+        direct = self._run_here(job)
+        if direct is not None:
+            return direct
         fut = self.submit(job)
         try:
             return fut.result(timeout=max(0.0, job.deadline - time.time()))
@@ -72,6 +86,26 @@ class EmbeddedBatcher:
             fut.cancel()
             raise APIError(504, f"no answer within the request deadline ({job.deadline - job.enqueued:.1f}s, "
                                 f"--timeout-s); the server is overloaded") from None
+
+    def _run_here(self, job: Job) -> BatchResult | None:
+        """A job that finds nothing queued or arriving and a free slot (every slot, for the solo
+        session) runs in the calling thread: no hand-over to a runner and back (two thread wake-ups,
+        ~0.25 ms here). None otherwise: the job then goes through the queue."""
+        slots = self.runners if self.solo is not None else 1   # the solo session takes every core
+        with self._slots:
+            if self._running + slots > self.runners or self._arriving or not self._q.empty():
+                return None
+            self._running += slots
+            if self.solo is not None:
+                self.solo_batches += 1
+        try:
+            (result,) = run_batch([job], self.solo or self.predict, self.max_batch, self.combine)
+            return result
+        except Exception as exc:   # as in a runner: the model failed, not the request
+            log.exception("batch of 1 job failed")
+            raise APIError(500, f"inference failed: {exc}") from exc
+        finally:
+            self._free_slots(slots)
 
     def _gather(self) -> list[tuple[Job, Future]]:
         try:
@@ -104,15 +138,36 @@ class EmbeddedBatcher:
             if not live:
                 continue
             jobs = [j for j, _ in live]
+            slots, predict = self._take_slots()
             try:
-                results = run_batch(jobs, self.predict, self.max_batch, self.combine)
+                results = run_batch(jobs, predict, self.max_batch, self.combine)
             except Exception as exc:  # a model failure answers every job of the batch with a 500
                 log.exception("batch of %d jobs failed", len(jobs))
                 for _, f in live:
                     f.set_exception(APIError(500, f"inference failed: {exc}"))
                 continue
+            finally:
+                self._free_slots(slots)
             for (_, f), r in zip(live, results):
                 f.set_result(r)
+
+    def _take_slots(self) -> tuple[int, PredictFn]:
+        """(slots held, predict to call): every slot and the solo session when nothing else runs
+        and nothing is arriving; otherwise one slot (waiting while a solo batch holds them all)."""
+        with self._slots:
+            if self.solo is not None and self._running == 0 and not self._arriving:
+                self._running = self.runners
+                self.solo_batches += 1
+                return self.runners, self.solo
+            while self._running >= self.runners:
+                self._slots.wait()
+            self._running += 1
+            return 1, self.predict
+
+    def _free_slots(self, n: int) -> None:
+        with self._slots:
+            self._running -= n
+            self._slots.notify_all()
 
     def close(self) -> None:
         self._stop.set()

@@ -57,6 +57,9 @@ class ServedModel:
     manifest: dict
     path: str
     predict: PredictFn | None = field(default=None, repr=False)   # None on a Redis-mode front
+    # a second session with more intra-op threads, for a batch that runs while nothing else does
+    # (embedded mode with several single-thread runners: a lone request then uses every core)
+    predict_solo: PredictFn | None = field(default=None, repr=False)
     # ensembles: predict returns (M, N, K) member probabilities; combine fuses the view-merged members
     combine: Callable[[list[np.ndarray]], np.ndarray] | None = field(default=None, repr=False)
 
@@ -78,6 +81,11 @@ class ServedModel:
                 "max_batch": self.max_batch, "preprocessing": self.spec.to_dict()}
 
 
+def _concurrent_ok(bundle) -> bool:
+    """onnxruntime sessions may be called from several threads at once; other backends may not."""
+    return all(b.startswith("onnxruntime") for b in str(bundle.backend).split(","))
+
+
 def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     """The loader's raw batched call; for an ensemble, each member's (fused after TTA merging,
     in the same order as the loader's own predict). Only onnxruntime sessions are called from
@@ -95,7 +103,7 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
 
         def combine(per_member):
             return fuse(per_member, bundle.weights, bundle.fusion)
-    if all(b.startswith("onnxruntime") for b in str(bundle.backend).split(",")):
+    if _concurrent_ok(bundle):
         return predict, combine
     lock = threading.Lock()
 
@@ -107,15 +115,19 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
 
 
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
-                      with_weights: bool = True) -> ServedModel:
+                      with_weights: bool = True, solo_threads: int = 0) -> ServedModel:
+    """solo_threads > 0: also open a session with that many intra-op threads (``predict_solo``), if
+    the backend allows concurrent calls (onnxruntime); it costs a second copy of the weights."""
     root = Path(path)
-    predict = combine = None
+    predict = combine = solo = None
     if with_weights:
         from export import load_bundle  # the one bundle reader (checks sha256, schema, members)
 
         bundle = load_bundle(str(root), backend=backend, threads=threads)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
+        if solo_threads > 0 and _concurrent_ok(bundle):
+            solo, _ = _bundle_predict(load_bundle(str(root), backend=backend, threads=solo_threads))
     else:
         manifest = _manifest(root)
     spec = _spec_from_manifest(manifest, root)
@@ -130,7 +142,7 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
     return ServedModel(name=name, version=str(manifest.get("version", "1")), kind=manifest.get("kind", "model"),
                        classes=list(manifest["classes"]), spec=spec, tta_default=default, tta_views=views,
                        tta_merge=tta.get("merge", "mean"), max_batch=int(manifest.get("max_batch", 64)),
-                       manifest=manifest, path=str(root), predict=predict, combine=combine)
+                       manifest=manifest, path=str(root), predict=predict, predict_solo=solo, combine=combine)
 
 
 class ModelSet:

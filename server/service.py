@@ -22,7 +22,8 @@ class EmbeddedDispatcher:
     def __init__(self, models: ModelSet, cfg: ServerConfig):
         self.batchers = {
             m.name: EmbeddedBatcher(m.name, m.predict, min(cfg.max_batch, m.max_batch), cfg.max_delay_ms,
-                                    cfg.max_queue, combine=m.combine, runners=cfg.runners)
+                                    cfg.max_queue, combine=m.combine, runners=cfg.runners,
+                                    solo=m.predict_solo)
             for m in models}
 
     def infer(self, job: Job) -> BatchResult:

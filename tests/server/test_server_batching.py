@@ -143,3 +143,54 @@ def test_runners_keep_several_batches_in_flight():
     out = [f.result(10) for f in futures]
     b.close()
     assert peak[0] == 2 and all(r.batch_rows == 1 for r in out)
+
+
+def _recording(m, name, log, lock, active, delay=0.0):
+    def predict(x):
+        with lock:
+            active.append(name)
+            log.append((name, x.shape[0], len(active)))   # how many batches run at the start of this one
+        time.sleep(delay)
+        with lock:
+            active.remove(name)
+        return m.predict(x)
+    return predict
+
+
+def test_lone_batch_runs_on_the_solo_session_and_holds_every_runner_slot():
+    m = make_fake_model()
+    log, lock, active = [], threading.Lock(), []
+    b = EmbeddedBatcher("fake", _recording(m, "runner", log, lock, active, 0.05), max_batch=1, max_delay_ms=0,
+                        runners=2, solo=_recording(m, "solo", log, lock, active, 0.3))
+    job = _job(1, 0)
+    np.testing.assert_allclose(b.infer(job).probs, m.predict(job.pixels), rtol=1e-4, atol=1e-5)
+    assert log == [("solo", 1, 1)]                 # nothing else to do: the session with every thread
+    first = b.submit(_job(1, 1))                   # solo again (idle batcher) ...
+    time.sleep(0.05)
+    second = b.submit(_job(1, 2))                  # ... this one waits for it instead of sharing the cores
+    first.result(10), second.result(10)
+    b.close()
+    assert log[1] == ("solo", 1, 1) and log[2][2] == 1 and b.solo_batches >= 2
+
+
+def test_under_load_the_runners_use_their_own_sessions_side_by_side():
+    m = make_fake_model()
+    log, lock, active = [], threading.Lock(), []
+    b = EmbeddedBatcher("fake", _recording(m, "runner", log, lock, active, 0.2), max_batch=1, max_delay_ms=0,
+                        runners=2, solo=_recording(m, "solo", log, lock, active))
+    with b.arriving():                             # more requests are being decoded: no solo batch
+        futures = [b.submit(_job(1, i)) for i in range(4)]
+        out = [f.result(10) for f in futures]
+    b.close()
+    assert [name for name, _, _ in log] == ["runner"] * 4 and max(n for _, _, n in log) == 2
+    assert b.solo_batches == 0 and all(r.batch_rows == 1 for r in out)
+
+
+@pytest.mark.parametrize("threads,runners,solo,cpus,want", [
+    (1, 2, None, 2, 2), (1, 4, None, 2, 2), (2, 2, None, 2, 0), (None, 2, None, 2, 0), (1, 1, None, 2, 0),
+    (1, 2, 0, 2, 0), (1, 2, 3, 2, 3), (1, 1, 3, 2, 0)])
+def test_solo_session_threads(monkeypatch, threads, runners, solo, cpus, want):
+    from server.config import ServerConfig
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    cfg = ServerConfig(bundles=["x"], threads=threads, runners=runners, solo_threads=solo).validate()
+    assert cfg.solo_session_threads() == want
