@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runners", type=int, default=1,
                    help="embedded mode: batches in flight at once per model (onnxruntime backends; others "
                         "run one batch at a time). mobilenet_v3_large on 2 cores: --runners 2 --threads 1 "
-                        "served 1.23x the requests/s of --threads 2 at concurrency 16; a lone request then "
+                        "served 1.1-1.3x the requests/s of --threads 2 at concurrency 16; a lone request then "
                         "runs on an extra session with every core (see --solo-threads)")
     p.add_argument("--solo-threads", type=int, default=None,
                    help="embedded mode with --runners > 1: intra-op threads of an extra session that runs a "

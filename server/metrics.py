@@ -23,6 +23,8 @@ class ServerMetrics:
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_latency = Histogram(f"{prefix}_inference_seconds", "batched model call time",
                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.solo_batches = Gauge(f"{prefix}_solo_batches", "batches run on the session with every runner's "
+                                  "threads (embedded mode, --runners > 1): lone requests", ["model"], registry=r)
         self.images = Counter(f"{prefix}_images", "images classified", ["model"], registry=r)
         self.dead_letters = Counter(f"{prefix}_dead_letters", "jobs moved to the dead-letter stream",
                                     ["model"], registry=r)

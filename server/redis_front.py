@@ -56,6 +56,10 @@ class RedisDispatcher:
             return False, f"no live worker for model {model!r}; start `python -m server.worker`"
         return True, f"{n} worker(s)"
 
+    def solo_batches(self, model: str) -> int:
+        """Workers run every batch on their own session."""
+        return 0
+
     def arriving(self, model: str):
         """Workers batch from the stream and cannot see requests still being decoded: nothing to tell."""
         return nullcontext()

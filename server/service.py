@@ -33,6 +33,9 @@ class EmbeddedDispatcher:
         """Wrap a request's decoding: the batch being gathered for the model waits for it."""
         return self.batchers[model].arriving()
 
+    def solo_batches(self, model: str) -> int:
+        return self.batchers[model].solo_batches
+
     def depth(self, model: str) -> int:
         return self.batchers[model].depth()
 
@@ -51,6 +54,7 @@ class InferenceService:
         self.limits = DecodeLimits(cfg.max_pixels, tuple(cfg.allowed_formats), cfg.jpeg_draft)
         for m in models:
             metrics.queue_depth.labels(m.name).set_function(lambda name=m.name: dispatcher.depth(name))
+            metrics.solo_batches.labels(m.name).set_function(lambda name=m.name: dispatcher.solo_batches(name))
 
     def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int) -> BatchResult:
         now = time.time()

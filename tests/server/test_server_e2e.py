@@ -4,6 +4,7 @@ NVIDIA's tritonclient."""
 from __future__ import annotations
 
 import io
+import urllib.request
 
 import numpy as np
 import pytest
@@ -52,6 +53,16 @@ def test_embedded_equals_bundle_loader(embedded, digits_bundle, ensemble_bundle,
     assert out["model"] == model and out["tta"] == tta
     got = np.stack([as_full(p, len(ref.classes)) for p in out["predictions"]])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_requests_run_on_the_solo_session(embedded, tiny_digits):
+    """runners=2, threads=1: one request at a time gets the 2-thread session (answers checked above)."""
+    for f in digit_images(tiny_digits, 3):
+        Client(embedded.url).predict([f.read_bytes()])
+    with urllib.request.urlopen(embedded.url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    line = next(ln for ln in text.splitlines() if ln.startswith('server_solo_batches{model="digits"}'))
+    assert float(line.split()[-1]) >= 3
 
 
 def test_cli_client_prints_top_classes(embedded, tiny_digits):
@@ -109,7 +120,6 @@ def test_redis_mode_two_worker_processes_equal_bundle_loader(redis_url, redis_pr
             np.testing.assert_allclose(as_full(r.get_json()["predictions"][0], len(ref.classes)), ref.predict(f).probs[0],
                                        rtol=1e-4, atol=1e-5)
         assert c.get("/v2/health/ready").get_json()["models"]["digits"]["reason"] == "2 worker(s)"
-        import urllib.request
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:   # worker's own metrics
             text = r.read().decode()
         assert "# HELP worker_batch_size" in text and "# HELP worker_dead_letters" in text
