@@ -339,20 +339,21 @@ def raw_model(a, body: bytes) -> dict:
     split = {b: throughput(single, a.threads, b) for b in sizes} if a.threads > 1 else pooled
     best = max([("pooled", b, v) for b, v in pooled.items()] + [("split", b, v) for b, v in split.items()],
                key=lambda t: t[2])
-    one = []
-    for _ in range(30):
-        t = time.perf_counter()
-        m.predict_tensor(x1)
-        one.append(time.perf_counter() - t)
-    dec = []
-    for _ in range(20):
-        t = time.perf_counter()
-        eval_transform(decode_image(body), m.spec)
-        dec.append(time.perf_counter() - t)
     return {"batched_images_per_s": best[2], "best": f"{best[0]} batch {best[1]}",
             "one_call_at_a_time": {str(b): v for b, v in pooled.items()},
             "concurrent_single_thread_calls": {str(b): v for b, v in split.items()},
-            "batch1_ms": 1e3 * statistics.median(one), "decode_preprocess_ms": 1e3 * statistics.median(dec)}
+            "batch1_ms": median_call_ms(lambda: m.predict_tensor(x1), calls=30),
+            "decode_preprocess_ms": median_call_ms(lambda: eval_transform(decode_image(body), m.spec), calls=20)}
+
+
+def median_call_ms(fn, calls: int, seconds: float = 0.0) -> float:
+    """Median time of back-to-back calls of fn: at least `calls` of them, and for at least `seconds`."""
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < calls or time.perf_counter() < end:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
 
 
 def raw_batch1_ms(a, body: bytes) -> float:
@@ -367,12 +368,7 @@ def raw_batch1_ms(a, body: bytes) -> float:
     x1 = eval_transform(decode_image(body), m.spec)[None].numpy()
     for _ in range(3):
         m.predict_tensor(x1)
-    times, end = [], time.perf_counter() + a.seconds / 2
-    while time.perf_counter() < end or len(times) < 10:
-        t = time.perf_counter()
-        m.predict_tensor(x1)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return median_call_ms(lambda: m.predict_tensor(x1), calls=10, seconds=a.seconds / 2)
 
 
 def ceiling_of(before: dict, after: dict) -> dict:

@@ -91,15 +91,14 @@ class EmbeddedBatcher:
         """A job that finds nothing queued or arriving and a free slot (every slot, for the solo
         session) runs in the calling thread: no hand-over to a runner and back (two thread wake-ups,
         ~0.25 ms here). None otherwise: the job then goes through the queue."""
-        slots = self.runners if self.solo is not None else 1   # the solo session takes every core
-        with self._slots:
-            if self._running + slots > self.runners or self._arriving or not self._q.empty():
-                return None
-            self._running += slots
-            if self.solo is not None:
-                self.solo_batches += 1
+        if self._arriving or not self._q.empty():
+            return None
+        taken = self._take_slots(wait=False)
+        if taken is None:
+            return None
+        slots, predict = taken
         try:
-            (result,) = run_batch([job], self.solo or self.predict, self.max_batch, self.combine)
+            (result,) = run_batch([job], predict, self.max_batch, self.combine)
             return result
         except Exception as exc:   # as in a runner: the model failed, not the request
             log.exception("batch of 1 job failed")
@@ -151,15 +150,22 @@ class EmbeddedBatcher:
             for (_, f), r in zip(live, results):
                 f.set_result(r)
 
-    def _take_slots(self) -> tuple[int, PredictFn]:
+    def _take_slots(self, wait: bool = True) -> tuple[int, PredictFn] | None:
         """(slots held, predict to call): every slot and the solo session when nothing else runs
-        and nothing is arriving; otherwise one slot (waiting while a solo batch holds them all)."""
+        and nothing is arriving; otherwise one slot (waiting while a solo batch holds them all).
+        wait=False: None instead of waiting, and None while others run when there is a solo session
+        (a lone request then queues rather than take one core beside them)."""
         with self._slots:
-            if self.solo is not None and self._running == 0 and not self._arriving:
-                self._running = self.runners
-                self.solo_batches += 1
-                return self.runners, self.solo
+            if self.solo is not None:
+                if self._running == 0 and not self._arriving:
+                    self._running = self.runners
+                    self.solo_batches += 1
+                    return self.runners, self.solo
+                if not wait:
+                    return None
             while self._running >= self.runners:
+                if not wait:
+                    return None
                 self._slots.wait()
             self._running += 1
             return 1, self.predict
