@@ -189,7 +189,9 @@ def test_torchrun_two_processes_on_cpu(tiny_digits, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
            "train", "--data", str(tiny_digits), "--out", str(tmp_path / "ddp"), "--epochs", "2", *FAST_TRAIN]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    # both ranks' last lines: a failure on one rank shows up on the other as "connection closed by peer"
+    ranks = ["\n".join([ln for ln in res.stderr.splitlines() if ln.startswith(f"[rank{r}]")][-25:]) for r in (0, 1)]
+    assert res.returncode == 0, "\n".join(ranks) + "\n" + res.stderr[-1500:]
     rows = read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert len(rows) == 2  # only rank 0 writes
     # validation counted every one of the 24 images exactly once across both ranks
