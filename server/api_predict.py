@@ -7,10 +7,9 @@ import binascii
 from flask import Blueprint, current_app, jsonify, request
 
 from .errors import APIError
+from .fastpath import RAW_TYPES, read_raw_body
 
 bp = Blueprint("predict", __name__)
-
-RAW_TYPES = ("image/", "application/octet-stream")
 
 
 def _b64(value, name: str) -> bytes:
@@ -46,7 +45,7 @@ def parse_predict_request() -> tuple[list[tuple[str, bytes]], dict]:
         opts.update({k: body[k] for k in ("model", "tta", "topk") if body.get(k) is not None})
         return images, opts
     if ctype.startswith(RAW_TYPES):
-        return [("body", request.get_data(cache=False))], opts
+        return [("body", read_raw_body(request.environ, current_app.config["MAX_CONTENT_LENGTH"]))], opts
     raise APIError(415, f"unsupported Content-Type {ctype or '(none)'!r}; send multipart/form-data, "
                         "application/json with base64, or a raw image/* body")
 

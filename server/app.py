@@ -7,6 +7,7 @@ from flask import Flask, g, request
 
 from .config import ServerConfig
 from .errors import register_error_handlers
+from .fastpath import RawPredictPath
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel, load_served_model
 
@@ -54,4 +55,5 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
             metrics.request_latency.labels(endpoint).observe(time.perf_counter() - g.t0)
         return resp
 
+    app.wsgi_app = RawPredictPath(app, app.wsgi_app)   # raw-body POST /predict without Flask's per-request work
     return app
