@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -51,18 +52,27 @@ class Client:
         raise AssertionError("unreachable")
 
     def predict(self, images, model: str | None = None, tta: str | None = None, topk: int = 5) -> dict:
-        """images: paths or bytes (one or a list). Returns the server's JSON answer."""
+        """images: paths or bytes (one or a list). Returns the server's JSON answer. One image goes as a
+        raw body (the server's fast path), several as one multipart request."""
         if isinstance(images, (str, Path, bytes)):
             images = [images]
+        named = [(f"image{i}", img) if isinstance(img, bytes) else (Path(img).name, Path(img).read_bytes())
+                 for i, img in enumerate(images)]
+        options = [(k, v) for k, v in (("model", model), ("tta", tta), ("topk", topk)) if v is not None]
+        if len(named) == 1:   # one image: a raw body, the server's cheapest path; the name is ours to fill in
+            name, data = named[0]
+            query = f"?{urllib.parse.urlencode(options)}" if options else ""
+            out = self._request("POST", f"/predict{query}", data, {"Content-Type": "application/octet-stream"})
+            for pred in out.get("predictions", []):
+                pred["file"] = name
+            return out
         boundary = uuid.uuid4().hex
         parts = []
-        for i, img in enumerate(images):
-            name, data = (f"image{i}", img) if isinstance(img, bytes) else (Path(img).name, Path(img).read_bytes())
+        for name, data in named:
             parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
                          f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-        for key, value in (("model", model), ("tta", tta), ("topk", topk)):
-            if value is not None:
-                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
+        for key, value in options:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'.encode())
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
         return self._request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 

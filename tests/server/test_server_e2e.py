@@ -53,6 +53,9 @@ def test_embedded_equals_bundle_loader(embedded, digits_bundle, ensemble_bundle,
     assert out["model"] == model and out["tta"] == tta
     got = np.stack([as_full(p, len(ref.classes)) for p in out["predictions"]])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    one = Client(embedded.url).predict(files[0], model=model, tta=tta, topk=len(ref.classes))   # a raw body
+    assert one["model"] == model and one["tta"] == tta and one["predictions"][0]["file"] == files[0].name
+    np.testing.assert_allclose(as_full(one["predictions"][0], len(ref.classes)), want[0], rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_requests_run_on_the_solo_session(embedded, tiny_digits):
