@@ -7,7 +7,7 @@ import binascii
 from flask import Blueprint, current_app, jsonify, request
 
 from .errors import APIError
-from .fastpath import RAW_TYPES, read_raw_body
+from .fastpath import OPTIONS, RAW_TYPES, read_raw_body
 
 bp = Blueprint("predict", __name__)
 
@@ -26,13 +26,13 @@ def _b64(value, name: str) -> bytes:
 def parse_predict_request() -> tuple[list[tuple[str, bytes]], dict]:
     """-> ([(name, encoded bytes)], options {model, tta, topk})."""
     ctype = (request.mimetype or "").lower()
-    opts = {k: request.args.get(k) for k in ("model", "tta", "topk") if request.args.get(k) is not None}
+    opts = {k: request.args.get(k) for k in OPTIONS if request.args.get(k) is not None}
     if ctype == "multipart/form-data":
         images = [(f.filename or f"{field}[{i}]", f.read())
                   for field in request.files for i, f in enumerate(request.files.getlist(field))]
         if not images:
             raise APIError(400, "multipart request without a file field; send the image as -F file=@photo.jpg")
-        opts.update({k: request.form[k] for k in ("model", "tta", "topk") if k in request.form})
+        opts.update({k: request.form[k] for k in OPTIONS if k in request.form})
         return images, opts
     if ctype == "application/json":
         body = request.get_json(silent=True)
@@ -42,7 +42,7 @@ def parse_predict_request() -> tuple[list[tuple[str, bytes]], dict]:
         if not isinstance(raw, list):
             raise APIError(400, "JSON body needs \"images\": a list of base64 strings (or \"image\": one)")
         images = [(f"images[{i}]", _b64(v, f"images[{i}]")) for i, v in enumerate(raw)]
-        opts.update({k: body[k] for k in ("model", "tta", "topk") if body.get(k) is not None})
+        opts.update({k: body[k] for k in OPTIONS if body.get(k) is not None})
         return images, opts
     if ctype.startswith(RAW_TYPES):
         return [("body", read_raw_body(request.environ, current_app.config["MAX_CONTENT_LENGTH"]))], opts
