@@ -48,7 +48,6 @@ class RawPredictPath:
     def __init__(self, app, wsgi_app):
         self.app, self.next = app, wsgi_app
         self.service = app.extensions["inference"]
-        self.max_bytes = app.config.get("MAX_CONTENT_LENGTH")
         self.metrics = self.service.metrics
         self._count = {}   # status -> the counter child (labels() takes a lock and builds a tuple)
         self._latency = self.metrics.request_latency.labels(ENDPOINT)
@@ -82,7 +81,7 @@ class RawPredictPath:
         return [body]
 
     def answer(self, environ) -> dict:
-        data = read_raw_body(environ, self.max_bytes)
+        data = read_raw_body(environ, self.app.config.get("MAX_CONTENT_LENGTH"))   # as the route: read per request
         opts = {}
         for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
             if key in OPTIONS and key not in opts:   # the first value, as Flask's request.args.get
