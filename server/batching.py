@@ -32,6 +32,8 @@ class Job:
     deadline: float = 0.0         # time.time() after which nobody waits for the answer
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     enqueued: float = field(default_factory=time.time)
+    request_id: str = ""          # the HTTP request's X-Request-ID, carried into logs (and Redis jobs)
+    model_version: str = ""       # the version the front expects; a Redis worker holding another refuses it
 
     @property
     def rows(self) -> int:
