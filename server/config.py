@@ -22,6 +22,8 @@ class ServerConfig:
     max_batch: int = 32                   # model rows per batched call
     max_delay_ms: float = 2.0             # how long a batch may wait to fill up
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
+    max_queue_rows: int = 1024            # queued model rows (images x TTA views) per model before 503
+    drain_timeout_s: float = 30.0         # SIGTERM: readiness 503 at once, answer what is queued, exit by then
     timeout_s: float = 10.0               # request deadline: 504 when exceeded
     max_request_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000          # per decoded image (decompression bombs)
@@ -70,6 +72,7 @@ class WorkerConfig:
     prefix: str = "srv"
     reply_ttl_s: int = 60
     metrics_port: int | None = None
+    drain_timeout_s: float = 30.0         # SIGTERM: stop reading, finish and acknowledge the batch in hand
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
