@@ -11,13 +11,15 @@ mode). gunicorn runs the same app too:
 from __future__ import annotations
 
 import argparse
-import logging
-import multiprocessing
+import os
 import shlex
 import sys
-from functools import partial
 
 from .config import ServerConfig, add_common_arguments
+from .front import parse_api_keys
+from .logs import add_logging_arguments
+
+API_KEY_ENV = "SERVER_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-threads", type=int, default=64,
                    help="granian: Python threads handling requests at once (each waits for its batch); "
                         "further requests wait in granian's queue")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                   help="on SIGTERM: readiness answers 503 at once, requests in flight and queued are answered, "
+                        "then the process exits 0, after S seconds at the latest (a second signal stops at once)")
+    p.add_argument("--api-key", dest="api_keys", action="append", default=[], metavar="KEY[,KEY2]",
+                   help="require this API key ('Authorization: Bearer KEY' or 'X-API-Key: KEY') on every route "
+                        "but health and readiness; repeat or comma-separate for rotation. Prefer the SERVER_API_KEY "
+                        "environment variable (same syntax), which keeps keys out of `ps`")
+    add_logging_arguments(p)
     return p
 
 
@@ -57,76 +66,17 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argpa
     cfg = ServerConfig(bundles=a.bundles, redis_url=a.redis_url, host=a.host, port=a.port, backend=a.backend,
                        threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
-                       max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s)
+                       max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
+                       drain_timeout_s=a.drain_timeout,
+                       api_keys=parse_api_keys(a.api_keys, os.environ.get(API_KEY_ENV)))
     return cfg, a
-
-
-def _one_torch_thread() -> None:
-    """Requests are preprocessed in parallel threads; torch's own intra-op pool on top of that only
-    oversubscribes the cores. (Torch-based model backends set their own count from --threads.)
-    Also keeps freed memory for the next request (server.memory)."""
-    import torch
-
-    from .memory import keep_freed_memory
-    torch.set_num_threads(1)
-    keep_freed_memory()
-
-
-def _build_app(cfg: ServerConfig, a: argparse.Namespace):
-    """Configure logging and threads, load the models, start the batching threads: the app. Raises
-    ValueError/OSError for a bad bundle or flag (the caller prints it)."""
-    from .app import create_app
-
-    _one_torch_thread()
-    logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("werkzeug").setLevel(a.log_level)   # per-request lines only at INFO
-    app = create_app(cfg)
-    mode = f"redis {cfg.redis_url}" if cfg.redis_url else "embedded"
-    names = ", ".join(m.name for m in app.extensions["inference"].models)
-    print(f"serving {names} ({mode}) on http://{cfg.host}:{cfg.port}", flush=True)
-    return app
-
-
-def _granian_worker_app(cfg: ServerConfig, a: argparse.Namespace, failed) -> object:
-    """Runs in granian's worker process (forked: models and threads are created there, never
-    before the fork). A load failure is printed, flagged for the parent and ends the worker."""
-    import os
-    try:
-        return _build_app(cfg, a)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        failed.value = 1
-        os._exit(2)
-
-
-class _QuietThreadCount(logging.Filter):
-    """Granian warns when blocking threads exceed 2 x cores; ours mostly wait for their batch."""
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Python threads" not in record.getMessage()
-
-
-def _serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
-    from granian.constants import HTTPModes, Interfaces
-    from granian.server import Server
-
-    level = a.log_level.lower() if a.log_level.lower() in ("critical", "error", "warning", "info", "debug") else "info"
-    srv = Server("server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.WSGI, workers=1,
-                 blocking_threads=a.http_threads, backpressure=a.http_threads, http=HTTPModes.http1,
-                 websockets=False, log_level=level, respawn_failed_workers=False)
-    logging.getLogger("_granian").addFilter(_QuietThreadCount())
-    failed = multiprocessing.get_context("fork").Value("i", 0)
-    try:
-        srv.serve(target_loader=partial(_granian_worker_app, cfg, a, failed), wrap_loader=False)
-    except SystemExit as exc:   # granian exits 1 when its worker died
-        return 2 if failed.value else (exc.code if isinstance(exc.code, int) else 1)
-    return 2 if failed.value else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from export.manifest import read_manifest   # here, not at import: server.wsgi imports this module
 
-    cfg, a = config_from_args(argv)
     try:
+        cfg, a = config_from_args(argv)
         cfg.validate()
         if a.http_threads < 1:
             raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
@@ -135,21 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if a.http == "granian":
-        return _serve_granian(cfg, a)
-    try:
-        app = _build_app(cfg, a)
-    except (ValueError, OSError) as exc:   # ModelLoadError, bundle refusals, bad flags
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    app.run(host=cfg.host, port=cfg.port, debug=False, threaded=True, use_reloader=False)
-    return 0
+    from .serving import serve_granian, serve_werkzeug
+    return serve_granian(cfg, a) if a.http == "granian" else serve_werkzeug(cfg, a)
 
 
 def app_from_env_args(args: str) -> "object":
+    """gunicorn's app (server.wsgi): SERVER_ARGS parsed as the command line, logging as its flags say."""
     from .app import create_app
-    cfg, _ = config_from_args(shlex.split(args))
-    _one_torch_thread()
+    from .logs import setup_logging
+    from .serving import one_torch_thread
+    cfg, a = config_from_args(shlex.split(args))
+    one_torch_thread()
+    setup_logging(a.log_level, a.log_format)
     return create_app(cfg.validate())
 
 

@@ -8,14 +8,17 @@ from flask import Flask, g, request
 from .config import ServerConfig
 from .errors import register_error_handlers
 from .fastpath import RawPredictPath
+from .front import DrainState, FrontLayer
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel, load_served_model
 
 
 def create_app(config: ServerConfig | dict | None = None, models: list[ServedModel] | None = None,
-               dispatcher=None) -> Flask:
+               dispatcher=None, drain: DrainState | None = None) -> Flask:
     """Build the app. ``models``/``dispatcher`` may be injected (tests); otherwise bundles are loaded
-    from ``config.bundles`` (weights only in embedded mode) and the dispatcher follows ``redis_url``."""
+    from ``config.bundles`` (weights only in embedded mode) and the dispatcher follows ``redis_url``.
+    ``drain``: the requests-in-flight counter the serving process waits on at SIGTERM (shared memory
+    when another process receives the signal); ``app.extensions["drain"]`` holds it."""
     from . import api_kserve, api_ops, api_page, api_predict
     from .service import EmbeddedDispatcher, InferenceService
 
@@ -56,4 +59,9 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
         return resp
 
     app.wsgi_app = RawPredictPath(app, app.wsgi_app)   # raw-body POST /predict without Flask's per-request work
+    # outermost, so request ids, API keys and the drain cover the fast path as well as Flask
+    drain = drain or DrainState()
+    app.extensions["drain"] = drain
+    metrics.watch_in_flight(lambda: drain.in_flight)
+    app.wsgi_app = FrontLayer(app.wsgi_app, tuple(cfg.api_keys), drain, metrics)
     return app

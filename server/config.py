@@ -32,6 +32,7 @@ class ServerConfig:
     jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
     prefix: str = "srv"                   # Redis key prefix
     reply_ttl_s: int = 60
+    api_keys: tuple[str, ...] = ()        # accepted API keys (--api-key, SERVER_API_KEY); empty: no auth
 
     def validate(self) -> "ServerConfig":
         if not self.bundles:
@@ -42,6 +43,8 @@ class ServerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.solo_threads is not None and self.solo_threads < 0:
             raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
         return self
@@ -72,6 +75,7 @@ class WorkerConfig:
     prefix: str = "srv"
     reply_ttl_s: int = 60
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"       # where --metrics-port listens (0.0.0.0 for a scraper elsewhere)
     drain_timeout_s: float = 30.0         # SIGTERM: stop reading, finish and acknowledge the batch in hand
 
 

@@ -1,35 +1,89 @@
-"""Prometheus metrics, one registry per app or worker process (so tests can run several side by side)."""
+"""Prometheus metrics, one registry per app or worker process (so tests can run several side by side).
+
+Names follow Prometheus conventions: counters end in ``_total``, durations are ``_seconds``.
+Several processes (gunicorn ``-w N``) scrape as one in prometheus_client's multiprocess mode: set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the processes start; every process then
+writes its counters and histograms there and any one of them answers ``/metrics`` with their sums.
+Values read live at scrape time (queue depth, requests in flight, solo batches) come from the
+process that answers: in Redis mode the queue depth is the stream's, the same for every process.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class LiveValues:
+    """A collector of values read when scraped, per model: ``gauges``/``counters`` map a metric name
+    to (help, {model: fn}); process-wide ones (no label) go in ``plain``."""
+
+    def __init__(self):
+        self.gauges: dict[str, tuple[str, dict]] = {}
+        self.counters: dict[str, tuple[str, dict]] = {}
+        self.plain: dict[str, tuple[str, object]] = {}
+
+    def collect(self):
+        for name, (doc, fns) in self.gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["model"])
+            for model, fn in fns.items():
+                g.add_metric([model], float(fn()))
+            yield g
+        for name, (doc, fns) in self.counters.items():
+            c = CounterMetricFamily(name, doc, labels=["model"])
+            for model, fn in fns.items():
+                c.add_metric([model], float(fn()))
+            yield c
+        for name, (doc, fn) in self.plain.items():
+            yield GaugeMetricFamily(name, doc, value=float(fn()))
 
 
 class ServerMetrics:
     def __init__(self, prefix: str = "server"):
+        self.prefix = prefix
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(f"{prefix}_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.request_latency = Histogram(f"{prefix}_request_seconds", "HTTP request latency", ["endpoint"],
                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge(f"{prefix}_queue_depth", "jobs waiting or in flight per model", ["model"],
-                                 registry=r)
+        self.auth_failures = Counter(f"{prefix}_auth_failures", "requests refused with 401 (no or wrong API key)",
+                                     registry=r)
+        self.predictions = Counter(f"{prefix}_predictions", "inference jobs by model and outcome (success: "
+                                   "answered; failure: refused, timed out or failed after decoding)",
+                                   ["model", "outcome"], registry=r)
         self.batch_size = Histogram(f"{prefix}_batch_size", "model rows in the batch that served each job",
                                     ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.queue_latency = Histogram(f"{prefix}_queue_seconds", "time from enqueue to batch start",
                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_latency = Histogram(f"{prefix}_inference_seconds", "batched model call time",
                                            ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.solo_batches = Gauge(f"{prefix}_solo_batches", "batches run on the session with every runner's "
-                                  "threads (embedded mode, --runners > 1): lone requests", ["model"], registry=r)
         self.images = Counter(f"{prefix}_images", "images classified", ["model"], registry=r)
         self.dead_letters = Counter(f"{prefix}_dead_letters", "jobs moved to the dead-letter stream",
                                     ["model"], registry=r)
         self.expired = Counter(f"{prefix}_expired_jobs", "jobs skipped because their deadline passed",
                                ["model"], registry=r)
+        self.live = LiveValues()
+        r.register(self.live)
+
+    def watch_model(self, model: str, depth, solo_batches) -> None:
+        """Read at scrape time: the model's queue depth and how many batches ran on its solo session."""
+        self.live.gauges.setdefault(f"{self.prefix}_queue_depth", ("jobs waiting or in flight per model", {}))[1][model] = depth
+        self.live.counters.setdefault(f"{self.prefix}_solo_batches", (
+            "batches run on the session with every runner's threads (embedded mode, --runners > 1): lone "
+            "requests", {}))[1][model] = solo_batches
+
+    def watch_in_flight(self, fn) -> None:
+        self.live.plain[f"{self.prefix}_requests_in_flight"] = (
+            "HTTP requests being answered by this process (probes and scrapes not counted)", fn)
+
+    def count_prediction(self, model: str, ok: bool) -> None:
+        self.predictions.labels(model, "success" if ok else "failure").inc()
 
     def observe_result(self, model: str, batch_rows: int, queue_s: float, infer_s: float, n_images: int) -> None:
         self.batch_size.labels(model).observe(batch_rows)
@@ -38,4 +92,10 @@ class ServerMetrics:
         self.images.labels(model).inc(n_images)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)   # counters and histograms of every process
+        merged.register(self.live)
+        return generate_latest(merged)

@@ -13,6 +13,7 @@ from .batching import BatchResult, Job, topk
 from .config import ServerConfig
 from .embedded import EmbeddedBatcher
 from .errors import APIError
+from .front import current_request_id
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel
 from .preprocess import DecodeLimits, decode_to_views
@@ -53,14 +54,19 @@ class InferenceService:
         self.cfg, self.models, self.dispatcher, self.metrics = cfg, models, dispatcher, metrics
         self.limits = DecodeLimits(cfg.max_pixels, tuple(cfg.allowed_formats), cfg.jpeg_draft)
         for m in models:
-            metrics.queue_depth.labels(m.name).set_function(lambda name=m.name: dispatcher.depth(name))
-            metrics.solo_batches.labels(m.name).set_function(lambda name=m.name: dispatcher.solo_batches(name))
+            metrics.watch_model(m.name, lambda name=m.name: dispatcher.depth(name),
+                                lambda name=m.name: dispatcher.solo_batches(name))
 
     def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int) -> BatchResult:
         now = time.time()
         job = Job(model=model.name, pixels=pixels, n_images=n_images, n_views=n_views, merge=model.tta_merge,
-                  deadline=now + self.cfg.timeout_s, enqueued=now)
-        res = self.dispatcher.infer(job)
+                  deadline=now + self.cfg.timeout_s, enqueued=now, request_id=current_request_id())
+        try:
+            res = self.dispatcher.infer(job)
+        except Exception:
+            self.metrics.count_prediction(model.name, ok=False)
+            raise
+        self.metrics.count_prediction(model.name, ok=True)
         self.metrics.observe_result(model.name, res.batch_rows, res.queue_s, res.infer_s, n_images)
         return res
 

@@ -22,6 +22,7 @@ import redis
 
 from .batching import Job, run_batch
 from .config import WorkerConfig, add_common_arguments
+from .logs import add_logging_arguments, setup_logging
 from .metrics import ServerMetrics
 from .models import ServedModel, load_served_model
 from .redis_front import REDIS_ERRORS, connect
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-deliveries", type=int, default=3, help="then dead-letter the job")
     p.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve this worker's /metrics on this port")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address --metrics-port listens on (0.0.0.0: reachable by a scraper on another machine)")
+    add_logging_arguments(p)
     return p
 
 
@@ -199,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args.log_level, args.log_format)
     if not args.bundles:
         print("error: pass --bundle DIR (a bundle written by `python -m export`)", file=sys.stderr)
         return 2
     cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
-                       metrics_port=args.metrics_port)
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     if args.consumer:
         cfg.consumer = args.consumer
     try:
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ServerMetrics("worker")
     if cfg.metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=metrics.registry)
+        start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -34,9 +34,10 @@ class Counting:
 @pytest.fixture
 def clients(app, monkeypatch):
     """(through the fast path, Flask only, the counter of requests that reached Flask)."""
-    flask_only = app.wsgi_app.next
+    fast_path = app.wsgi_app.next   # under the FrontLayer (request ids, API keys, drain)
+    flask_only = fast_path.next
     counting = Counting(flask_only)
-    monkeypatch.setattr(app.wsgi_app, "next", counting)
+    monkeypatch.setattr(fast_path, "next", counting)
     return app.test_client(), Client(flask_only, Response), counting
 
 

@@ -1,0 +1,154 @@
+"""Serve the app over HTTP with a graceful drain on SIGTERM (``python -m server`` calls these).
+
+On SIGTERM (or SIGINT) readiness answers 503 at once, the requests in flight and those queued
+behind them are answered, and the process exits 0 once none has been in flight for a moment, or
+after ``--drain-timeout`` seconds at the latest. A second signal stops at once.
+
+Granian: the signal reaches the parent process, whose own handler would stop the worker process at
+once (granian's worker, on its SIGTERM, closes its connections). ``DrainingGranian`` delays that:
+the parent marks the shared ``DrainState`` as draining (the worker's ``FrontLayer`` then answers
+readiness with 503), waits for the worker's requests in flight to end, then lets granian stop the
+worker. Send the signal to the main process only (systemd: ``KillMode=mixed``); a SIGTERM sent to
+the worker process itself is granian's immediate stop.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+from functools import partial
+
+from .config import ServerConfig
+from .front import DrainState
+from .logs import setup_logging
+
+log = logging.getLogger("server")
+
+
+def one_torch_thread() -> None:
+    """Requests are preprocessed in parallel threads; torch's own intra-op pool on top of that only
+    oversubscribes the cores. (Torch-based model backends set their own count from --threads.)
+    Also keeps freed memory for the next request (server.memory)."""
+    import torch
+
+    from .memory import keep_freed_memory
+    torch.set_num_threads(1)
+    keep_freed_memory()
+
+
+def build_app(cfg: ServerConfig, a: argparse.Namespace, drain: DrainState | None = None):
+    """Configure logging and threads, load the models, start the batching threads: the app. Raises
+    ValueError/OSError for a bad bundle or flag (the caller prints it)."""
+    from .app import create_app
+
+    one_torch_thread()
+    setup_logging(a.log_level, a.log_format)
+    logging.getLogger("werkzeug").setLevel(a.log_level)   # per-request lines only at INFO
+    app = create_app(cfg, drain=drain)
+    mode = f"redis {cfg.redis_url}" if cfg.redis_url else "embedded"
+    names = ", ".join(m.name for m in app.extensions["inference"].models)
+    auth = f", API keys: {len(cfg.api_keys)}" if cfg.api_keys else ""
+    print(f"serving {names} ({mode}) on http://{cfg.host}:{cfg.port}{auth}", flush=True)
+    return app
+
+
+def _granian_worker_app(cfg: ServerConfig, a: argparse.Namespace, failed, drain: DrainState) -> object:
+    """Runs in granian's worker process (forked: models and threads are created there, never
+    before the fork). A load failure is printed, flagged for the parent and ends the worker."""
+    import os
+    try:
+        return build_app(cfg, a, drain)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        failed.value = 1
+        os._exit(2)
+
+
+class _QuietThreadCount(logging.Filter):
+    """Granian warns when blocking threads exceed 2 x cores; ours mostly wait for their batch."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Python threads" not in record.getMessage()
+
+
+def _draining_server_class():
+    from granian.server import Server
+
+    class DrainingGranian(Server):
+        """granian's server whose interrupt handler first drains (see the module docstring)."""
+
+        def setup_drain(self, drain: DrainState, timeout_s: float) -> None:
+            self.drain, self.drain_timeout_s, self._drainer = drain, timeout_s, None
+
+        def signal_handler_interrupt(self, *args, **kwargs):
+            if self._drainer is not None:   # a second signal: stop now
+                return super().signal_handler_interrupt(*args, **kwargs)
+            self.drain.start()
+            self._drainer = threading.Thread(target=self._drain_then_stop, name="drain", daemon=True)
+            self._drainer.start()
+
+        def _drain_then_stop(self) -> None:
+            idle = self.drain.wait_idle(self.drain_timeout_s)
+            if not idle:
+                log.warning("drain: %d request(s) still in flight after --drain-timeout %.1fs; stopping",
+                            self.drain.in_flight, self.drain_timeout_s)
+            Server.signal_handler_interrupt(self)
+
+    return DrainingGranian
+
+
+def serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
+    from granian.constants import HTTPModes, Interfaces
+
+    level = a.log_level.lower() if a.log_level.lower() in ("critical", "error", "warning", "info", "debug") else "info"
+    drain = DrainState()   # before the fork: shared with the worker process
+    srv = _draining_server_class()(
+        "server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.WSGI, workers=1,
+        blocking_threads=a.http_threads, backpressure=a.http_threads, http=HTTPModes.http1, websockets=False,
+        log_level=level, respawn_failed_workers=False,
+        workers_kill_timeout=5)   # the worker is idle by then: granian's own stop only closes connections
+    srv.setup_drain(drain, cfg.drain_timeout_s)
+    logging.getLogger("_granian").addFilter(_QuietThreadCount())
+    failed = multiprocessing.get_context("fork").Value("i", 0)
+    try:
+        srv.serve(target_loader=partial(_granian_worker_app, cfg, a, failed, drain), wrap_loader=False)
+    except SystemExit as exc:   # granian exits 1 when its worker died
+        return 2 if failed.value else (exc.code if isinstance(exc.code, int) else 1)
+    return 2 if failed.value else 0
+
+
+def serve_werkzeug(cfg: ServerConfig, a: argparse.Namespace) -> int:
+    """Werkzeug's threaded server in this process, with the same drain on SIGTERM/SIGINT."""
+    from werkzeug.serving import make_server
+
+    try:
+        app = build_app(cfg, a)
+    except (ValueError, OSError) as exc:   # ModelLoadError, bundle refusals, bad flags
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    drain: DrainState = app.extensions["drain"]
+    srv = make_server(cfg.host, cfg.port, app, threaded=True)
+    state = {"drainer": None}
+
+    def drain_then_stop() -> None:
+        if not drain.wait_idle(cfg.drain_timeout_s):
+            log.warning("drain: %d request(s) still in flight after --drain-timeout %.1fs; stopping",
+                        drain.in_flight, cfg.drain_timeout_s)
+        srv.shutdown()
+
+    def on_signal(signum, frame) -> None:
+        if state["drainer"] is not None:
+            raise SystemExit(1)   # a second signal: stop now
+        drain.start()
+        state["drainer"] = threading.Thread(target=drain_then_stop, name="drain", daemon=True)
+        state["drainer"].start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
+    return 0
