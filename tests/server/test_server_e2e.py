@@ -64,7 +64,7 @@ def test_sequential_requests_run_on_the_solo_session(embedded, tiny_digits):
         Client(embedded.url).predict([f.read_bytes()])
     with urllib.request.urlopen(embedded.url + "/metrics", timeout=5) as r:
         text = r.read().decode()
-    line = next(ln for ln in text.splitlines() if ln.startswith('server_solo_batches{model="digits"}'))
+    line = next(ln for ln in text.splitlines() if ln.startswith('server_solo_batches_total{model="digits"}'))
     assert float(line.split()[-1]) >= 3
 
 
