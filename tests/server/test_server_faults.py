@@ -7,10 +7,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from conftest import REPO
 from export import load_bundle
@@ -91,9 +93,13 @@ def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_
             w.wait()
 
 
-def test_gunicorn_front_with_a_redis_worker(redis_url, digits_bundle, tiny_digits):
+def test_gunicorn_front_with_a_redis_worker(redis_url, digits_bundle, tiny_digits, tmp_path):
+    """gunicorn -w 2 in Prometheus multiprocess mode: every scrape, whichever process answers it,
+    counts the requests of both processes."""
     port = free_port()
-    env = dict(os.environ, SERVER_ARGS=f"--bundle {digits_bundle} --redis-url {redis_url}",
+    mpdir = tmp_path / "prom"
+    mpdir.mkdir()
+    env = dict(os.environ, SERVER_ARGS=f"--bundle {digits_bundle} --redis-url {redis_url}", PROMETHEUS_MULTIPROC_DIR=str(mpdir),
                PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO), os.environ.get("PYTHONPATH", "")]))
     front = subprocess.Popen([sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4",
                               "-b", f"127.0.0.1:{port}", "server.wsgi:app"], cwd=REPO, env=env,
@@ -112,7 +118,26 @@ def test_gunicorn_front_with_a_redis_worker(redis_url, digits_bundle, tiny_digit
         got = np.zeros(len(ref.classes))
         got[out["predictions"][1]["indices"]] = out["predictions"][1]["probabilities"]
         np.testing.assert_allclose(got, ref.predict(f).probs[0], rtol=1e-4, atol=1e-5)
+        while len(list(mpdir.glob("counter_*.db"))) < 2:   # each process writes its file once its app is built
+            assert time.time() < deadline, "the second gunicorn worker did not start"
+            time.sleep(0.3)
+        n = 24   # concurrent raw-body requests (the fast path), spread over both processes by the kernel
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: Client(c.url, timeout=20).predict(f.read_bytes()), range(n)))
+        per_process = [_predict_200s(MultiProcessCollector.merge([str(p)])) for p in mpdir.glob("counter_*.db")]
+        assert len(per_process) == 2 and min(per_process) > 0, per_process   # both processes served
+        for _ in range(6):   # new connections: both processes answer some of the scrapes
+            with urllib.request.urlopen(c.url + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            line = next(ln for ln in text.splitlines() if ln.startswith('server_requests_total{endpoint="/predict",status="200"}'))
+            assert float(line.split()[-1]) == n + 1, line
+            assert 'server_predictions_total{model="digits",outcome="success"} 25.0' in text
     finally:
         for p in (front, worker):
             p.terminate()
             p.wait(10)
+
+
+def _predict_200s(metrics) -> float:
+    return sum(s.value for m in metrics for s in m.samples
+               if s.name == "server_requests_total" and s.labels == {"endpoint": "/predict", "status": "200"})
