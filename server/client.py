@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -27,12 +28,19 @@ class ServerError(RuntimeError):
 
 
 class Client:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 2):
+    """``api_key``: sent as ``Authorization: Bearer KEY`` (default: the SERVER_API_KEY environment
+    variable's first key, as the server reads it; None there: no header)."""
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 30.0, retries: int = 2,
+                 api_key: str | None = None):
         self.url, self.timeout, self.retries = url.rstrip("/"), timeout, retries
+        if api_key is None:
+            api_key = os.environ.get("SERVER_API_KEY", "").split(",")[0].strip() or None
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def _request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> dict:
         for attempt in range(self.retries + 1):
-            req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers or {})
+            req = urllib.request.Request(self.url + path, data=body, method=method, headers={**self._auth, **(headers or {})})
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read())
@@ -96,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--api-key", default=None,
+                   help="the server's API key (default: the SERVER_API_KEY environment variable, which keeps it out of `ps`)")
     a = p.parse_args(argv)
     missing = [f for f in a.images if not Path(f).is_file()]
     if missing:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        out = Client(a.url, a.timeout).predict(a.images, a.model, a.tta, a.topk)
+        out = Client(a.url, a.timeout, api_key=a.api_key).predict(a.images, a.model, a.tta, a.topk)
     except (ServerError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -191,3 +191,49 @@ def test_json_log_lines_parse_and_carry_exceptions():
     out = json.loads(JsonFormatter().format(rec))
     assert out["message"] == "boom x" and out["level"] == "ERROR" and out["request_id"] == "-"
     assert "RuntimeError: inner" in out["exception"] and out["time"].endswith("Z")
+
+
+def test_client_sends_the_api_key_from_its_argument_or_the_environment(monkeypatch):
+    from server.client import Client, ServerError
+    from server_fixtures import LiveServer
+
+    app, _ = _app(KEYS)
+    live = LiveServer(app)
+    try:
+        monkeypatch.delenv("SERVER_API_KEY", raising=False)
+        with pytest.raises(ServerError) as exc:
+            Client(live.url, timeout=10).predict(png_bytes())
+        assert exc.value.status == 401 and "X-API-Key" in exc.value.message
+        assert Client(live.url, timeout=10).ready()   # readiness needs no key
+        assert Client(live.url, timeout=10, api_key=KEYS[1]).predict(png_bytes())["model"] == "fake"
+        monkeypatch.setenv("SERVER_API_KEY", f"{KEYS[0]},{KEYS[1]}")
+        assert Client(live.url, timeout=10).models()["default"] == "fake"
+    finally:
+        live.close()
+
+
+def test_worker_and_front_take_the_operations_flags():
+    from server.__main__ import config_from_args
+    from server.worker import build_parser as worker_parser
+
+    a = worker_parser().parse_args(["--redis-url", "redis://x", "--metrics-port", "9100", "--metrics-host", "0.0.0.0",
+                                    "--log-format", "json"])
+    assert a.metrics_host == "0.0.0.0" and a.log_format == "json"
+    assert worker_parser().parse_args(["--redis-url", "redis://x"]).metrics_host == "127.0.0.1"
+    cfg, a = config_from_args(["--bundle", "b", "--drain-timeout", "5", "--api-key", "key-one-aaaa,key-two-bbbb",
+                               "--log-format", "json"])
+    assert cfg.drain_timeout_s == 5 and cfg.api_keys == KEYS and a.log_format == "json"
+    with pytest.raises(ValueError, match="--drain-timeout"):
+        config_from_args(["--bundle", "b", "--drain-timeout", "-1"])[0].validate()
+
+
+def test_json_logging_writes_one_object_per_line_with_the_request_id():
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    code = ("import logging; from server.logs import setup_logging; from server.front import request_id_var; "
+            "setup_logging('INFO', 'json'); request_id_var.set('rid-7'); logging.getLogger('server').info('hello %s', 1)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    line = json.loads(r.stderr.strip().splitlines()[-1])
+    assert line["message"] == "hello 1" and line["request_id"] == "rid-7" and line["logger"] == "server"
