@@ -75,7 +75,10 @@ def _sigterm_and_check_drain(proc, port: int, statuses: list, threads: list, ans
         assert time.time() < deadline, f"readiness stayed {status} after SIGTERM"
         time.sleep(0.05)
     assert "draining" in status[1]
-    if answer is not None:
+    if answer is not None:   # the jobs wait in Redis: the front must still be there, holding them
+        time.sleep(1.5)
+        assert proc.poll() is None, f"the front exited ({proc.returncode}) with requests in flight"
+        assert _get(port, "/v2/health/ready")[0] == 503
         answer()
     for t in threads:
         t.join(60)
