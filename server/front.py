@@ -134,7 +134,7 @@ class FrontLayer:
                     "error": "missing or wrong API key: send the header 'Authorization: Bearer KEY' or "
                              "'X-API-Key: KEY' with a key given to the server (--api-key / SERVER_API_KEY)",
                     "status": 401}, [("WWW-Authenticate", 'Bearer realm="shipclassifier"')])
-            if self.drain.draining and path in READY_PATHS:
+            if self.drain.draining and (path in READY_PATHS or path.startswith("/v2/models/") and path.endswith("/ready")):
                 return _json_response(start, "503 SERVICE UNAVAILABLE", {
                     "ready": False, "reason": "draining: SIGTERM received; answering the requests in flight, "
                                               "then exiting (--drain-timeout)"}, [])

@@ -73,7 +73,8 @@ class ServerMetrics:
 
     def watch_model(self, model: str, depth, solo_batches) -> None:
         """Read at scrape time: the model's queue depth and how many batches ran on its solo session."""
-        self.live.gauges.setdefault(f"{self.prefix}_queue_depth", ("jobs waiting or in flight per model", {}))[1][model] = depth
+        self.live.gauges.setdefault(f"{self.prefix}_queue_depth",
+                                    ("jobs waiting or in flight per model", {}))[1][model] = depth
         self.live.counters.setdefault(f"{self.prefix}_solo_batches", (
             "batches run on the session with every runner's threads (embedded mode, --runners > 1): lone "
             "requests", {}))[1][model] = solo_batches

@@ -156,6 +156,7 @@ def test_draining_turns_readiness_503_and_counts_requests_in_flight():
     drain.start()
     r = c.get("/v2/health/ready")
     assert r.status_code == 503 and r.get_json()["ready"] is False and "draining" in r.get_json()["reason"]
+    assert c.get("/v2/models/fake/ready").status_code == 503
     assert c.get("/v2/health/live").status_code == 200
     assert not drain.wait_idle(0.3)           # a request is still in flight
     disp.gate.set()
@@ -233,7 +234,8 @@ def test_json_logging_writes_one_object_per_line_with_the_request_id():
 
     from conftest import REPO
     code = ("import logging; from server.logs import setup_logging; from server.front import request_id_var; "
-            "setup_logging('INFO', 'json'); request_id_var.set('rid-7'); logging.getLogger('server').info('hello %s', 1)")
+            "setup_logging('INFO', 'json'); request_id_var.set('rid-7'); "
+            "logging.getLogger('server').info('hello %s', 1)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     line = json.loads(r.stderr.strip().splitlines()[-1])
     assert line["message"] == "hello 1" and line["request_id"] == "rid-7" and line["logger"] == "server"
