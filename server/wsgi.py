@@ -4,7 +4,8 @@
         gunicorn -w 2 -k gthread --threads 16 -b 127.0.0.1:8000 'server.wsgi:app'
 
 With several gunicorn workers use Redis mode (each process in embedded mode would hold its own
-model copy and batch only its own requests).
+model copy and batch only its own requests), and set PROMETHEUS_MULTIPROC_DIR to an empty directory
+so that /metrics sums every process (server.metrics). API keys: SERVER_API_KEY, as for `python -m server`.
 """
 import os
 
