@@ -92,8 +92,9 @@ class Layout:
         return d
 
     def summary(self) -> str:
+        took = f" (measured in {self.timings.seconds:.1f} s)" if self.timings is not None else ""
         return (f"runners {self.runners} x {self.threads} thread(s), solo session {self.solo_threads or 'none'}, "
-                f"max batch {self.max_batch} (auto: {', '.join(self.chosen) or 'none'}): {self.reason}")
+                f"max batch {self.max_batch} (auto: {', '.join(self.chosen) or 'none'}): {self.reason}{took}")
 
 
 def choose_layout(req: LayoutRequest, cores: int, timings: LayoutTimings | None = None, *,
