@@ -4,6 +4,10 @@ same image, in one run; plus the raw batched model throughput as the ceiling.
 
     python benchmarks/serve.py --bundle bundles/digits
     python benchmarks/serve.py --bundle bundles/mnv3 --concurrency 1 4 16 64 --seconds 8 --threads 2 --jpeg-draft
+    python benchmarks/serve.py --bundle bundles/mnv3 --bundle bundles/resnet50 --defaults-vs-tuned --rounds 3 --seconds 12
+
+The last form serves each bundle with no tuning flags (``defaults``: the server chooses its layout,
+server/layout.py) next to the hand-tuned embedded layouts and prints defaults / best tuned req/s.
 
 Every server runs in its own process(es), all started before the first measurement and paused
 (SIGSTOP) except while measured; the load generator is this process (threads, one keep-alive
@@ -488,7 +492,8 @@ def run_bundle(a, body: bytes) -> dict:
             for c in a.concurrency:   # interleaved: load drift on a shared machine hits every mode alike
                 if batch1_timer and c == 1:
                     batch1.append(batch1_timer())
-                for mode in a.modes:
+                # each round starts with the next mode: no mode always runs right after the same one
+                for mode in a.modes[rnd % len(a.modes):] + a.modes[:rnd % len(a.modes)]:
                     stacks[mode][0].resume()
                     try:
                         r = closed_loop(stacks[mode][1], body, c, a.warmup, a.seconds)
