@@ -127,10 +127,10 @@ def choose_layout(req: LayoutRequest, cores: int, timings: LayoutTimings | None 
         reason = (f"{cores} cores; at batch {timings.batch} {cores} single-thread calls side by side gave "
                   f"{ratio:.2f}x the images/s of one {cores}-thread call "
                   f"({timings.split_images_per_s:.1f} vs {timings.pooled_images_per_s:.1f})")
-    if req.solo_threads is not None:
-        solo = req.solo_threads if runners > 1 else 0
-    elif runners < 2 or not concurrent_ok:
+    if runners < 2 or not concurrent_ok:   # no runners to stand in for / no concurrent sessions
         solo = 0
+    elif req.solo_threads is not None:
+        solo = req.solo_threads
     else:
         solo = min(threads * runners, cores)
         solo = solo if solo > threads else 0
@@ -142,7 +142,7 @@ def choose_layout(req: LayoutRequest, cores: int, timings: LayoutTimings | None 
     return Layout(runners, threads, solo, max_batch, tuple(chosen), reason, timings)
 
 
-def _best_ms(fn: Callable[[], object]) -> float:
+def _call_ms(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
@@ -178,10 +178,10 @@ def measure_timings(single: Callable[[np.ndarray], object], pooled: Callable[[np
     best = {"p1": math.inf, "s1": math.inf, "pb": math.inf, "sb": math.inf}
     rounds = 0
     while rounds < 2 or (rounds < max_rounds and time.perf_counter() - t0 < budget_s):
-        best["p1"] = min(best["p1"], _best_ms(lambda: pooled(x1)))
-        best["s1"] = min(best["s1"], _best_ms(lambda: single(x1)))
-        best["pb"] = min(best["pb"], _best_ms(lambda: pooled(xb)))
-        best["sb"] = min(best["sb"], _best_ms(side_by_side))
+        best["p1"] = min(best["p1"], _call_ms(lambda: pooled(x1)))
+        best["s1"] = min(best["s1"], _call_ms(lambda: single(x1)))
+        best["pb"] = min(best["pb"], _call_ms(lambda: pooled(xb)))
+        best["sb"] = min(best["sb"], _call_ms(side_by_side))
         rounds += 1
     return LayoutTimings(batch=batch, pooled_images_per_s=batch * 1e3 / best["pb"],
                          split_images_per_s=cores * batch * 1e3 / best["sb"], pooled_batch1_ms=best["p1"],

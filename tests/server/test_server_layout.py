@@ -63,6 +63,7 @@ def test_one_core_and_backends_without_concurrent_calls_get_one_runner():
     assert values(choose_layout(AUTO, 1)) == (1, 1, 0, 32)
     lay = choose_layout(AUTO, 4, concurrent_ok=False, backend="torchscript")
     assert values(lay) == (1, 4, 0, 32) and "torchscript runs one call at a time" in lay.reason
+    assert values(choose_layout(LayoutRequest(runners=2, solo_threads=2), 4, concurrent_ok=False)) == (2, 4, 0, 32)
     assert values(choose_layout(AUTO, 4)) == (1, 4, 0, 32)   # nothing measured: the old default
 
 
@@ -109,5 +110,6 @@ def test_server_without_tuning_flags_reports_its_auto_layout(digits_bundle):
     assert lay["auto"] == ["runners", "threads", "solo_threads", "max_batch"] and lay["reason"]
     assert lay["runners"] * lay["threads"] == usable_cores() or lay["runners"] == 1
     assert batcher.runners == lay["runners"] and batcher.max_batch == min(lay["max_batch"], models[0]["max_batch"])
+    assert (batcher.solo is not None) == (lay["solo_threads"] > 0)
     if usable_cores() > 1:
         assert lay["measured"]["split_images_per_s"] > 0 and lay["measured"]["pooled_batch1_ms"] > 0
