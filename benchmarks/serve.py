@@ -4,6 +4,10 @@ same image, in one run; plus the raw batched model throughput as the ceiling.
 
     python benchmarks/serve.py --bundle bundles/digits
     python benchmarks/serve.py --bundle bundles/mnv3 --concurrency 1 4 16 64 --seconds 8 --threads 2 --jpeg-draft
+    python benchmarks/serve.py --bundle bundles/mnv3 --bundle bundles/resnet50 --defaults-vs-tuned --rounds 3 --seconds 12
+
+The last form serves each bundle with no tuning flags (``defaults``: the server chooses its layout,
+server/layout.py) next to the hand-tuned embedded layouts and prints defaults / best tuned req/s.
 
 Every server runs in its own process(es), all started before the first measurement and paused
 (SIGSTOP) except while measured; the load generator is this process (threads, one keep-alive
@@ -117,9 +121,12 @@ class Stack:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def spawn(self, *args: str, threads: int = 1) -> subprocess.Popen:
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
+    def spawn(self, *args: str, threads: int | None = 1) -> subprocess.Popen:
+        """threads: OMP_NUM_THREADS for the process; None leaves the environment as it is (defaults mode)."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         p = subprocess.Popen(list(args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)   # its own process group: pause() reaches granian's worker
         self.procs.append(p)
@@ -175,26 +182,32 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
     st, port = Stack(), free_port()
     url = f"http://127.0.0.1:{port}"
     py = sys.executable
-    common = ["--bundle", a.bundle, "--max-batch", str(a.max_batch), "--max-delay-ms", str(a.max_delay_ms)]
+    common = ["--bundle", a.bundle, "--max-delay-ms", str(a.max_delay_ms)]
     draft = ["--jpeg-draft"] if a.jpeg_draft else []
-    if mode.startswith("baseline"):   # baseline: the seed's preprocessing; baseline-shared: ours
+    if mode == "defaults":   # what a user gets: no --threads/--runners/--solo-threads/--max-batch
+        st.spawn(py, "-m", "server", "--bundle", a.bundle, *draft, "--port", str(port), "--max-queue", "10000",
+                 "--log-level", "WARNING", *a.server_args.split(), threads=None)
+    elif mode.startswith("baseline"):   # baseline: the seed's preprocessing; baseline-shared: ours
         st.spawn(py, __file__, "--serve-baseline", "seed" if mode == "baseline" else "shared", "--bundle", a.bundle,
                  "--port", str(port), "--threads", str(a.threads), threads=a.threads)
-    elif mode.startswith("embedded"):   # embedded[-N][-werkzeug]: N runners, the threads split between them
+    elif mode.startswith("embedded"):   # embedded[-N][-bM][-werkzeug]: N runners sharing the threads, --max-batch M
         parts = mode.split("-")[1:]
         http = "werkzeug" if "werkzeug" in parts else "granian"
         runners = int(next((p for p in parts if p.isdigit()), 1))
+        max_batch = next((p[1:] for p in parts if p[:1] == "b" and p[1:].isdigit()), str(a.max_batch))
         per = max(1, a.threads // runners)
-        st.spawn(py, "-m", "server", *common, *draft, "--port", str(port), "--threads", str(per), "--runners",
-                 str(runners), "--max-queue", "10000", "--log-level", "WARNING", "--http", http, *a.server_args.split(), threads=per)
+        st.spawn(py, "-m", "server", *common, "--max-batch", max_batch, *draft, "--port", str(port), "--threads",
+                 str(per), "--runners", str(runners), "--max-queue", "10000", "--log-level", "WARNING", "--http", http,
+                 *a.server_args.split(), threads=per)
     else:
         n = int(mode.split("-")[1])
         prefix = f"bench{port}"
         per = max(1, a.threads // n)
         for i in range(n):
-            st.spawn(py, "-m", "server.worker", "--redis-url", redis_url, *common, "--threads", str(per),
+            st.spawn(py, "-m", "server.worker", "--redis-url", redis_url, *common, "--max-batch", str(a.max_batch),
+                     "--threads", str(per),
                      "--prefix", prefix, "--consumer", f"b{i}", "--log-level", "WARNING", threads=per)
-        st.spawn(py, "-m", "server", *common, *draft, "--redis-url", redis_url, "--prefix", prefix, "--port",
+        st.spawn(py, "-m", "server", *common, "--max-batch", str(a.max_batch), *draft, "--redis-url", redis_url, "--prefix", prefix, "--port",
                  str(port), "--max-queue", "10000", "--log-level", "WARNING", threads=1)
     st.wait_ready(url)
     return st, url
@@ -389,6 +402,31 @@ def ceiling_of(before: dict, after: dict) -> dict:
             "batch1_ms": (before["batch1_ms"] + after["batch1_ms"]) / 2}
 
 
+def by_concurrency(rows: list[dict], key: str) -> dict[int, float]:
+    """{concurrency: median of `key` over the rounds}."""
+    out: dict[int, list[float]] = {}
+    for r in rows:
+        out.setdefault(r["concurrency"], []).append(r[key])
+    return {c: statistics.median(v) for c, v in out.items()}
+
+
+def defaults_vs_tuned(modes: dict[str, list[dict]]) -> dict:
+    """For each concurrency: the `defaults` server's req/s (median over the rounds) against the best
+    hand-tuned embedded mode's, and their ratio (the issue's target: >= 0.95)."""
+    if "defaults" not in modes:
+        return {}
+    tuned = {m: by_concurrency(rows, "throughput_rps") for m, rows in modes.items()
+             if m.startswith("embedded")}
+    out = {}
+    for c, rps in by_concurrency(modes["defaults"], "throughput_rps").items():
+        cands = {m: v[c] for m, v in tuned.items() if c in v}
+        if cands:
+            best = max(cands, key=cands.get)
+            out[str(c)] = {"defaults_rps": rps, "best_rps": cands[best], "best_mode": best,
+                           "ratio": rps / cands[best]}
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -396,10 +434,11 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     for mode, rows in results["modes"].items():
-        c = [r["concurrency"] for r in rows]
-        ax[0].plot(c, [r["throughput_rps"] for r in rows], marker="o", label=mode)
-        ax[1].plot(c, [r["p50_ms"] for r in rows], marker="o", label=mode)
-    ax[0].axhline(results["ceiling"]["images_per_s"], ls="--", c="gray", label="raw batched model")
+        rps, p50 = by_concurrency(rows, "throughput_rps"), by_concurrency(rows, "p50_ms")
+        ax[0].plot(list(rps), list(rps.values()), marker="o", label=mode)
+        ax[1].plot(list(p50), list(p50.values()), marker="o", label=mode)
+    if "ceiling" in results:
+        ax[0].axhline(results["ceiling"]["images_per_s"], ls="--", c="gray", label="raw batched model")
     for a_, t in zip(ax, ("throughput (requests/s)", "p50 latency (ms)")):
         a_.set_xscale("log", base=2)
         a_.set_xlabel("concurrency")
@@ -410,14 +449,129 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def model_layouts(url: str) -> list[dict]:
+    """What a server says about how it runs its models (GET /models: the auto layout and why)."""
+    with urllib.request.urlopen(url + "/models", timeout=10) as r:
+        return [{"name": m["name"], "layout": m.get("layout")} for m in json.loads(r.read())["models"]]
+
+
+def run_bundle(a, body: bytes) -> dict:
+    """Every mode and concurrency (and --rounds) for the bundle a.bundle, interleaved; the raw
+    model ceiling before and after (unless --no-raw)."""
+    from export import read_manifest
+
+    man = read_manifest(a.bundle)
+    results = {"model": f"{man['name']} ({man.get('architecture', man['kind'])})", "image": f"{a.image_size[0]}x"
+               f"{a.image_size[1]} JPEG", "threads": a.threads, "max_batch": a.max_batch, "jpeg_draft": a.jpeg_draft,
+               "seconds": a.seconds, "rounds": a.rounds, "modes": {}}
+    if not a.no_raw:
+        results["raw"] = raw_model(a, body)
+        print(f"raw model: {results['raw']['batched_images_per_s']:.1f} images/s ({results['raw']['best']}), "
+              f"batch-1 {results['raw']['batch1_ms']:.2f} ms, decode+preprocess {results['raw']['decode_preprocess_ms']:.2f} ms",
+              flush=True)
+    redis_proc, redis_url = None, None
+    if any(m.startswith("redis") for m in a.modes):
+        port = free_port()
+        redis_proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        redis_url = f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.5)
+    stacks: dict[str, tuple[Stack, str]] = {}
+    batch1: list[float] = []
+    try:
+        for mode in a.modes:   # all up at once, so cells can interleave; each paused while not measured
+            stacks[mode] = start_mode(mode, a, redis_url)
+            if mode == "defaults":
+                results["defaults_layout"] = model_layouts(stacks[mode][1])
+                for m in results["defaults_layout"]:
+                    print(f"defaults: {m['name']}: {json.dumps(m['layout'])}", flush=True)
+            stacks[mode][0].pause()
+        results["modes"] = {m: [] for m in a.modes}
+        batch1_timer = raw_batch1_timer(a, body) if 1 in a.concurrency and not a.no_raw else None
+        for rnd in range(a.rounds):
+            for c in a.concurrency:   # interleaved: load drift on a shared machine hits every mode alike
+                if batch1_timer and c == 1:
+                    batch1.append(batch1_timer())
+                # each round starts with the next mode: no mode always runs right after the same one
+                for mode in a.modes[rnd % len(a.modes):] + a.modes[:rnd % len(a.modes)]:
+                    stacks[mode][0].resume()
+                    try:
+                        r = closed_loop(stacks[mode][1], body, c, a.warmup, a.seconds)
+                    finally:
+                        stacks[mode][0].pause()
+                    r["round"] = rnd
+                    results["modes"][mode].append(r)
+                    print(f"{mode:9s} c={c:3d}  {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
+                          f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch']:5.2f}  "
+                          f"errors {r['errors']}", flush=True)
+                    if batch1_timer and c == 1:   # this cell's reference: the batch-1 time right before and after it
+                        batch1.append(batch1_timer())
+                        r["raw_batch1_ms"] = (batch1[-2] + batch1[-1]) / 2
+                        print(f"          raw batch-1 model time before/after: {batch1[-2]:.2f} / {batch1[-1]:.2f} ms",
+                              flush=True)
+    finally:
+        for st, _ in stacks.values():
+            st.stop()
+        if redis_proc:
+            redis_proc.terminate()
+            redis_proc.wait()
+    if not a.no_raw:
+        after = raw_model(a, body)
+        results["raw_after"] = after
+        results["ceiling"] = ceiling_of(results["raw"], after)
+        if batch1:   # the batch-1 time measured next to the c=1 cells
+            results["ceiling"]["batch1_ms"] = statistics.fmean(batch1)
+        ceiling = results["ceiling"]["images_per_s"]
+        print(f"raw model again: {after['batched_images_per_s']:.1f} images/s ({after['best']}); ceiling "
+              f"{ceiling:.1f} ({results['ceiling']['config']}, mean of the two runs)")
+        for rows in results["modes"].values():
+            for r in rows:
+                r["of_raw"] = r["throughput_rps"] / ceiling
+                if r["concurrency"] == 1:
+                    r["p50_over_raw_batch1_ms"] = r["p50_ms"] - r.get("raw_batch1_ms", results["ceiling"]["batch1_ms"])
+    for key, ref in (("vs_baseline", "baseline"), ("vs_baseline_shared", "baseline-shared")):
+        base = {(r["round"], r["concurrency"]): r["throughput_rps"] for r in results["modes"].get(ref, [])}
+        for rows in results["modes"].values():
+            for r in rows:
+                if base.get((r["round"], r["concurrency"])):
+                    r[key] = r["throughput_rps"] / base[(r["round"], r["concurrency"])]
+    results["defaults_vs_tuned"] = defaults_vs_tuned(results["modes"])
+    print("\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline "
+          "| x baseline-shared |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, rows in results["modes"].items():
+        for r in rows:
+            vb, vs, raw = r.get("vs_baseline"), r.get("vs_baseline_shared"), r.get("of_raw")
+            print(f"| {mode} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
+                  f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {'' if raw is None else f'{100 * raw:.0f}%'} | "
+                  f"{'' if vb is None else f'{vb:.2f}'} | {'' if vs is None else f'{vs:.2f}'} |")
+    if "ceiling" in results:
+        print(f"\nceiling {results['ceiling']['images_per_s']:.1f} images/s ({results['ceiling']['config']}); raw "
+              f"batch-1 model {results['ceiling']['batch1_ms']:.2f} ms; c=1 p50 above the batch-1 time measured around "
+              "its cell: " + ", ".join(f"{m} {r['p50_over_raw_batch1_ms']:+.2f} ms" for m, rows in results["modes"].items()
+                                      for r in rows if "p50_over_raw_batch1_ms" in r))
+    return results
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--modes", nargs="+", default=["baseline", "baseline-shared", "embedded", "embedded-2", "redis-1", "redis-2"],
+    p.add_argument("--bundle", dest="bundles", action="append", required=True,
+                   help="bundle to serve (repeat: each bundle in turn, in one run)")
+    p.add_argument("--modes", nargs="+", default=None,
                    help="baseline: the seed's server (PIL decode, torchvision resize, one model call per "
-                        "request); baseline-shared: the same with our preprocessing code; embedded-N: N runners (add -werkzeug for Werkzeug's HTTP server instead of granian); "
-                        "redis-N: N worker processes (threads split between them)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+                        "request); baseline-shared: the same with our preprocessing code; defaults: python -m "
+                        "server with no tuning flags (it chooses its layout); embedded-N-bM: N runners sharing "
+                        "--threads, --max-batch M (add -werkzeug for Werkzeug's HTTP server instead of granian); "
+                        "redis-N: N worker processes (threads split between them). Default: baseline "
+                        "baseline-shared embedded embedded-2 redis-1 redis-2")
+    p.add_argument("--defaults-vs-tuned", action="store_true",
+                   help="modes defaults, embedded, embedded-T, embedded-T-b8 (T: --threads) at concurrency 1 and 16 "
+                        "unless --modes/--concurrency say otherwise, and no raw ceiling: prints defaults / best "
+                        "tuned req/s per concurrency (the target: >= 0.95)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default: 1 4 16 64")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every cell this many times (interleaved); "
+                   "ratios use the median")
+    p.add_argument("--no-raw", action="store_true", help="skip the raw model ceiling and the c=1 batch-1 reference")
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=2, help="model threads per mode (split across workers)")
@@ -431,100 +585,36 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.serve_baseline:
-        serve_baseline(a.bundle, a.port, a.threads, a.serve_baseline)
+        serve_baseline(a.bundles[0], a.port, a.threads, a.serve_baseline)
         return 0
+    if a.defaults_vs_tuned:
+        a.modes = a.modes or ["defaults", "embedded", f"embedded-{a.threads}", f"embedded-{a.threads}-b8"]
+        a.concurrency = a.concurrency or [1, 16]
+        a.no_raw = True
+    a.modes = a.modes or ["baseline", "baseline-shared", "embedded", "embedded-2", "redis-1", "redis-2"]
+    a.concurrency = a.concurrency or [1, 4, 16, 64]
 
-    from export import read_manifest
     from server.memory import keep_freed_memory
 
     keep_freed_memory()   # as in the servers: the raw ceiling gets every advantage they get
-    man = read_manifest(a.bundle)
     body = make_image(*a.image_size)
-    results = {"model": f"{man['name']} ({man.get('architecture', man['kind'])})", "image": f"{a.image_size[0]}x"
-               f"{a.image_size[1]} JPEG", "threads": a.threads, "max_batch": a.max_batch, "jpeg_draft": a.jpeg_draft,
-               "seconds": a.seconds, "modes": {}}
-    results["raw"] = raw_model(a, body)
-    print(f"raw model: {results['raw']['batched_images_per_s']:.1f} images/s ({results['raw']['best']}), "
-          f"batch-1 {results['raw']['batch1_ms']:.2f} ms, decode+preprocess {results['raw']['decode_preprocess_ms']:.2f} ms",
-          flush=True)
-    redis_proc, redis_url = None, None
-    if any(m.startswith("redis") for m in a.modes):
-        port = free_port()
-        redis_proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                                       "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-        redis_url = f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.5)
-    stacks: dict[str, tuple[Stack, str]] = {}
-    batch1: list[float] = []
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally below: no paused stack left behind
-    try:
-        for mode in a.modes:   # all up at once, so cells can interleave; each paused while not measured
-            stacks[mode] = start_mode(mode, a, redis_url)
-            stacks[mode][0].pause()
-        results["modes"] = {m: [] for m in a.modes}
-        batch1_timer = raw_batch1_timer(a, body) if 1 in a.concurrency else None
-        for c in a.concurrency:   # interleaved: load drift on a shared machine hits every mode alike
-            if c == 1:
-                batch1.append(batch1_timer())
-            for mode in a.modes:
-                stacks[mode][0].resume()
-                try:
-                    r = closed_loop(stacks[mode][1], body, c, a.warmup, a.seconds)
-                finally:
-                    stacks[mode][0].pause()
-                results["modes"][mode].append(r)
-                print(f"{mode:9s} c={c:3d}  {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:7.2f}  "
-                      f"p95 {r['p95_ms']:7.2f}  p99 {r['p99_ms']:7.2f} ms  batch {r['mean_batch']:5.2f}  "
-                      f"errors {r['errors']}", flush=True)
-                if c == 1:   # this cell's reference: the batch-1 time right before and right after it
-                    batch1.append(batch1_timer())
-                    r["raw_batch1_ms"] = (batch1[-2] + batch1[-1]) / 2
-                    print(f"          raw batch-1 model time before/after: {batch1[-2]:.2f} / {batch1[-1]:.2f} ms",
-                          flush=True)
-    finally:
-        for st, _ in stacks.values():
-            st.stop()
-        if redis_proc:
-            redis_proc.terminate()
-            redis_proc.wait()
-    after = raw_model(a, body)
-    results["raw_after"] = after
-    results["ceiling"] = ceiling_of(results["raw"], after)
-    if batch1:   # the batch-1 time measured next to the c=1 cells
-        results["ceiling"]["batch1_ms"] = statistics.fmean(batch1)
-    ceiling = results["ceiling"]["images_per_s"]
-    print(f"raw model again: {after['batched_images_per_s']:.1f} images/s ({after['best']}); ceiling "
-          f"{ceiling:.1f} ({results['ceiling']['config']}, mean of the two runs)")
-    for rows in results["modes"].values():
-        for r in rows:
-            r["of_raw"] = r["throughput_rps"] / ceiling
-            if r["concurrency"] == 1:
-                r["p50_over_raw_batch1_ms"] = r["p50_ms"] - r.get("raw_batch1_ms", results["ceiling"]["batch1_ms"])
-    for key, ref in (("vs_baseline", "baseline"), ("vs_baseline_shared", "baseline-shared")):
-        base = {r["concurrency"]: r["throughput_rps"] for r in results["modes"].get(ref, [])}
-        for rows in results["modes"].values():
-            for r in rows:
-                if base.get(r["concurrency"]):
-                    r[key] = r["throughput_rps"] / base[r["concurrency"]]
-    print("\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline "
-          "| x baseline-shared |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for mode, rows in results["modes"].items():
-        for r in rows:
-            vb, vs = r.get("vs_baseline"), r.get("vs_baseline_shared")
-            print(f"| {mode} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | "
-                  f"{r['p99_ms']:.1f} | {r['mean_batch']:.2f} | {100 * r['of_raw']:.0f}% | "
-                  f"{'' if vb is None else f'{vb:.2f}'} | {'' if vs is None else f'{vs:.2f}'} |")
-    print(f"\nceiling {ceiling:.1f} images/s ({results['ceiling']['config']}); raw batch-1 model "
-          f"{results['ceiling']['batch1_ms']:.2f} ms; c=1 p50 above the batch-1 time measured around its cell: " + ", ".join(
-              f"{m} {r['p50_over_raw_batch1_ms']:+.2f} ms" for m, rows in results["modes"].items() for r in rows
-              if "p50_over_raw_batch1_ms" in r))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally: no paused stack left behind
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.json").write_text(json.dumps(results, indent=2))
-    plot(results, out / "serve.png")
-    print(f"wrote {out / 'serve.json'} and {out / 'serve.png'}")
-    print(json.dumps(results))
+    runs = []
+    for bundle in a.bundles:
+        a.bundle = bundle
+        results = run_bundle(a, body)
+        runs.append(results)
+        stem = "serve" if len(a.bundles) == 1 else f"serve-{Path(bundle).name}"
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        plot(results, out / f"{stem}.png")
+        print(f"wrote {out / stem}.json and {out / stem}.png", flush=True)
+    for results in runs:
+        for c, v in results["defaults_vs_tuned"].items():
+            print(f"defaults vs tuned: {results['model']} c={c}: {v['defaults_rps']:.1f} / {v['best_rps']:.1f} req/s "
+                  f"({v['best_mode']}) = {v['ratio']:.3f}")
+    print(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}))
     return 0
 
 

@@ -29,15 +29,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-queue", type=int, default=256, help="queued jobs per model before 503")
-    p.add_argument("--runners", type=int, default=1,
-                   help="embedded mode: batches in flight at once per model (onnxruntime backends; others "
-                        "run one batch at a time). mobilenet_v3_large on 2 cores: --runners 2 --threads 1 "
-                        "served 1.1-1.3x the requests/s of --threads 2 at concurrency 16; a lone request then "
-                        "runs on an extra session with every core (see --solo-threads)")
+    p.set_defaults(max_batch=None)   # chosen per model at start-up (server.layout), unlike the worker's 32
+    p.add_argument("--runners", type=int, default=None,
+                   help="embedded mode: batches in flight at once per model (onnxruntime backends; others run "
+                        "one batch at a time). Default: chosen at start-up from the cores and a ~1-2 s measurement "
+                        "of the model (one single-thread runner per core, or one runner with every core); "
+                        "GET /models shows the choice and why")
     p.add_argument("--solo-threads", type=int, default=None,
-                   help="embedded mode with --runners > 1: intra-op threads of an extra session that runs a "
+                   help="embedded mode with several runners: intra-op threads of an extra session that runs a "
                         "batch when no other batch runs and no request is arriving (default: runners x "
-                        "threads, at most the cores; 0: no extra session, which saves a copy of the weights)")
+                        "threads, at most the cores, if that makes batch 1 faster; 0: no extra session, which "
+                        "saves a copy of the weights)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="request deadline (504 after it)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image; larger ones get 413")

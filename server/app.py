@@ -26,8 +26,7 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     if models is None:
         cfg.validate()
         embedded = cfg.redis_url is None
-        models = [load_served_model(b, cfg.backend, cfg.threads, with_weights=embedded,
-                                    solo_threads=cfg.solo_session_threads() if embedded else 0)
+        models = [load_served_model(b, cfg.backend, with_weights=embedded, layout=cfg.layout_request())
                   for b in cfg.bundles]
     model_set = ModelSet(models)
     metrics = ServerMetrics()

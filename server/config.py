@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from .layout import LayoutRequest
+
 DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 
 
@@ -16,10 +18,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     backend: str = "auto"                 # which bundle artifact runs in embedded mode
-    threads: int | None = None            # intra-op threads for the model in embedded mode
-    runners: int = 1                      # embedded mode: batches in flight at once per model
-    solo_threads: int | None = None       # threads of the lone-batch session (None: auto, 0: none)
-    max_batch: int = 32                   # model rows per batched call
+    # embedded mode's layout (server.layout.choose_layout); None: chosen at start-up per model
+    threads: int | None = None            # intra-op threads of each runner's session
+    runners: int | None = None            # batches in flight at once per model
+    solo_threads: int | None = None       # threads of the lone-batch session (0: none)
+    max_batch: int | None = None          # model rows per batched call
     max_delay_ms: float = 2.0             # how long a batch may wait to fill up
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
     max_queue_rows: int = 1024            # queued model rows (images x TTA views) per model before 503
@@ -38,8 +41,8 @@ class ServerConfig:
         if not self.bundles:
             raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
         for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images),
-                        ("runners", self.runners)):
-            if v < 1:
+                        ("runners", self.runners), ("threads", self.threads)):
+            if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.solo_threads is not None and self.solo_threads < 0:
             raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
@@ -49,16 +52,9 @@ class ServerConfig:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
         return self
 
-    def solo_session_threads(self) -> int:
-        """Intra-op threads of the extra session a lone batch runs on (0: none). Auto: with several
-        runners of --threads each, their sum, at most the machine's cores; none with one runner or
-        without --threads (each runner's session then already uses every core)."""
-        if self.solo_threads is not None:
-            return self.solo_threads if self.runners > 1 else 0
-        if self.runners < 2 or not self.threads:
-            return 0
-        total = min(self.threads * self.runners, os.cpu_count() or 1)
-        return total if total > self.threads else 0
+    def layout_request(self) -> LayoutRequest:
+        """The tuning flags as given (None: the server chooses; server.layout)."""
+        return LayoutRequest(self.threads, self.runners, self.solo_threads, self.max_batch)
 
 
 @dataclass
@@ -83,8 +79,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", dest="bundles", action="append", default=[], metavar="DIR",
                    help="bundle directory (repeat for several models; the first is the default)")
     p.add_argument("--backend", default="auto", help="export.load_bundle backend: auto, onnxruntime, onnxruntime-int8, torchscript, pt2")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads per model")
-    p.add_argument("--max-batch", type=int, default=32, help="model rows per batched call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads per model (default: every core; python -m server: per runner, chosen at "
+                        "start-up, see GET /models)")
+    p.add_argument("--max-batch", type=int, default=32,
+                   help="model rows per batched call (default 32; python -m server: chosen at start-up, 8 with "
+                        "single-thread runners, else 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
     p.add_argument("--prefix", default="srv", help="Redis key prefix")
     p.add_argument("--reply-ttl-s", type=int, default=60)

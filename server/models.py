@@ -5,6 +5,7 @@ needs the manifest (classes, preprocessing, TTA), so it never loads weights.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,9 @@ from trainer.tta import TTAError, TTAView, check_views, parse_policy, views_from
 
 from .batching import PredictFn
 from .errors import APIError
+from .layout import Layout, LayoutRequest, choose_layout, measure_timings, usable_cores
+
+log = logging.getLogger("server.layout")
 
 
 class ModelLoadError(ValueError):
@@ -62,6 +66,7 @@ class ServedModel:
     predict_solo: PredictFn | None = field(default=None, repr=False)
     # ensembles: predict returns (M, N, K) member probabilities; combine fuses the view-merged members
     combine: Callable[[list[np.ndarray]], np.ndarray] | None = field(default=None, repr=False)
+    layout: Layout | None = None   # embedded mode: how the model runs (server.layout); None elsewhere
 
     def views_for(self, policy: str | None) -> tuple[str, list[TTAView]]:
         """A request's TTA policy (None/'' or 'default': the bundle's) -> (name, views)."""
@@ -76,9 +81,12 @@ class ServedModel:
 
     def describe(self) -> dict:
         ch, cw = self.spec.crop_size
-        return {"name": self.name, "version": self.version, "kind": self.kind, "classes": self.classes,
-                "input": {"dtype": "uint8", "shape": [-1, 3, ch, cw]}, "tta_default": self.tta_default,
-                "max_batch": self.max_batch, "preprocessing": self.spec.to_dict()}
+        d = {"name": self.name, "version": self.version, "kind": self.kind, "classes": self.classes,
+             "input": {"dtype": "uint8", "shape": [-1, 3, ch, cw]}, "tta_default": self.tta_default,
+             "max_batch": self.max_batch, "preprocessing": self.spec.to_dict()}
+        if self.layout is not None:
+            d["layout"] = self.layout.describe()
+        return d
 
 
 def _concurrent_ok(bundle) -> bool:
@@ -114,13 +122,53 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     return one_at_a_time, combine
 
 
+def _load_with_layout(root: Path, backend: str, req: LayoutRequest):
+    """-> (bundle for the runners, solo bundle or None, layout). Auto: the every-core session is
+    loaded first (one runner's, or the solo session's); a backend that takes concurrent calls also
+    gets a single-thread session, both are timed, and the layout keeps the sessions it uses."""
+    from export import load_bundle
+
+    cores = usable_cores()
+    if req.needs_measurement(cores):
+        pooled = load_bundle(str(root), backend=backend, threads=cores)
+        if not _concurrent_ok(pooled):
+            return pooled, None, choose_layout(req, cores, concurrent_ok=False, backend=pooled.backend)
+        single = load_bundle(str(root), backend=backend, threads=1)
+        ch, cw = _spec_from_manifest(pooled.manifest, root).crop_size
+        timings = measure_timings(_bundle_predict(single)[0], _bundle_predict(pooled)[0], (3, ch, cw), cores)
+        layout = choose_layout(req, cores, timings, backend=pooled.backend)
+        if layout.threads != 1:
+            return pooled, None, layout
+        if layout.solo_threads in (0, cores):
+            return single, (pooled if layout.solo_threads else None), layout
+        return single, load_bundle(str(root), backend=backend, threads=layout.solo_threads), layout
+    layout = choose_layout(req, cores)
+    bundle = load_bundle(str(root), backend=backend, threads=layout.threads)
+    if not _concurrent_ok(bundle):
+        fixed = choose_layout(req, cores, concurrent_ok=False, backend=bundle.backend)
+        if fixed.threads != layout.threads:
+            bundle = load_bundle(str(root), backend=backend, threads=fixed.threads)
+        return bundle, None, fixed
+    solo = load_bundle(str(root), backend=backend, threads=layout.solo_threads) if layout.solo_threads else None
+    return bundle, solo, layout
+
+
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
-                      with_weights: bool = True, solo_threads: int = 0) -> ServedModel:
-    """solo_threads > 0: also open a session with that many intra-op threads (``predict_solo``), if
-    the backend allows concurrent calls (onnxruntime); it costs a second copy of the weights."""
+                      with_weights: bool = True, solo_threads: int = 0,
+                      layout: LayoutRequest | None = None) -> ServedModel:
+    """``layout`` (embedded mode): the tuning flags; the rest is chosen here (server.layout) and
+    ``threads``/``solo_threads`` are ignored. Without it, one session with ``threads`` and, if
+    solo_threads > 0 and the backend allows concurrent calls (onnxruntime), a second one with that
+    many threads (``predict_solo``; a second copy of the weights)."""
     root = Path(path)
-    predict = combine = solo = None
-    if with_weights:
+    predict = combine = solo = chosen = None
+    if with_weights and layout is not None:
+        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout)
+        manifest = bundle.manifest
+        predict, combine = _bundle_predict(bundle)
+        solo = _bundle_predict(solo_bundle)[0] if solo_bundle is not None else None
+        log.info("layout for %s: %s", manifest.get("name") or root.name, chosen.summary())
+    elif with_weights:
         from export import load_bundle  # the one bundle reader (checks sha256, schema, members)
 
         bundle = load_bundle(str(root), backend=backend, threads=threads)
@@ -142,7 +190,8 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
     return ServedModel(name=name, version=str(manifest.get("version", "1")), kind=manifest.get("kind", "model"),
                        classes=list(manifest["classes"]), spec=spec, tta_default=default, tta_views=views,
                        tta_merge=tta.get("merge", "mean"), max_batch=int(manifest.get("max_batch", 64)),
-                       manifest=manifest, path=str(root), predict=predict, predict_solo=solo, combine=combine)
+                       manifest=manifest, path=str(root), predict=predict, predict_solo=solo, combine=combine,
+                       layout=chosen)
 
 
 class ModelSet:

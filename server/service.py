@@ -14,6 +14,7 @@ from .config import ServerConfig
 from .embedded import EmbeddedBatcher
 from .errors import APIError
 from .front import current_request_id
+from .layout import choose_layout, usable_cores
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel
 from .preprocess import DecodeLimits, decode_to_views
@@ -21,9 +22,10 @@ from .preprocess import DecodeLimits, decode_to_views
 
 class EmbeddedDispatcher:
     def __init__(self, models: ModelSet, cfg: ServerConfig):
+        layouts = {m.name: m.layout or choose_layout(cfg.layout_request(), usable_cores()) for m in models}
         self.batchers = {
-            m.name: EmbeddedBatcher(m.name, m.predict, min(cfg.max_batch, m.max_batch), cfg.max_delay_ms,
-                                    cfg.max_queue, combine=m.combine, runners=cfg.runners,
+            m.name: EmbeddedBatcher(m.name, m.predict, min(layouts[m.name].max_batch, m.max_batch), cfg.max_delay_ms,
+                                    cfg.max_queue, combine=m.combine, runners=layouts[m.name].runners,
                                     solo=m.predict_solo)
             for m in models}
 

@@ -184,13 +184,3 @@ def test_under_load_the_runners_use_their_own_sessions_side_by_side():
     b.close()
     assert [name for name, _, _ in log] == ["runner"] * 4 and max(n for _, _, n in log) == 2
     assert b.solo_batches == 0 and all(r.batch_rows == 1 for r in out)
-
-
-@pytest.mark.parametrize("threads,runners,solo,cpus,want", [
-    (1, 2, None, 2, 2), (1, 4, None, 2, 2), (2, 2, None, 2, 0), (None, 2, None, 2, 0), (1, 1, None, 2, 0),
-    (1, 2, 0, 2, 0), (1, 2, 3, 2, 3), (1, 1, 3, 2, 0)])
-def test_solo_session_threads(monkeypatch, threads, runners, solo, cpus, want):
-    from server.config import ServerConfig
-    monkeypatch.setattr("os.cpu_count", lambda: cpus)
-    cfg = ServerConfig(bundles=["x"], threads=threads, runners=runners, solo_threads=solo).validate()
-    assert cfg.solo_session_threads() == want
