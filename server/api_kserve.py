@@ -12,7 +12,7 @@ import json
 import struct
 
 import numpy as np
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .errors import APIError
 
@@ -156,9 +156,10 @@ def infer(name: str, version: str | None = None):
     x, _ = _input_tensor(req["inputs"][0], binary, 0)
     params = req.get("parameters") or {}
     if isinstance(x, list):
-        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"))
+        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"),
+                                     arrival=g.get("arrival"))
     else:
-        probs = svc.probs_for_tensor(m, x)
+        probs = svc.probs_for_tensor(m, x, arrival=g.get("arrival"))
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     wanted = req.get("outputs") or [{"name": "probs"}]
     for o in wanted:
