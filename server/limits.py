@@ -110,7 +110,7 @@ def check_request_pixels(sizes: list[tuple[int, int]], spec: PreprocessSpec, vie
     total = request_pixels(sizes, spec, views)
     if total > limits.max_request_pixels:
         decoded = sum(w * h for w, h in sizes)
-        raise APIError(413, f"request needs {total / 1e6:.1f} megapixels ({decoded / 1e6:.1f} decoded, the rest "
-                            f"resized for {len(views)} view(s)); the limit is {limits.max_request_pixels / 1e6:.1f} "
+        raise APIError(413, f"request needs {total:,} pixels ({decoded:,} decoded, the rest resized for "
+                            f"{len(views)} TTA view(s)); the limit is {limits.max_request_pixels:,} "
                             "(--max-request-pixels): send fewer or smaller images, fewer TTA scales, or images "
                             "closer to square")
