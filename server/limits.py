@@ -6,12 +6,12 @@ mode), which applies these checks in the same order:
 1. the TTA policy text (length and type) before it is parsed;
 2. a client-chosen policy's views: at most ``--max-tta-views`` per image, resizes at most
    ``--max-tta-scale`` x the bundle's resize size (a bigger one costs memory and time quadratically:
-   ``multiscale:100000`` on a 500x375 photo asks for a 40-gigapixel resize);
+   ``multiscale:100000`` on a 500x375 photo asks for a 13-gigapixel resize);
 3. model rows (images x views) at most ``--max-queue-rows``: a job bigger than the whole queue
    could never be admitted, so it is a 413, not a 503 to retry;
 4. the request's pixels from the image headers, before any decoding: every image's own pixels plus
    every distinct resize its views need, summed over the request, at most ``--max-request-pixels``
-   (a 40000x1 image passes ``--max-pixels`` but resizes to 10 gigapixels at shorter side 256);
+   (a 40000x1 image passes ``--max-pixels`` but resizes to 2.6 gigapixels at shorter side 256);
 5. the deadline: ``--timeout-s`` from the request's arrival, checked between images and before the
    job is queued (504), and carried by the job to the batcher or Redis worker.
 """
