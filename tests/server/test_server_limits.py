@@ -36,6 +36,7 @@ def serve(request):
             url = request.getfixturevalue("redis_url")
             app = create_app(ServerConfig(redis_url=url, **cfg), models=[model])
             disp = app.extensions["inference"].dispatcher
+            request.addfinalizer(disp.close)
             return app.test_client(), calls, lambda: int(disp.client.xlen(Keys("srv").jobs("fake")))
         app = create_app(ServerConfig(**cfg), models=[model])
         return app.test_client(), calls, lambda: 0
