@@ -40,10 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "batch when no other batch runs and no request is arriving (default: runners x "
                         "threads, at most the cores, if that makes batch 1 faster; 0: no extra session, which "
                         "saves a copy of the weights)")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="request deadline (504 after it)")
+    p.add_argument("--max-queue-rows", type=int, default=1024,
+                   help="model rows (images x TTA views) queued or running per model before 503 + Retry-After; "
+                        "one request over it gets 413")
+    p.add_argument("--timeout-s", type=float, default=10.0,
+                   help="request deadline from its arrival, decoding included (504 after it)")
     p.add_argument("--max-request-bytes", type=int, default=32 * 1024 * 1024)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="per image; larger ones get 413")
     p.add_argument("--max-images", type=int, default=64, help="images per request")
+    p.add_argument("--max-tta-views", type=int, default=16,
+                   help="views per image of a TTA policy the client chooses (ten-crop: 10); more get 422")
+    p.add_argument("--max-tta-scale", type=float, default=2.0,
+                   help="largest TTA resize (multiscale:S) relative to the bundle's resize size; larger get 422")
+    p.add_argument("--max-request-pixels", type=int, default=100_000_000,
+                   help="per request, from the image headers before decoding: decoded pixels plus the pixels "
+                        "of every resize the TTA views need; more get 413")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at a reduced DCT scale (faster for large photos, not bit-exact)")
     p.add_argument("--http", choices=("granian", "werkzeug"), default="granian",
@@ -69,6 +80,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argpa
                        threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
+                       max_tta_views=a.max_tta_views, max_tta_scale=a.max_tta_scale,
+                       max_request_pixels=a.max_request_pixels, max_queue_rows=a.max_queue_rows,
                        drain_timeout_s=a.drain_timeout,
                        api_keys=parse_api_keys(a.api_keys, os.environ.get(API_KEY_ENV)))
     return cfg, a

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 
 import numpy as np
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .errors import APIError
 
@@ -66,6 +67,22 @@ def model_ready(name: str, version: str | None = None):
     return jsonify({"name": m.name, "ready": ok, "reason": reason}), 200 if ok else 503
 
 
+def _object(value, what: str) -> dict:
+    """An optional JSON object of the request (absent: {}); anything else is the client's mistake."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise APIError(400, f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _binary_size(params: dict) -> int | None:
+    size = params.get("binary_data_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise APIError(400, f"input 'images' parameters.binary_data_size must be a non-negative integer, got {size!r}")
+    return size
+
+
 def _read_request() -> tuple[dict, bytes]:
     body = request.get_data(cache=False)
     hlen = request.headers.get("Inference-Header-Content-Length")
@@ -101,19 +118,20 @@ def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
     return out
 
 
-def _input_tensor(inp: dict, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+def _input_tensor(inp, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+    inp = _object(inp, "each of \"inputs\"")
     name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
     if name != "images":
         raise APIError(400, f"unknown input {name!r}; this model has one input named 'images'")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise APIError(400, f"input 'images' shape must be a list of non-negative integers, got {shape!r}")
-    count = int(np.prod(shape)) if shape else 1
-    size = (inp.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)   # exact: a declared [2**40, 2**40] must not wrap around in int64
+    size = _binary_size(_object(inp.get("parameters"), "input 'images' parameters"))
     if size is not None:
-        raw = binary[offset:offset + int(size)]
-        if len(raw) != int(size):
+        raw = binary[offset:offset + size]
+        if len(raw) != size:
             raise APIError(400, f"binary data for 'images' is {len(raw)} bytes, binary_data_size says {size}")
-        offset += int(size)
+        offset += size
     if dtype == "BYTES":
         if len(shape) != 1:
             raise APIError(400, f"BYTES input 'images' must have shape [N] (one encoded image each), got {shape}")
@@ -136,7 +154,7 @@ def _input_tensor(inp: dict, binary: bytes, offset: int) -> tuple[np.ndarray | l
     data = inp.get("data")
     try:
         arr = np.asarray(data, dtype=np.int64).reshape(-1)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise APIError(400, f"input 'images' \"data\" is not a list of integers ({exc})") from exc
     if arr.size != count:
         raise APIError(400, f"input 'images' has {arr.size} values for shape {shape}")
@@ -154,18 +172,22 @@ def infer(name: str, version: str | None = None):
     if len(req["inputs"]) != 1:
         raise APIError(400, f"{len(req['inputs'])} inputs given; this model has one input named 'images'")
     x, _ = _input_tensor(req["inputs"][0], binary, 0)
-    params = req.get("parameters") or {}
+    params = _object(req.get("parameters"), "request \"parameters\"")
     if isinstance(x, list):
-        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"))
+        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"),
+                                     arrival=g.get("arrival"))
     else:
-        probs = svc.probs_for_tensor(m, x)
+        probs = svc.probs_for_tensor(m, x, arrival=g.get("arrival"))
     probs = np.ascontiguousarray(probs, dtype=np.float32)
     wanted = req.get("outputs") or [{"name": "probs"}]
+    if not isinstance(wanted, list):
+        raise APIError(400, f"\"outputs\" must be a list of {{\"name\": \"probs\"}} objects, got {type(wanted).__name__}")
+    wanted = [_object(o, "each of \"outputs\"") for o in wanted]
     for o in wanted:
         if o.get("name") != "probs":
             raise APIError(400, f"unknown output {o.get('name')!r}; this model has one output named 'probs'")
     binary_out = bool(params.get("binary_data_output")) or any(
-        (o.get("parameters") or {}).get("binary_data") for o in wanted)
+        _object(o.get("parameters"), "output parameters").get("binary_data") for o in wanted)
     out = {"name": "probs", "datatype": "FP32", "shape": list(probs.shape)}
     resp = {"model_name": m.name, "model_version": m.version, "outputs": [out]}
     if "id" in req:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 
 from .errors import APIError
 from .fastpath import OPTIONS, RAW_TYPES, read_raw_body
@@ -54,5 +54,6 @@ def parse_predict_request() -> tuple[list[tuple[str, bytes]], dict]:
 def predict():
     images, opts = parse_predict_request()
     svc = current_app.extensions["inference"]
-    body = svc.classify_images(images, opts.get("model"), opts.get("tta"), opts.get("topk", 5))
+    body = svc.classify_images(images, opts.get("model"), opts.get("tta"), opts.get("topk", 5),
+                               arrival=g.get("arrival"))
     return jsonify(body)

@@ -48,6 +48,7 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     @app.before_request
     def _start_timer():
         g.t0 = time.perf_counter()
+        g.arrival = time.time()   # the request deadline (--timeout-s) starts here and covers decoding
 
     @app.after_request
     def _count(resp):

@@ -27,10 +27,13 @@ class ServerConfig:
     max_queue: int = 256                  # queued jobs per model before 503 + Retry-After
     max_queue_rows: int = 1024            # queued model rows (images x TTA views) per model before 503
     drain_timeout_s: float = 30.0         # SIGTERM: readiness 503 at once, answer what is queued, exit by then
-    timeout_s: float = 10.0               # request deadline: 504 when exceeded
+    timeout_s: float = 10.0               # request deadline from arrival (decoding included): 504 after it
     max_request_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000          # per decoded image (decompression bombs)
     max_images: int = 64                  # per request
+    max_tta_views: int = 16               # views per image of a client-chosen TTA policy (ten-crop is 10)
+    max_tta_scale: float = 2.0            # largest TTA resize, relative to the bundle's resize size
+    max_request_pixels: int = 100_000_000  # per request: decoded + resized pixels, from the headers
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
     jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
     prefix: str = "srv"                   # Redis key prefix
@@ -41,13 +44,16 @@ class ServerConfig:
         if not self.bundles:
             raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
         for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images),
-                        ("runners", self.runners), ("threads", self.threads)):
+                        ("runners", self.runners), ("threads", self.threads), ("max_queue_rows", self.max_queue_rows),
+                        ("max_tta_views", self.max_tta_views), ("max_request_pixels", self.max_request_pixels)):
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.solo_threads is not None and self.solo_threads < 0:
             raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
         if self.drain_timeout_s < 0:
             raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
+        if self.max_tta_scale < 1.0:
+            raise ValueError(f"--max-tta-scale must be >= 1 (1: no TTA resize above the bundle's), got {self.max_tta_scale}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
         return self

@@ -29,7 +29,8 @@ class EmbeddedBatcher:
     """
 
     def __init__(self, name: str, predict: PredictFn, max_batch: int = 32, max_delay_ms: float = 5.0,
-                 max_queue: int = 256, combine=None, runners: int = 1, solo: PredictFn | None = None):
+                 max_queue: int = 256, combine=None, runners: int = 1, solo: PredictFn | None = None,
+                 max_queue_rows: int = 1024):
         self.name, self.predict, self.combine = name, predict, combine
         self.solo = solo if runners > 1 else None
         self.runners = runners
@@ -37,7 +38,12 @@ class EmbeddedBatcher:
         self._slots = threading.Condition()
         self.solo_batches = 0                # how many batches ran on the solo session
         self.max_batch, self.max_delay = max_batch, max_delay_ms / 1000.0
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_rows = max_queue, max_queue_rows
+        # model rows (images x views) admitted and not yet answered or dropped: queued, or being
+        # computed by a runner or a request's own thread. Jobs differ in size by up to ~1000x (one
+        # image vs 64 images x 16 views), so a job count alone does not bound memory or wait.
+        self._rows = 0
+        self._rows_lock = threading.Lock()
         self._q: queue.Queue[tuple[Job, Future]] = queue.Queue()
         self._arriving = 0
         self._arriving_lock = threading.Lock()
@@ -67,7 +73,24 @@ class EmbeddedBatcher:
             with self._arriving_lock:
                 self._arriving -= 1
 
+    def rows(self) -> int:
+        """Model rows queued or being computed."""
+        return self._rows
+
+    def _admit(self, job: Job) -> None:
+        with self._rows_lock:
+            if self._rows and self._rows + job.rows > self.max_queue_rows:
+                raise APIError(503, f"model {self.name!r} has {self._rows} model rows queued or running and this "
+                                    f"request adds {job.rows} (--max-queue-rows {self.max_queue_rows}); retry "
+                                    "shortly", retry_after=1)
+            self._rows += job.rows
+
+    def _release(self, job: Job) -> None:
+        with self._rows_lock:
+            self._rows -= job.rows
+
     def submit(self, job: Job) -> Future:
+        """Queue an admitted job (``_admit``); the runner that takes it releases its rows."""
         if self._q.qsize() >= self.max_queue:
             raise APIError(503, f"model {self.name!r} has {self._q.qsize()} queued requests (--max-queue "
                                 f"{self.max_queue}); retry shortly", retry_after=1)
@@ -76,16 +99,23 @@ class EmbeddedBatcher:
         return fut
 
     def infer(self, job: Job) -> BatchResult:
-        direct = self._run_here(job)
-        if direct is not None:
-            return direct
-        fut = self.submit(job)
+        self._admit(job)
+        queued = False
+        try:
+            direct = self._run_here(job)
+            if direct is not None:
+                return direct
+            fut = self.submit(job)
+            queued = True
+        finally:
+            if not queued:   # answered here or refused; a queued job's rows go with its batch
+                self._release(job)
         try:
             return fut.result(timeout=max(0.0, job.deadline - time.time()))
         except FutureTimeout:
             fut.cancel()
-            raise APIError(504, f"no answer within the request deadline ({job.deadline - job.enqueued:.1f}s, "
-                                f"--timeout-s); the server is overloaded") from None
+            raise APIError(504, f"no answer within the {job.deadline - job.enqueued:.1f}s left of the request "
+                                f"deadline when the job was queued (--timeout-s); the server is overloaded") from None
 
     def _run_here(self, job: Job) -> BatchResult | None:
         """A job that finds nothing queued or arriving and a free slot (every slot, for the solo
@@ -131,23 +161,35 @@ class EmbeddedBatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             items = self._gather()
-            now = time.time()
-            # skip what nobody waits for any more: cancelled (timed out) or past its deadline
-            live = [(j, f) for j, f in items if not j.expired(now) and f.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            jobs = [j for j, _ in live]
-            slots, predict = self._take_slots()
-            try:
-                results = run_batch(jobs, predict, self.max_batch, self.combine)
-            except Exception as exc:  # a model failure answers every job of the batch with a 500
-                log.exception("batch of %d jobs failed", len(jobs))
-                for _, f in live:
-                    f.set_exception(APIError(500, f"inference failed: {exc}"))
-                continue
-            finally:
-                self._free_slots(slots)
-            for (_, f), r in zip(live, results):
+            if items:
+                self._run_items(items)
+
+    def _run_items(self, items: list[tuple[Job, Future]]) -> None:
+        """Run the jobs still waited for; every job's rows are released before its answer is set
+        (a client that sends its next request at once finds them free)."""
+        now = time.time()
+        # skip what nobody waits for any more: cancelled (timed out) or past its deadline
+        live = [(j, f) for j, f in items if not j.expired(now) and f.set_running_or_notify_cancel()]
+        for j, f in items:
+            if not any(f is g for _, g in live):
+                self._release(j)
+        if not live:
+            return
+        jobs = [j for j, _ in live]
+        slots, predict = self._take_slots()
+        try:
+            results = run_batch(jobs, predict, self.max_batch, self.combine)
+        except Exception as exc:  # a model failure answers every job of the batch with a 500
+            log.exception("batch of %d jobs failed", len(jobs))
+            results = [APIError(500, f"inference failed: {exc}")] * len(jobs)
+        finally:
+            self._free_slots(slots)
+            for j in jobs:
+                self._release(j)
+        for (_, f), r in zip(live, results):
+            if isinstance(r, APIError):
+                f.set_exception(r)
+            else:
                 f.set_result(r)
 
     def _take_slots(self, wait: bool = True) -> tuple[int, PredictFn] | None:

@@ -61,9 +61,9 @@ class RawPredictPath:
     def __call__(self, environ, start_response):
         if not self.handles(environ):
             return self.next(environ, start_response)
-        t0 = time.perf_counter()
+        t0, arrival = time.perf_counter(), time.time()
         try:
-            status, payload, headers = 200, self.answer(environ), []
+            status, payload, headers = 200, self.answer(environ, arrival), []
         except APIError as exc:
             status, payload, headers = exc.status, error_body(exc.status, exc.message), retry_headers(exc.retry_after)
         except Exception as exc:   # as the Flask app's handler: logged, and a 500 that names no internals
@@ -80,12 +80,12 @@ class RawPredictPath:
         self._latency.observe(time.perf_counter() - t0)
         return [body]
 
-    def answer(self, environ) -> dict:
+    def answer(self, environ, arrival: float | None = None) -> dict:
         data = read_raw_body(environ, self.app.config.get("MAX_CONTENT_LENGTH"))   # as the route: read per request
         opts = {}
         for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
             if key in OPTIONS and key not in opts:   # the first value, as Flask's request.args.get
                 opts[key] = value
         return self.service.classify_images([("body", data)], opts.get("model"), opts.get("tta"),
-                                            opts.get("topk", 5))
+                                            opts.get("topk", 5), arrival=arrival)
 

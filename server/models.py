@@ -208,6 +208,8 @@ class ModelSet:
 
     def get(self, name: str | None) -> ServedModel:
         name = name or self.default
+        if not isinstance(name, str):   # JSON bodies may hold anything
+            raise APIError(400, f"model must be a model name (a string), got {type(name).__name__}")
         if name not in self.by_name:
             raise APIError(404, f"unknown model {name!r}; available: {', '.join(self.by_name)}")
         return self.by_name[name]

@@ -46,6 +46,8 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
     if fmt not in limits.allowed_formats:
         raise APIError(415, f"{name}: image format {fmt} is not accepted; send one of "
                             f"{', '.join(limits.allowed_formats)}")
+    if w < 1 or h < 1:
+        raise APIError(422, f"{name}: header declares an empty {w}x{h} image; the file is corrupt")
     if w * h > limits.max_pixels:
         raise APIError(413, f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels is above the limit of "
                             f"{limits.max_pixels / 1e6:.1f} (--max-pixels); downscale it first")
@@ -67,9 +69,11 @@ def _decode_draft(data: bytes, name: str, resize_size: int) -> np.ndarray:
         raise ImageDecodeError(f"{name}: unreadable image ({exc or type(exc).__name__})") from exc
 
 
-def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimits) -> np.ndarray:
-    """(H, W, 3) uint8, after the header checks."""
-    fmt, _, _ = sniff(data, name, limits)
+def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimits,
+               fmt: str | None = None) -> np.ndarray:
+    """(H, W, 3) uint8, after the header checks (``fmt``: ``sniff`` already ran and said so)."""
+    if fmt is None:
+        fmt, _, _ = sniff(data, name, limits)
     try:
         if limits.jpeg_draft and fmt == "JPEG":
             return _decode_draft(data, name, spec.resize_size)
@@ -89,8 +93,8 @@ def to_views(rgb: np.ndarray, spec: PreprocessSpec, views: list[TTAView]) -> tor
 
 
 def decode_to_views(data: bytes, name: str, spec: PreprocessSpec, views: list[TTAView],
-                    limits: DecodeLimits) -> torch.Tensor:
-    rgb = decode_rgb(data, name, spec, limits)
+                    limits: DecodeLimits, fmt: str | None = None) -> torch.Tensor:
+    rgb = decode_rgb(data, name, spec, limits, fmt)
     if min(rgb.shape[:2]) < 1:
         raise APIError(422, f"{name}: decoded to an empty image {rgb.shape}")
     return to_views(rgb, spec, views)
