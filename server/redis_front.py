@@ -48,7 +48,7 @@ def connect(url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis
 
 def unreachable(url: str, exc: Exception) -> APIError:
     if isinstance(exc, redis.ResponseError):   # OOM at maxmemory, READONLY after a failover, LOADING...
-        return APIError(503, f"queue unavailable: Redis at {redact_url(url)} refused the command ({exc}); "
+        return APIError(503, f"queue unavailable: Redis at {redact_url(url)} refused the command ({type(exc).__name__}: {exc}); "
                              "retry shortly", retry_after=1)
     return APIError(503, f"queue unavailable: Redis at {redact_url(url)} is unreachable ({type(exc).__name__}); "
                          "retry shortly", retry_after=1)
@@ -90,7 +90,7 @@ class RedisDispatcher:
         except REDIS_ERRORS as exc:
             return False, f"Redis at {redact_url(self.url)} is unreachable ({type(exc).__name__})"
         except redis.ResponseError as exc:
-            return False, f"Redis at {redact_url(self.url)} refused the command ({exc})"
+            return False, f"Redis at {redact_url(self.url)} refused the command ({type(exc).__name__}: {exc})"
         if n == 0:
             return False, f"no live worker for model {model!r}; start `python -m server.worker`"
         return True, f"{n} worker(s)"

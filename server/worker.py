@@ -29,6 +29,7 @@ from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, 
                      encode_reply, stream_id_key)
 
 log = logging.getLogger("server.worker")
+DEAD_CONSUMER_IDLE_MS = 60_000   # a consumer silent this long, holding nothing, belonged to a killed worker
 
 
 class ModelWorker(threading.Thread):
@@ -104,7 +105,7 @@ class ModelWorker(threading.Thread):
                         self.ensure_group()   # Redis restarted empty, or the stream was deleted
                         continue
                     # OOM at maxmemory, READONLY after a failover, LOADING...: wait for Redis to recover
-                    backoff = self._retry_later(f"Redis refused a command ({exc})", backoff)
+                    backoff = self._retry_later(f"Redis refused a command ({type(exc).__name__}: {exc})", backoff)
                 except REDIS_ERRORS as exc:
                     backoff = self._retry_later(f"Redis unreachable ({type(exc).__name__}: {exc})", backoff)
             self.leave()
@@ -212,7 +213,7 @@ class ModelWorker(threading.Thread):
             return
         for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            if name != self.cfg.consumer and c["pending"] == 0 and c["idle"] > 60_000:
+            if name != self.cfg.consumer and c["pending"] == 0 and c["idle"] > DEAD_CONSUMER_IDLE_MS:
                 self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, name])
 
     def process(self, entries: list) -> None:
