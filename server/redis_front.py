@@ -7,6 +7,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
 from redis.retry import Retry
 
 from .batching import BatchResult, Job
@@ -38,6 +39,15 @@ def redact_url(url: str | None) -> str:
         return "<unparsable Redis URL>"
 
 
+def check_url(url: str) -> str:
+    """Refuse a malformed --redis-url at start-up (named, password hidden), not at the first request."""
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ValueError(f"--redis-url {redact_url(url)}: {exc}") from None
+    return url
+
+
 def connect(url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis:
     """A client that fails fast (no retries, 1 s connect timeout, reads bounded by socket_timeout_s)
     and reconnects on the next call."""
@@ -59,7 +69,7 @@ class RedisDispatcher:
                  max_queue_rows: int = 1024, models=None, timeout_s: float = 10.0):
         """models: the ServedModels whose version and bundle checksum each job names (a job for a
         model not in it names none, and any worker takes it)."""
-        self.url, self.keys, self.max_queue, self.heartbeat_s = url, Keys(prefix), max_queue, heartbeat_s
+        self.url, self.keys, self.max_queue, self.heartbeat_s = check_url(url), Keys(prefix), max_queue, heartbeat_s
         self.max_queue_rows, self.timeout_s = max_queue_rows, timeout_s
         self.identity = {m.name: (m.version, bundle_checksum(m)) for m in (models or [])}
         self._client: redis.Redis | None = None

@@ -24,7 +24,7 @@ from .batching import Job, run_batch
 from .config import WorkerConfig, add_common_arguments
 from .metrics import ServerMetrics
 from .models import ServedModel, load_served_model
-from .redis_front import REDIS_ERRORS, connect, redact_url
+from .redis_front import REDIS_ERRORS, check_url, connect, redact_url
 from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum, decode_job,
                      encode_reply, stream_id_key)
 
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.consumer:
         cfg.consumer = args.consumer
     try:
+        check_url(cfg.redis_url)
         models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)

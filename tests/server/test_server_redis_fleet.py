@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import threading
 import time
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 import server.batching
+import server.redis_front
 import server.worker
 from server.batching import Job
 from server.redis_front import redact_url
@@ -64,6 +66,27 @@ def test_a_password_in_the_url_never_reaches_http_bodies_or_logs(caplog):
         server.worker.ModelWorker(WorkerConfig(redis_url=url), make_fake_model(), ServerMetrics("worker"),
                                   threading.Event()).prepare()
     assert "***" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_a_malformed_redis_url_is_refused_at_start_up_naming_the_flag(capsys):
+    from server.app import create_app
+    from server.config import ServerConfig
+    with pytest.raises(ValueError, match=r"--redis-url http://:\*\*\*@db/0: Redis URL must specify"):
+        create_app(ServerConfig(redis_url="http://:s3cret@db/0"), models=[make_fake_model()])
+    assert server.worker.main(["--redis-url", "redis://:s3cret@db:port/0", "--bundle", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--redis-url redis://:***@db:port/0" in err and "s3cret" not in err
+
+
+def test_a_redis_that_never_answers_is_a_503_not_a_hang(monkeypatch):
+    # a partition: the TCP connection opens (the kernel accepts it) but no reply ever comes
+    monkeypatch.setattr(server.redis_front, "SOCKET_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        c = front(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.5)
+        r = post_png(c)
+    assert r.status_code == 503 and "unreachable (TimeoutError)" in r.get_json()["error"]
 
 
 class SkewedClock:
