@@ -33,7 +33,8 @@ def redact_url(url: str | None) -> str:
             cred, host = netloc.rsplit("@", 1)
             user, sep, _ = cred.partition(":")
             netloc = f"{user}:***@{host}" if sep else f"***@{host}"   # redis://TOKEN@host: the token is a secret
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, True)])
+        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query, True)],
+                          safe="*")
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:   # unparsable: say nothing about it rather than leak it
         return "<unparsable Redis URL>"
@@ -58,8 +59,8 @@ def connect(url: str, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> redis.Redis
 
 def unreachable(url: str, exc: Exception) -> APIError:
     if isinstance(exc, redis.ResponseError):   # OOM at maxmemory, READONLY after a failover, LOADING...
-        return APIError(503, f"queue unavailable: Redis at {redact_url(url)} refused the command ({type(exc).__name__}: {exc}); "
-                             "retry shortly", retry_after=1)
+        return APIError(503, f"queue unavailable: Redis at {redact_url(url)} refused the command "
+                             f"({type(exc).__name__}: {exc}); retry shortly", retry_after=1)
     return APIError(503, f"queue unavailable: Redis at {redact_url(url)} is unreachable ({type(exc).__name__}); "
                          "retry shortly", retry_after=1)
 
@@ -125,8 +126,9 @@ class RedisDispatcher:
         try:
             fields = encode_job(job, reply, job.deadline - time.time(), checksum)
             flat = [x for kv in fields.items() for x in kv]
+            limits = [self.heartbeat_s, self.max_queue, self.max_queue_rows, job.rows]
             status, figure = self._enqueue(keys=[key, self.keys.workers(job.model), self.keys.rows(job.model)],
-                                           args=[self.heartbeat_s, self.max_queue, self.max_queue_rows, job.rows, *flat])
+                                           args=[*limits, *flat])
             self._refuse(job.model, status.decode() if isinstance(status, bytes) else status, figure)
             got = r.blpop([reply], timeout=max(0.01, job.deadline - time.time()))
         except (*REDIS_ERRORS, redis.ResponseError) as exc:

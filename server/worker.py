@@ -7,7 +7,9 @@ or until --max-delay-ms passes, runs one batched inference, then writes each rep
 one Lua script (so a job is answered once even if two workers end up holding it). Entries a dead
 worker left pending are reclaimed with XAUTOCLAIM after --claim-idle-ms; one delivered more than
 --max-deliveries times goes to the dead-letter stream and its client gets an error. Jobs whose
-deadline has passed are acknowledged without being computed.
+deadline has passed (on Redis' clock) are acknowledged without being computed; jobs sent for
+another bundle version are answered 409. SIGTERM drains: the batch in hand is answered and
+acknowledged, the consumer leaves the group, and the process exits 0 within --drain-timeout.
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ class ModelWorker(threading.Thread):
         reply = fields.get(b"reply", b"").decode() or self.keys.reply("unknown")
         job_id = fields.get(b"id", b"?").decode()
         msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.keys.dead(self.model.name)}"
-        self._finish(entry_id, reply, job_id, encode_reply({"error": msg, "status": 500}), "dead", _rows(fields), reason)
+        payload = encode_reply({"error": msg, "status": 500})
+        self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reason)
         self.metrics.dead_letters.labels(self.model.name).inc()
         log.error("%s", msg)
 
