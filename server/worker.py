@@ -26,7 +26,7 @@ from .batching import Job, run_batch
 from .config import WorkerConfig, add_common_arguments
 from .metrics import ServerMetrics
 from .models import ServedModel, load_served_model
-from .redis_front import REDIS_ERRORS, check_url, connect, redact_url
+from .redis_front import check_url, connect, redact_url
 from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum, decode_job,
                      encode_reply, stream_id_key)
 
@@ -45,6 +45,7 @@ class ModelWorker(threading.Thread):
         self._beat = self.r.register_script(HEARTBEAT_SCRIPT)
         self._leave = self.r.register_script(LEAVE_SCRIPT)
         self._next_beat = self._next_claim = self._next_sweep = 0.0
+        self._group_missing = False
         self.max_rows = min(cfg.max_batch, model.max_batch)
         self.checksum = bundle_checksum(model)
         self.clock_offset_s = 0.0   # Redis TIME - this machine's time.time(), measured at each heartbeat
@@ -103,13 +104,12 @@ class ModelWorker(threading.Thread):
                     self.step()
                     backoff = 0.1
                 except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
-                        self._next_beat = 0.0
-                        self.ensure_group()   # Redis restarted empty, or the stream was deleted
+                    if "NOGROUP" in str(exc):   # Redis restarted empty, or the stream was deleted
+                        self._next_beat, self._group_missing = 0.0, True
                         continue
                     # OOM at maxmemory, READONLY after a failover, LOADING...: wait for Redis to recover
                     backoff = self._retry_later(f"Redis refused a command ({type(exc).__name__}: {exc})", backoff)
-                except REDIS_ERRORS as exc:
+                except redis.RedisError as exc:   # connection lost, socket timeout, ...: wait for it to come back
                     backoff = self._retry_later(f"Redis unreachable ({type(exc).__name__}: {exc})", backoff)
             self.leave()
         finally:
@@ -149,6 +149,9 @@ class ModelWorker(threading.Thread):
         self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
 
     def step(self) -> None:
+        if self._group_missing:   # here, inside the loop's error handling (Redis may be gone again)
+            self.ensure_group()
+            self._group_missing = False
         now = time.time()
         if now >= self._next_beat:
             self.heartbeat()
