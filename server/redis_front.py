@@ -1,4 +1,4 @@
-"""Redis mode, front side: enqueue a job (one Lua script), then wait for its one reply with BLPOP."""
+"""Redis mode, front side: admit a job (one Lua script), XADD it, then wait for its one reply with BLPOP."""
 from __future__ import annotations
 
 import time
@@ -12,7 +12,7 @@ from redis.retry import Retry
 
 from .batching import BatchResult, Job
 from .errors import APIError
-from .redisq import ENQUEUE_SCRIPT, LIVE_SCRIPT, Keys, bundle_checksum, decode_reply, encode_job
+from .redisq import ADMIT_SCRIPT, LIVE_SCRIPT, Keys, bundle_checksum, decode_reply, encode_job
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # a partition must not hang a front or a worker for hours: every read gives up after this (fronts
@@ -74,13 +74,13 @@ class RedisDispatcher:
         self.max_queue_rows, self.timeout_s = max_queue_rows, timeout_s
         self.identity = {m.name: (m.version, bundle_checksum(m)) for m in (models or [])}
         self._client: redis.Redis | None = None
-        self._enqueue = self._live = None
+        self._admit = self._live = None
 
     @property
     def client(self) -> redis.Redis:
         if self._client is None:   # lazily: nothing connects at import or app creation
             self._client = connect(self.url, SOCKET_TIMEOUT_S + self.timeout_s)
-            self._enqueue = self._client.register_script(ENQUEUE_SCRIPT)
+            self._admit = self._client.register_script(ADMIT_SCRIPT)
             self._live = self._client.register_script(LIVE_SCRIPT)
         return self._client
 
@@ -124,12 +124,13 @@ class RedisDispatcher:
         key, reply = self.keys.jobs(job.model), self.keys.reply(job.id)
         r = self.client
         try:
-            fields = encode_job(job, reply, job.deadline - time.time(), checksum)
-            flat = [x for kv in fields.items() for x in kv]
-            limits = [self.heartbeat_s, self.max_queue, self.max_queue_rows, job.rows]
-            status, figure = self._enqueue(keys=[key, self.keys.workers(job.model), self.keys.rows(job.model)],
-                                           args=[*limits, *flat])
+            status, figure = self._admit(keys=[key, self.keys.workers(job.model), self.keys.rows(job.model)],
+                                         args=[self.heartbeat_s, self.max_queue, self.max_queue_rows, job.rows])
             self._refuse(job.model, status.decode() if isinstance(status, bytes) else status, figure)
+            add = r.pipeline(transaction=True)   # the entry and its rows are counted together
+            add.xadd(key, encode_job(job, reply, job.deadline - time.time(), checksum))
+            add.incrby(self.keys.rows(job.model), job.rows)
+            add.execute()
             got = r.blpop([reply], timeout=max(0.01, job.deadline - time.time()))
         except (*REDIS_ERRORS, redis.ResponseError) as exc:
             raise unreachable(self.url, exc) from exc

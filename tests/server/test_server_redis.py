@@ -128,14 +128,17 @@ def test_stalled_entries_are_reclaimed_and_poison_jobs_dead_lettered(redis_url, 
     # a "crashed" consumer takes the first job and never acknowledges it
     ghost_took = threading.Event()
 
+    fake_heartbeat(rc)   # before the request: the front refuses jobs for a model with no live worker
+    rc.xgroup_create(keys.jobs("fake"), GROUP, id="0", mkstream=True)
+
     def ghost():
-        fake_heartbeat(rc)
-        rc.xgroup_create(keys.jobs("fake"), GROUP, id="0", mkstream=True)
+        end = time.monotonic() + 10
         while not rc.xreadgroup(GROUP, "ghost", {keys.jobs("fake"): ">"}, count=1, block=100):
-            pass
+            if time.monotonic() > end:
+                return
         ghost_took.set()
 
-    g = threading.Thread(target=ghost)
+    g = threading.Thread(target=ghost, daemon=True)
     g.start()
     result = {}
     t = threading.Thread(target=lambda: result.update(r=c.post("/predict", data=png_bytes(), content_type="image/png")))
