@@ -120,7 +120,7 @@ class RedisDispatcher:
                                 f"whole queue holds (--max-queue-rows {self.max_queue_rows}); send fewer images "
                                 "or views per request")
         version, checksum = self.identity.get(job.model, ("", ""))
-        job.model_version = job.model_version or version
+        job.model_version, job.bundle_checksum = job.model_version or version, job.bundle_checksum or checksum
         key, reply = self.keys.jobs(job.model), self.keys.reply(job.id)
         r = self.client
         try:
@@ -128,7 +128,7 @@ class RedisDispatcher:
                                          args=[self.heartbeat_s, self.max_queue, self.max_queue_rows, job.rows])
             self._refuse(job.model, status.decode() if isinstance(status, bytes) else status, figure)
             add = r.pipeline(transaction=True)   # the entry and its rows are counted together
-            add.xadd(key, encode_job(job, reply, job.deadline - time.time(), checksum))
+            add.xadd(key, encode_job(job, reply))
             add.incrby(self.keys.rows(job.model), job.rows)
             add.execute()
             got = r.blpop([reply], timeout=max(0.01, job.deadline - time.time()))

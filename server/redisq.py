@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,17 +135,20 @@ def stream_id_key(entry_id) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def encode_job(job: Job, reply_key: str, ttl_s: float, checksum: str) -> dict:
-    """Entry fields; the deadline travels as a time to live, counted from the entry id's Redis time."""
+def encode_job(job: Job, reply_key: str, ttl_s: float | None = None) -> dict:
+    """Entry fields; the deadline travels as a time to live (default: what is left of it now),
+    counted from the entry id's Redis time."""
     px = np.ascontiguousarray(job.pixels, dtype=np.uint8)
+    ttl_s = job.deadline - time.time() if ttl_s is None else ttl_s
     return {"id": job.id, "rid": job.request_id, "reply": reply_key, "ttl_ms": max(1, int(ttl_s * 1000)),
-            "ver": job.model_version, "sum": checksum, "n": job.n_images, "v": job.n_views, "merge": job.merge,
+            "ver": job.model_version, "sum": job.bundle_checksum, "n": job.n_images, "v": job.n_views, "merge": job.merge,
             "shape": ",".join(str(s) for s in px.shape), "pixels": px.tobytes()}
 
 
-def decode_job(model: str, entry_id, fields: dict, clock_offset_s: float = 0.0) -> tuple[Job, str, str]:
-    """Stream entry -> (Job, reply key, bundle checksum). The job's enqueue time and deadline are on
-    the caller's clock (Redis time minus ``clock_offset_s``). Raises ValueError when malformed."""
+def decode_job(model: str, fields: dict, entry_id=None, clock_offset_s: float = 0.0) -> tuple[Job, str]:
+    """Stream entry -> (Job, reply key). The job's enqueue time and deadline are on the caller's
+    clock: the entry id's Redis time minus ``clock_offset_s`` (without an id: now). Raises
+    ValueError when malformed."""
     f = {k.decode() if isinstance(k, bytes) else k: v for k, v in fields.items()}
     try:
         s = lambda k: f[k].decode() if isinstance(f[k], bytes) else str(f[k])  # noqa: E731
@@ -152,13 +156,13 @@ def decode_job(model: str, entry_id, fields: dict, clock_offset_s: float = 0.0) 
         pixels = np.frombuffer(f["pixels"], dtype=np.uint8)
         if len(shape) != 4 or pixels.size != int(np.prod(shape)):
             raise ValueError(f"pixels hold {pixels.size} bytes, shape says {shape}")
-        enqueued = stream_id_key(entry_id)[0] / 1000.0 - clock_offset_s
+        enqueued = time.time() if entry_id is None else stream_id_key(entry_id)[0] / 1000.0 - clock_offset_s
         job = Job(model=model, pixels=pixels.reshape(shape), n_images=int(s("n")), n_views=int(s("v")),
                   merge=s("merge"), deadline=enqueued + int(s("ttl_ms")) / 1000.0, id=s("id"), enqueued=enqueued,
-                  request_id=s("rid"), model_version=s("ver"))
+                  request_id=s("rid"), model_version=s("ver"), bundle_checksum=s("sum"))
         if job.n_images * job.n_views != shape[0]:
             raise ValueError(f"{job.n_images} images x {job.n_views} views != {shape[0]} rows")
-        return job, s("reply"), s("sum")
+        return job, s("reply")
     except KeyError as exc:
         raise ValueError(f"job entry lacks field {exc} (from a front of another release? run fronts and "
                          "workers of one release on one --prefix)") from exc

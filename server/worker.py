@@ -86,10 +86,10 @@ class ModelWorker(threading.Thread):
         self.metrics.dead_letters.labels(self.model.name).inc()
         log.error("%s", msg)
 
-    def _refuse(self, entry_id, job: Job, reply: str, checksum: str) -> None:
+    def _refuse(self, entry_id, job: Job, reply: str) -> None:
         """A job for another bundle: answer it with an error naming both, never with our labels."""
         msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} (bundle "
-               f"sha256 {checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version {self.model.version} "
+               f"sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version {self.model.version} "
                f"(bundle sha256 {self.checksum[:12]}); run fronts and workers with the same bundle (during a "
                "rolling upgrade, use another --prefix for the new version)")
         self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
@@ -227,7 +227,7 @@ class ModelWorker(threading.Thread):
         now = time.time()
         for eid, fields in entries:
             try:
-                job, reply, checksum = decode_job(self.model.name, eid, fields, self.clock_offset_s)
+                job, reply = decode_job(self.model.name, fields, eid, self.clock_offset_s)
             except ValueError as exc:
                 self._dead_letter(eid, fields, f"is malformed ({exc})")
                 continue
@@ -235,8 +235,8 @@ class ModelWorker(threading.Thread):
                 self._finish(eid, reply, job.id, b"", "expired", job.rows)
                 self.metrics.expired.labels(self.model.name).inc()
                 continue
-            if (job.model_version, checksum) != (self.model.version, self.checksum):
-                self._refuse(eid, job, reply, checksum)
+            if (job.model_version, job.bundle_checksum) != (self.model.version, self.checksum):
+                self._refuse(eid, job, reply)
                 continue
             jobs.append((eid, job, reply))
         if not jobs:

@@ -219,8 +219,8 @@ def test_stream_ids_order_by_number_so_dead_lettering_counts_deliveries(redis_ur
     ms = int(rc.time()[0]) * 1000 + 1000
     for seq in (9, 10):
         job = Job(model="fake", pixels=np.zeros((1, 3, 32, 32), np.uint8), n_images=1, id=f"j{seq}",
-                  model_version=bad.version)
-        rc.xadd(stream, encode_job(job, KEYS.reply(job.id), 30, bundle_checksum(bad)), id=f"{ms}-{seq}")
+                  model_version=bad.version, bundle_checksum=bundle_checksum(bad))
+        rc.xadd(stream, encode_job(job, KEYS.reply(job.id), ttl_s=30), id=f"{ms}-{seq}")
     w = Workers(redis_url, bad, n=1, claim_idle_ms=100, max_deliveries=1)
     try:
         assert wait_for(lambda: rc.xlen(KEYS.dead("fake")) == 2)
