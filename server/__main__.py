@@ -81,8 +81,7 @@ def _build_app(cfg: ServerConfig, a: argparse.Namespace):
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("werkzeug").setLevel(a.log_level)   # per-request lines only at INFO
     app = create_app(cfg)
-    from .redis_front import redact_url
-    mode = f"redis {redact_url(cfg.redis_url)}" if cfg.redis_url else "embedded"
+    mode = f"redis {cfg.redis_url}" if cfg.redis_url else "embedded"
     names = ", ".join(m.name for m in app.extensions["inference"].models)
     print(f"serving {names} ({mode}) on http://{cfg.host}:{cfg.port}", flush=True)
     return app

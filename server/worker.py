@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
-                       metrics_port=args.metrics_port, drain_timeout_s=args.drain_timeout)
+                       metrics_port=args.metrics_port)
+    cfg.drain_timeout_s = args.drain_timeout
     if args.consumer:
         cfg.consumer = args.consumer
     try:
