@@ -296,9 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
                        metrics_port=args.metrics_port)
-    cfg.drain_timeout_s = args.drain_timeout
     if args.consumer:
         cfg.consumer = args.consumer
+    cfg.drain_timeout_s = args.drain_timeout
     try:
         check_url(cfg.redis_url)
         models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
