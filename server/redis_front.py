@@ -69,7 +69,7 @@ class RedisDispatcher:
     def __init__(self, url: str, prefix: str = "srv", max_queue: int = 256, heartbeat_s: float = 5.0,
                  max_queue_rows: int = 1024, models=None, timeout_s: float = 10.0):
         """models: the ServedModels whose version and bundle checksum each job names (a job for a
-        model not in it names none, and any worker takes it)."""
+        model not among them names none, and workers refuse it with a 409)."""
         self.url, self.keys, self.max_queue, self.heartbeat_s = check_url(url), Keys(prefix), max_queue, heartbeat_s
         self.max_queue_rows, self.timeout_s = max_queue_rows, timeout_s
         self.identity = {m.name: (m.version, bundle_checksum(m)) for m in (models or [])}

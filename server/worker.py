@@ -88,10 +88,10 @@ class ModelWorker(threading.Thread):
 
     def _refuse(self, entry_id, job: Job, reply: str) -> None:
         """A job for another bundle: answer it with an error naming both, never with our labels."""
-        msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} (bundle "
-               f"sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version {self.model.version} "
-               f"(bundle sha256 {self.checksum[:12]}); run fronts and workers with the same bundle (during a "
-               "rolling upgrade, use another --prefix for the new version)")
+        msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} "
+               f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
+               f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
+               "bundle (during a rolling upgrade, use another --prefix for the new version)")
         self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
         log.error("%s (request %s)", msg, job.request_id or job.id)
 
