@@ -33,7 +33,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     if dispatcher is None:
         if cfg.redis_url:
             from .redis_front import RedisDispatcher
-            dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue)
+            dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue, max_queue_rows=cfg.max_queue_rows,
+                                         models=list(model_set), timeout_s=cfg.timeout_s)
         else:
             dispatcher = EmbeddedDispatcher(model_set, cfg)
 

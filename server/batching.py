@@ -34,6 +34,7 @@ class Job:
     enqueued: float = field(default_factory=time.time)
     request_id: str = ""          # the HTTP request's X-Request-ID, carried into logs (and Redis jobs)
     model_version: str = ""       # the version the front expects; a Redis worker holding another refuses it
+    bundle_checksum: str = ""     # and the bundle (sha256 of its manifest.json): the same version rebuilt differs
 
     @property
     def rows(self) -> int:

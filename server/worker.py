@@ -7,7 +7,9 @@ or until --max-delay-ms passes, runs one batched inference, then writes each rep
 one Lua script (so a job is answered once even if two workers end up holding it). Entries a dead
 worker left pending are reclaimed with XAUTOCLAIM after --claim-idle-ms; one delivered more than
 --max-deliveries times goes to the dead-letter stream and its client gets an error. Jobs whose
-deadline has passed are acknowledged without being computed.
+deadline has passed (on Redis' clock) are acknowledged without being computed; jobs sent for
+another bundle version are answered 409. SIGTERM drains: the batch in hand is answered and
+acknowledged, the consumer leaves the group, and the process exits 0 within --drain-timeout.
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from .config import WorkerConfig, add_common_arguments
 from .logs import add_logging_arguments, setup_logging
 from .metrics import ServerMetrics
 from .models import ServedModel, load_served_model
-from .redis_front import REDIS_ERRORS, connect
-from .redisq import GROUP, REPLY_SCRIPT, Keys, decode_job, encode_reply
+from .redis_front import check_url, connect, redact_url
+from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum, decode_job,
+                     encode_reply, stream_id_key)
 
 log = logging.getLogger("server.worker")
+DEAD_CONSUMER_IDLE_MS = 60_000   # a consumer silent this long, holding nothing, belonged to a killed worker
 
 
 class ModelWorker(threading.Thread):
@@ -39,8 +43,14 @@ class ModelWorker(threading.Thread):
         self.stream = self.keys.jobs(model.name)
         self.r = connect(cfg.redis_url)
         self._reply = self.r.register_script(REPLY_SCRIPT)
-        self._next_beat = self._next_claim = 0.0
+        self._beat = self.r.register_script(HEARTBEAT_SCRIPT)
+        self._leave = self.r.register_script(LEAVE_SCRIPT)
+        self._next_beat = self._next_claim = self._next_sweep = 0.0
+        self._group_missing = False
         self.max_rows = min(cfg.max_batch, model.max_batch)
+        self.checksum = bundle_checksum(model)
+        self.clock_offset_s = 0.0   # Redis TIME - this machine's time.time(), measured at each heartbeat
+        self.drained = threading.Event()   # set when the loop has left (after a stop: batch answered)
 
     # -- Redis plumbing -------------------------------------------------------------------------
     def ensure_group(self) -> None:
@@ -50,43 +60,99 @@ class ModelWorker(threading.Thread):
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def _finish(self, entry_id, reply_key: str, job_id: str, payload: bytes, stat: str, dead_reason: str = "") -> bool:
-        keys = [self.stream, reply_key, self.keys.stats(self.model.name), self.keys.dead(self.model.name) if dead_reason else ""]
-        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, self.cfg.reply_ttl_s, stat, job_id, dead_reason]))
+    def prepare(self) -> None:
+        """Create the group and send the first heartbeat before saying "ready" (a front refuses
+        jobs for a model with no live worker). Redis being down is not fatal: the loop retries."""
+        try:
+            self.ensure_group()
+            self.heartbeat()
+            self._next_beat = time.time() + 1.0
+        except redis.RedisError as exc:
+            log.warning("Redis at %s: %s (%s); will keep retrying", redact_url(self.cfg.redis_url),
+                        type(exc).__name__, exc)
+
+    def _finish(self, entry_id, reply_key: str, job_id: str, payload: bytes, stat: str, rows: int,
+                dead_reason: str = "") -> bool:
+        m = self.model.name
+        keys = [self.stream, reply_key, self.keys.stats(m), self.keys.dead(m) if dead_reason else "", self.keys.rows(m)]
+        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, self.cfg.reply_ttl_s, stat, job_id,
+                                                 dead_reason, rows]))
 
     def _dead_letter(self, entry_id, fields: dict, reason: str) -> None:
         reply = fields.get(b"reply", b"").decode() or self.keys.reply("unknown")
         job_id = fields.get(b"id", b"?").decode()
         msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.keys.dead(self.model.name)}"
-        self._finish(entry_id, reply, job_id, encode_reply({"error": msg, "status": 500}), "dead", reason)
+        payload = encode_reply({"error": msg, "status": 500})
+        self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reason)
         self.metrics.dead_letters.labels(self.model.name).inc()
         log.error("%s", msg)
+
+    def _refuse(self, entry_id, job: Job, reply: str) -> None:
+        """A job for another bundle: answer it with an error naming both, never with our labels."""
+        msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} "
+               f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
+               f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
+               "bundle (during a rolling upgrade, use another --prefix for the new version)")
+        self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
+        log.error("%s (request %s)", msg, job.request_id or job.id)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         backoff = 0.1
-        while not self.stop.is_set():
-            try:
-                self.step()
-                backoff = 0.1
-            except REDIS_ERRORS as exc:
-                self._next_beat = self._next_claim = 0.0   # beat again as soon as Redis is back
-                log.warning("Redis unreachable (%s); retrying in %.1fs", exc, backoff)
-                self.stop.wait(backoff)
-                backoff = min(2.0, backoff * 2)
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                self._next_beat = 0.0
-                self.ensure_group()   # Redis restarted empty, or the stream was deleted
+        try:
+            while not self.stop.is_set():
+                try:
+                    self.step()
+                    backoff = 0.1
+                except redis.ResponseError as exc:
+                    if "NOGROUP" in str(exc):   # Redis restarted empty, or the stream was deleted
+                        self._next_beat, self._group_missing = 0.0, True
+                        continue
+                    # OOM at maxmemory, READONLY after a failover, LOADING...: wait for Redis to recover
+                    backoff = self._retry_later(f"Redis refused a command ({type(exc).__name__}: {exc})", backoff)
+                except redis.RedisError as exc:   # connection lost, socket timeout, ...: wait for it to come back
+                    backoff = self._retry_later(f"Redis unreachable ({type(exc).__name__}: {exc})", backoff)
+            self.leave()
+        finally:
+            self.drained.set()
+
+    def _retry_later(self, why: str, backoff: float) -> float:
+        self._next_beat = self._next_claim = 0.0   # beat again as soon as Redis is back
+        log.warning("%s; retrying in %.1fs", why, backoff)
+        self.stop.wait(backoff)
+        return min(2.0, backoff * 2)
+
+    def leave(self) -> None:
+        """Clean shutdown: stop advertising this worker; forget the consumer if it holds nothing
+        (what it still holds stays pending, for another worker to reclaim)."""
+        try:
+            held = self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, self.cfg.consumer])
+            if held:
+                log.warning("consumer %s left entries pending on %s; another worker will reclaim them",
+                            self.cfg.consumer, self.stream)
+        except redis.RedisError as exc:
+            log.warning("could not deregister consumer %s (%s)", self.cfg.consumer, exc)
+
+    def withdraw(self) -> None:
+        """Drain starts: fronts stop counting this worker as live at once (a front with no other
+        worker for the model answers a fast 503 instead of queueing for nobody)."""
+        try:
+            self.r.zrem(self.keys.workers(self.model.name), self.cfg.consumer)
+        except redis.RedisError:
+            pass   # the heartbeat then simply ages out
 
     def heartbeat(self) -> None:
-        now = time.time()
-        key = self.keys.workers(self.model.name)
-        self.r.zadd(key, {self.cfg.consumer: now})
-        self.r.zremrangebyscore(key, "-inf", now - 60)
+        if self.stop.is_set():   # draining: never advertise again
+            return
+        t0 = time.time()
+        sec, usec = self._beat(keys=[self.keys.workers(self.model.name)], args=[self.cfg.consumer])
+        t1 = time.time()
+        self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
 
     def step(self) -> None:
+        if self._group_missing:   # here, inside the loop's error handling (Redis may be gone again)
+            self.ensure_group()
+            self._group_missing = False
         now = time.time()
         if now >= self._next_beat:
             self.heartbeat()
@@ -94,6 +160,9 @@ class ModelWorker(threading.Thread):
         if now >= self._next_claim:
             self.reclaim()
             self._next_claim = now + max(0.1, self.cfg.claim_idle_ms / 2000.0)
+        if now >= self._next_sweep:
+            self.forget_dead_consumers()
+            self._next_sweep = now + 30.0
         got = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=self.max_rows, block=500)
         entries = got[0][1] if got else []
         if not entries:
@@ -102,8 +171,9 @@ class ModelWorker(threading.Thread):
         # Fill the batch for at most max_delay_ms with non-blocking reads 1 ms apart: Redis wakes a
         # blocked reader on new entries at once, but only notices a short BLOCK timeout at its next
         # cron tick (up to 100 ms at the default hz 10), so BLOCK cannot time a 2 ms window.
+        # A stop (drain) ends the filling: what is in hand is answered, nothing more is taken.
         end = time.monotonic() + self.cfg.max_delay_ms / 1000.0
-        while rows < self.max_rows:
+        while rows < self.max_rows and not self.stop.is_set():
             more = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=max(1, self.max_rows - rows))
             if more and more[0][1]:
                 entries += more[0][1]
@@ -118,12 +188,14 @@ class ModelWorker(threading.Thread):
     def reclaim(self) -> None:
         start = "0-0"
         for _ in range(10):
+            if self.stop.is_set():   # draining: take nothing new, reclaimed entries included
+                return
             res = self.r.xautoclaim(self.stream, GROUP, self.cfg.consumer, self.cfg.claim_idle_ms,
                                     start_id=start, count=self.max_rows)
             start, msgs = res[0], [m for m in res[1] if m and m[1]]
             if msgs:
-                ids = [m[0] for m in msgs]
-                pend = self.r.xpending_range(self.stream, GROUP, min=min(ids), max=max(ids), count=len(ids) * 4 + 10,
+                ids = sorted((m[0] for m in msgs), key=stream_id_key)   # numeric order: "-10" after "-9"
+                pend = self.r.xpending_range(self.stream, GROUP, min=ids[0], max=ids[-1], count=len(ids) * 4 + 10,
                                              consumername=self.cfg.consumer)
                 times = {p["message_id"]: p["times_delivered"] for p in pend}
                 log.warning("reclaimed %d stalled job(s) from %s", len(msgs), self.stream)
@@ -139,18 +211,33 @@ class ModelWorker(threading.Thread):
             if start in (b"0-0", "0-0"):
                 break
 
+    def forget_dead_consumers(self) -> None:
+        """Consumers of killed workers stay in the group after their entries were reclaimed; drop
+        those that hold nothing and were silent for a minute (the script re-checks atomically)."""
+        try:
+            consumers = self.r.xinfo_consumers(self.stream, GROUP)
+        except redis.ResponseError:   # no group yet
+            return
+        for c in consumers:
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name != self.cfg.consumer and c["pending"] == 0 and c["idle"] > DEAD_CONSUMER_IDLE_MS:
+                self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, name])
+
     def process(self, entries: list) -> None:
         jobs: list[tuple[bytes, Job, str]] = []
         now = time.time()
         for eid, fields in entries:
             try:
-                job, reply = decode_job(self.model.name, fields)
+                job, reply = decode_job(self.model.name, fields, eid, self.clock_offset_s)
             except ValueError as exc:
                 self._dead_letter(eid, fields, f"is malformed ({exc})")
                 continue
             if job.expired(now):
-                self._finish(eid, reply, job.id, b"", "expired")
+                self._finish(eid, reply, job.id, b"", "expired", job.rows)
                 self.metrics.expired.labels(self.model.name).inc()
+                continue
+            if (job.model_version, job.bundle_checksum) != (self.model.version, self.checksum):
+                self._refuse(eid, job, reply)
                 continue
             jobs.append((eid, job, reply))
         if not jobs:
@@ -172,7 +259,7 @@ class ModelWorker(threading.Thread):
             for (eid, job, reply), res in zip(items, results):
                 meta = {"batch_rows": res.batch_rows, "queue_s": res.queue_s, "infer_s": res.infer_s,
                         "worker": self.cfg.consumer}
-                if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied"):
+                if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied", job.rows):
                     self.metrics.images.labels(self.model.name).inc(job.n_images)
 
 
@@ -189,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(p)
     p.add_argument("--claim-idle-ms", type=int, default=5000, help="reclaim jobs pending this long")
     p.add_argument("--max-deliveries", type=int, default=3, help="then dead-letter the job")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to finish and acknowledge the batch in hand before exiting 0")
     p.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve this worker's /metrics on this port")
     p.add_argument("--metrics-host", default="127.0.0.1",
@@ -212,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     if args.consumer:
         cfg.consumer = args.consumer
+    cfg.drain_timeout_s = args.drain_timeout
     try:
+        check_url(cfg.redis_url)
         models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)
@@ -226,16 +317,33 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     workers = [ModelWorker(cfg, m, metrics, stop) for m in models]
     for w in workers:
+        w.prepare()
         w.start()
-    log.info("worker %s serving %s from %s", cfg.consumer, ", ".join(m.name for m in models), cfg.redis_url)
+    log.info("worker %s serving %s from %s", cfg.consumer, ", ".join(m.name for m in models), redact_url(cfg.redis_url))
     print(f"worker {cfg.consumer} ready: {', '.join(m.name for m in models)}", flush=True)
     while not stop.is_set() and all(w.is_alive() for w in workers):
         stop.wait(0.5)
     crashed = not stop.is_set()   # a model thread died of an unexpected error (logged above)
     stop.set()
+    code = drain(workers, cfg.drain_timeout_s)
+    return 1 if crashed else code
+
+
+def drain(workers: list[ModelWorker], timeout_s: float) -> int:
+    """SIGTERM/SIGINT: stop taking jobs, answer and acknowledge the batch in hand, deregister; exit 0
+    within timeout_s. A batch still running then stays pending and another worker reclaims it."""
     for w in workers:
-        w.join(timeout=5)
-    return 1 if crashed else 0
+        w.withdraw()
+    deadline = time.monotonic() + timeout_s
+    for w in workers:
+        w.drained.wait(max(0.0, deadline - time.monotonic()))
+    late = [w.model.name for w in workers if not w.drained.is_set()]
+    if late:
+        log.warning("drain timeout (%.1fs, --drain-timeout) passed with a batch of %s still running; its jobs stay "
+                    "pending for another worker to reclaim", timeout_s, ", ".join(late))
+    else:
+        log.info("drained: every job this worker took was answered")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,67 +26,121 @@ from server_fixtures import (digit_images, digits_bundle, free_port, redis_proc,
 pytestmark = pytest.mark.slow
 
 
+def pending_by_consumer(rc) -> dict:
+    return {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"]
+            for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
+
+
+def load_with_a_fault(redis_url, rc, digits_bundle, tiny_digits, fault, n=240):
+    """n requests from 16 threads; after 40 answers, fault() runs once (the other threads keep the
+    load going). Returns [(i, status, body)] and the expected top-1 index per image."""
+    app = create_app(ServerConfig(bundles=[str(digits_bundle)], redis_url=redis_url, timeout_s=30, max_queue=1000,
+                                  max_queue_rows=4096))
+    ref = load_bundle(digits_bundle, threads=1)
+    datas = [f.read_bytes() for f in digit_images(tiny_digits, 12)]
+    want = ref.predict(datas, topk=1).probs.argmax(1)
+    done, fired, lock = [], threading.Event(), threading.Lock()
+
+    def one(i):
+        r = app.test_client().post("/predict", data=datas[i % 12], content_type="image/png")
+        done.append(i)
+        if len(done) >= 40 and not fired.is_set():
+            with lock:
+                if not fired.is_set():
+                    fault()
+                    fired.set()
+        return i, r.status_code, r.get_json()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(n)))
+    return answers, want
+
+
+def assert_nothing_lost(rc, answers, want):
+    """Every request answered exactly once: 200 with the right label, or a 504 the workers counted
+    as expired; replied + expired = sent; nothing left in the stream, pending, or in a reply list."""
+    keys = Keys()
+    ok = [(i, body) for i, status, body in answers if status == 200]
+    timeouts = [body for _, status, body in answers if status == 504]
+    assert len(ok) + len(timeouts) == len(answers), {s for _, s, _ in answers}
+    assert all("deadline" in b["error"] for b in timeouts)
+    for i, body in ok:
+        assert body["predictions"][0]["indices"][0] == want[i % 12]
+    stream = keys.jobs("digits")
+    deadline = time.monotonic() + 10   # a 504'd job may still sit in the stream until a worker skips it
+    while rc.xlen(stream) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = {k.decode(): int(v) for k, v in rc.hgetall(keys.stats("digits")).items()}
+    assert stats.get("replied", 0) == len(ok) and stats.get("expired", 0) == len(timeouts), stats
+    assert stats.get("replied", 0) + stats.get("expired", 0) == len(answers), stats
+    assert set(stats) <= {"replied", "expired"}, stats              # nothing refused or dead-lettered
+    assert rc.xlen(stream) == 0 and rc.xpending(stream, GROUP)["pending"] == 0
+    assert all(rc.llen(k) <= 1 for k in rc.keys("srv:reply:*"))
+    assert rc.keys("srv:reply:*") == []                                 # no duplicate left unread
+    assert int(rc.get(keys.rows("digits")) or 0) == 0
+
+
 def test_kill_9_a_worker_mid_load_loses_and_duplicates_nothing(redis_url, redis_proc, digits_bundle, tiny_digits):
     def worker(name):
         return start_worker(redis_url, digits_bundle, "--consumer", name, "--claim-idle-ms", "1000", "--max-batch", "8")
 
     # k0 alone takes the load, so it is killed while it holds entries; k1 starts after the kill
     # and must reclaim them.
+    rc = redis_proc.client()
     workers = [worker("k0")]
+    killed = {}
+
+    def kill_k0_while_it_holds_jobs():
+        # between two batches k0 briefly holds nothing: wait for a moment it holds entries
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            pending = pending_by_consumer(rc)
+            if pending.get("k0", 0) > 0:
+                break
+            time.sleep(0.002)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed["pending"] = pending
+        workers.append(worker("k1"))
+        threading.Thread(target=wait_ready, args=(workers[1],), daemon=True).start()  # drains its output
+
     try:
         wait_ready(workers[0])
-        app = create_app(ServerConfig(bundles=[str(digits_bundle)], redis_url=redis_url, timeout_s=30, max_queue=1000))
-        ref = load_bundle(digits_bundle, threads=1)
-        files = digit_images(tiny_digits, 12)
-        datas = [f.read_bytes() for f in files]
-        want = ref.predict(datas, topk=1).probs.argmax(1)
-        n, done = 240, []
-        rc = redis_proc.client()
-        killed = {}
-        kill_lock = threading.Lock()
-
-        def pending_by_consumer() -> dict:
-            return {(c["name"].decode() if isinstance(c["name"], bytes) else c["name"]): c["pending"]
-                    for c in rc.xinfo_consumers(Keys().jobs("digits"), GROUP)}
-
-        def kill_k0_while_it_holds_jobs():
-            # Kill at a moment k0 holds unacknowledged entries (the other 15 threads keep the load
-            # going meanwhile); between two batches it briefly holds none.
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                pending = pending_by_consumer()
-                if pending.get("k0", 0) > 0:
-                    break
-                time.sleep(0.002)
-            os.kill(workers[0].pid, signal.SIGKILL)
-            killed["pending"] = pending
-            workers.append(worker("k1"))
-            threading.Thread(target=wait_ready, args=(workers[1],), daemon=True).start()  # drains its output
-
-        def one(i):
-            r = app.test_client().post("/predict", data=datas[i % 12], content_type="image/png")
-            done.append(i)
-            if len(done) >= 40 and not killed:
-                with kill_lock:
-                    if not killed:
-                        kill_k0_while_it_holds_jobs()
-            return i, r.status_code, r.get_json()
-
-        with ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(one, range(n)))
-        ok = [(i, body) for i, status, body in answers if status == 200]
-        timeouts = [body for _, status, body in answers if status == 504]
-        assert len(ok) + len(timeouts) == n, {s for _, s, _ in answers}
-        assert all("deadline" in b["error"] for b in timeouts)
-        assert len(ok) >= n * 0.9
-        for i, body in ok:
-            assert body["predictions"][0]["indices"][0] == want[i % 12]
+        answers, want = load_with_a_fault(redis_url, rc, digits_bundle, tiny_digits, kill_k0_while_it_holds_jobs)
         assert workers[0].wait(5) == -signal.SIGKILL
         assert killed["pending"].get("k0", 0) > 0                  # it died holding unacknowledged jobs...
-        replied = int(rc.hget(Keys().stats("digits"), "replied"))
-        assert replied == len(ok)                                   # each job answered once
-        assert all(rc.llen(k) <= 1 for k in rc.keys("srv:reply:*"))
-        assert rc.xpending(Keys().jobs("digits"), GROUP)["pending"] == 0   # ...which k1 reclaimed
+        assert_nothing_lost(rc, answers, want)                      # ...which k1 reclaimed and answered once
+    finally:
+        for w in workers:
+            w.kill()
+            w.wait()
+
+
+def test_sigterm_drains_a_worker_mid_load(redis_url, redis_proc, digits_bundle, tiny_digits):
+    # d0 gets SIGTERM while it holds entries: it answers them, acknowledges them, leaves the group
+    # and exits 0 within --drain-timeout; d1 serves the rest.
+    rc = redis_proc.client()
+    workers = [start_worker(redis_url, digits_bundle, "--consumer", f"d{i}", "--max-batch", "8", "--drain-timeout", "20")
+               for i in range(2)]
+    sent = {}
+
+    def sigterm_d0_while_it_holds_jobs():
+        deadline = time.monotonic() + 5
+        while pending_by_consumer(rc).get("d0", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        sent["pending"] = pending_by_consumer(rc).get("d0", 0)
+        workers[0].send_signal(signal.SIGTERM)
+
+    try:
+        for w in workers:
+            wait_ready(w)
+        answers, want = load_with_a_fault(redis_url, rc, digits_bundle, tiny_digits, sigterm_d0_while_it_holds_jobs,
+                                          n=120)
+        assert workers[0].wait(25) == 0
+        assert sent["pending"] > 0                                  # it was stopped holding jobs...
+        assert "d0" not in pending_by_consumer(rc)                  # ...answered them, so held nothing and left
+        assert rc.zscore(Keys().workers("digits"), "d0") is None
+        assert_nothing_lost(rc, answers, want)
+        assert all(status == 200 for _, status, _ in answers)
     finally:
         for w in workers:
             w.kill()

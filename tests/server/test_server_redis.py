@@ -25,6 +25,7 @@ class Workers:
             cfg = WorkerConfig(redis_url=url, consumer=f"w{i}", max_delay_ms=kw.get("max_delay_ms", 10),
                                claim_idle_ms=kw.get("claim_idle_ms", 5000), max_deliveries=kw.get("max_deliveries", 3))
             t = ModelWorker(cfg, model, ServerMetrics("worker"), self.stop)
+            t.prepare()   # as main() does before "ready": first heartbeat sent
             t.start()
             self.threads.append(t)
 
@@ -32,6 +33,12 @@ class Workers:
         self.stop.set()
         for t in self.threads:
             t.join(5)
+
+
+def fake_heartbeat(rc, model="fake", consumer="ghost"):
+    """A worker that looks alive (a heartbeat on Redis' clock) but never answers."""
+    sec, usec = rc.time()
+    rc.zadd(Keys().workers(model), {consumer: sec + usec / 1e6})
 
 
 def front(url, **kw):
@@ -79,6 +86,7 @@ def test_two_workers_answer_every_job_exactly_once_in_batches(redis_url, redis_p
 
 def test_deadline_exceeded_gives_504_and_the_expired_job_is_skipped(redis_url, redis_proc):
     c = front(redis_url, timeout_s=0.3)
+    fake_heartbeat(redis_proc.client())
     t0 = time.time()
     r = c.post("/predict", data=png_bytes(), content_type="image/png")
     assert r.status_code == 504 and "deadline" in r.get_json()["error"] and time.time() - t0 < 2
@@ -96,6 +104,7 @@ def test_deadline_exceeded_gives_504_and_the_expired_job_is_skipped(redis_url, r
 def test_queue_full_gives_503_with_retry_after(redis_url, redis_proc):
     c = front(redis_url, max_queue=2)
     rc = redis_proc.client()
+    fake_heartbeat(rc)
     for _ in range(2):
         rc.xadd(Keys().jobs("fake"), {"id": "x"})
     r = c.post("/predict", data=png_bytes(), content_type="image/png")
@@ -119,13 +128,17 @@ def test_stalled_entries_are_reclaimed_and_poison_jobs_dead_lettered(redis_url, 
     # a "crashed" consumer takes the first job and never acknowledges it
     ghost_took = threading.Event()
 
+    fake_heartbeat(rc)   # before the request: the front refuses jobs for a model with no live worker
+    rc.xgroup_create(keys.jobs("fake"), GROUP, id="0", mkstream=True)
+
     def ghost():
-        rc.xgroup_create(keys.jobs("fake"), GROUP, id="0", mkstream=True)
+        end = time.monotonic() + 10
         while not rc.xreadgroup(GROUP, "ghost", {keys.jobs("fake"): ">"}, count=1, block=100):
-            pass
+            if time.monotonic() > end:
+                return
         ghost_took.set()
 
-    g = threading.Thread(target=ghost)
+    g = threading.Thread(target=ghost, daemon=True)
     g.start()
     result = {}
     t = threading.Thread(target=lambda: result.update(r=c.post("/predict", data=png_bytes(), content_type="image/png")))

@@ -1,0 +1,292 @@
+"""Redis mode across machines and versions (real redis-server, in-process workers, fake model):
+redacted URLs, skewed clocks, version checks, Redis refusing commands, row limits, the fast 503
+with no live worker, stream-id order in dead-lettering, worker drain and consumer clean-up."""
+from __future__ import annotations
+
+import io
+import logging
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import server.batching
+import server.redis_front
+import server.worker
+from server.batching import Job
+from server.redis_front import redact_url
+from server.redisq import GROUP, LEAVE_SCRIPT, Keys, bundle_checksum, encode_job, stream_id_key
+from server_fixtures import free_port, make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
+from test_server_redis import Workers, fake_heartbeat, front, want
+
+KEYS = Keys()
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.02)
+    return cond()
+
+
+def post_png(c, seed=0):
+    return c.post("/predict", data=png_bytes(seed=seed), content_type="image/png")
+
+
+def post_many(c, n):
+    files = [(io.BytesIO(png_bytes(seed=i)), f"{i}.png") for i in range(n)]
+    return c.post("/predict", data={"file": files}, content_type="multipart/form-data")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:s3cret@db.example:6379/0", "redis://:***@db.example:6379/0"),
+    ("redis://app:s3cret@db.example/0", "redis://app:***@db.example/0"),
+    ("rediss://s3cret@db.example/0", "rediss://***@db.example/0"),
+    ("redis://db.example/0?password=s3cret&ssl_cert_reqs=none", "redis://db.example/0?password=***&ssl_cert_reqs=none"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+])
+def test_redact_url_hides_passwords(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_a_password_in_the_url_never_reaches_http_bodies_or_logs(caplog):
+    url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"   # nothing listens there
+    c = front(url)
+    r = post_png(c)
+    assert r.status_code == 503 and "redis://:***@127.0.0.1" in r.get_json()["error"]
+    ready = c.get("/v2/health/ready")
+    assert ready.status_code == 503 and "***" in ready.get_data(as_text=True)
+    for resp in (r, ready):
+        assert "s3cret" not in resp.get_data(as_text=True)
+    from server.config import WorkerConfig
+    from server.metrics import ServerMetrics
+    with caplog.at_level(logging.WARNING, logger="server.worker"):
+        server.worker.ModelWorker(WorkerConfig(redis_url=url), make_fake_model(), ServerMetrics("worker"),
+                                  threading.Event()).prepare()
+    assert "***" in caplog.text and "s3cret" not in caplog.text
+
+
+def test_a_malformed_redis_url_is_refused_at_start_up_naming_the_flag(capsys):
+    from server.app import create_app
+    from server.config import ServerConfig
+    with pytest.raises(ValueError, match=r"--redis-url http://:\*\*\*@db/0: Redis URL must specify"):
+        create_app(ServerConfig(redis_url="http://:s3cret@db/0"), models=[make_fake_model()])
+    assert server.worker.main(["--redis-url", "redis://:s3cret@db:port/0", "--bundle", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--redis-url redis://:***@db:port/0" in err and "s3cret" not in err
+
+
+def test_a_redis_that_never_answers_is_a_503_not_a_hang(monkeypatch):
+    # a partition: the TCP connection opens (the kernel accepts it) but no reply ever comes
+    monkeypatch.setattr(server.redis_front, "SOCKET_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        c = front(f"redis://127.0.0.1:{silent.getsockname()[1]}/0", timeout_s=0.5)
+        r = post_png(c)
+    assert r.status_code == 503 and "unreachable (TimeoutError)" in r.get_json()["error"]
+
+
+class SkewedClock:
+    """The time module of a machine whose wall clock is off by skew_s."""
+
+    def __init__(self, skew_s: float):
+        self.skew_s = skew_s
+
+    def time(self) -> float:
+        return time.time() + self.skew_s
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("skew_s", [30.0, -30.0])
+def test_a_worker_whose_clock_is_off_by_30s_is_live_and_its_jobs_do_not_expire(redis_url, redis_proc, monkeypatch,
+                                                                                skew_s):
+    # Worker side only (the front keeps the true clock). +30 s made every job look expired; -30 s made
+    # every heartbeat look 30 s old, so the front was never ready.
+    monkeypatch.setattr(server.worker, "time", SkewedClock(skew_s))
+    monkeypatch.setattr(server.batching, "time", SkewedClock(skew_s))
+    fake = make_fake_model()
+    w = Workers(redis_url, fake, n=1)
+    c = front(redis_url, timeout_s=3)
+    try:
+        assert c.get("/v2/health/ready").status_code == 200
+        data = png_bytes(seed=5)
+        r = c.post("/predict", data=data, content_type="image/png")
+        assert r.status_code == 200, r.get_json()
+        p = r.get_json()["predictions"][0]
+        full = np.zeros(3)
+        full[p["indices"]] = p["probabilities"]
+        np.testing.assert_allclose(full, want(fake, data), rtol=1e-4, atol=1e-5)
+        assert 0 <= r.get_json()["timings_ms"]["queue"] < 3000   # measured on one clock, not off by 30 s
+    finally:
+        w.close()
+    rc = redis_proc.client()
+    assert rc.hget(KEYS.stats("fake"), "expired") is None
+    assert int(rc.get(KEYS.rows("fake"))) == 0                   # the queued-row count went back to 0
+
+
+def test_a_worker_holding_another_version_refuses_the_job_with_409(redis_url, redis_proc):
+    w = Workers(redis_url, make_fake_model(), n=1)                # version "test"
+    newer = make_fake_model()
+    newer.version = "2026.11"
+    other_build = make_fake_model()                                # same version, other bundle contents
+    other_build.manifest = {"rebuilt": True}
+    try:
+        r = front_with(redis_url, newer).post("/predict", data=png_bytes(), content_type="image/png")
+        assert r.status_code == 409, r.get_json()
+        msg = r.get_json()["error"]
+        assert "version 2026.11" in msg and "holds version test" in msg and "same bundle" in msg
+        r = front_with(redis_url, other_build).post("/predict", data=png_bytes(), content_type="image/png")
+        assert r.status_code == 409 and bundle_checksum(other_build)[:12] in r.get_json()["error"]
+        assert post_png(front(redis_url)).status_code == 200       # the matching front is still served
+    finally:
+        w.close()
+    rc = redis_proc.client()
+    assert rc.hget(KEYS.stats("fake"), "refused") == b"2" and rc.xlen(KEYS.jobs("fake")) == 0
+
+
+def front_with(url, model, **kw):
+    from server.app import create_app
+    from server.config import ServerConfig
+    return create_app(ServerConfig(redis_url=url, timeout_s=10, **kw), models=[model]).test_client()
+
+
+def test_no_live_worker_is_a_fast_503_not_a_504_after_the_deadline(redis_url):
+    c = front(redis_url, timeout_s=60)
+    r = post_png(c)
+    assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+    assert "no live worker" in r.get_json()["error"] and "python -m server.worker" in r.get_json()["error"]
+
+
+def test_queued_rows_are_limited_by_max_queue_rows(redis_url, redis_proc):
+    c = front(redis_url, timeout_s=2, max_queue_rows=3)
+    rc = redis_proc.client()
+    fake_heartbeat(rc)                                            # alive, but never answers
+    first = {}
+    t = threading.Thread(target=lambda: first.update(r=post_many(c, 2)))
+    t.start()
+    try:
+        assert wait_for(lambda: rc.xlen(KEYS.jobs("fake")) == 1)
+        r = post_many(c, 2)                                       # 2 queued + 2 > 3
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "2 model rows queued" in r.get_json()["error"] and "--max-queue-rows 3" in r.get_json()["error"]
+        r = post_many(c, 4)                                       # could never fit: not a retry
+        assert r.status_code == 413 and "--max-queue-rows 3" in r.get_json()["error"]
+        assert post_png(c).status_code == 504                     # 1 more row still fits (nobody answers it)
+    finally:
+        t.join(10)
+    assert first["r"].status_code == 504
+
+
+def test_redis_refusing_commands_is_a_503_on_the_front_and_workers_keep_going(redis_url, redis_proc, caplog):
+    rc = redis_proc.client()
+    w = Workers(redis_url, make_fake_model(), n=1)
+    c = front(redis_url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.worker"):
+            rc.config_set("maxmemory", "1")                       # every write now fails with OOM
+            try:
+                assert wait_for(lambda: "Redis refused a command (OutOfMemoryError" in caplog.text)
+                r = post_png(c)
+                assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+                msg = r.get_json()["error"]
+                assert "refused the command (OutOfMemoryError" in msg and "maxmemory" in msg
+            finally:
+                rc.config_set("maxmemory", "0")
+        assert all(t.is_alive() for t in w.threads)               # the thread retried instead of dying
+        assert wait_for(lambda: c.get("/v2/health/ready").status_code == 200)
+        assert post_png(c).status_code == 200
+    finally:
+        w.close()
+
+
+def test_stream_ids_order_by_number_so_dead_lettering_counts_deliveries(redis_url, redis_proc):
+    assert sorted([b"5-10", b"5-9", b"40-0", "5-100"], key=stream_id_key) == [b"5-9", b"5-10", "5-100", b"40-0"]
+    # Two poison jobs whose ids end in -9 and -10: compared as strings, the pending range between
+    # them was empty, deliveries were never counted and the jobs were retried forever.
+    bad = make_fake_model()
+
+    def broken(x):
+        raise RuntimeError("model exploded")
+    bad.predict = broken
+    rc = redis_proc.client()
+    stream = KEYS.jobs("fake")
+    rc.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ms = int(rc.time()[0]) * 1000 + 1000
+    for seq in (9, 10):
+        job = Job(model="fake", pixels=np.zeros((1, 3, 32, 32), np.uint8), n_images=1, id=f"j{seq}",
+                  model_version=bad.version, bundle_checksum=bundle_checksum(bad))
+        rc.xadd(stream, encode_job(job, KEYS.reply(job.id), ttl_s=30), id=f"{ms}-{seq}")
+    w = Workers(redis_url, bad, n=1, claim_idle_ms=100, max_deliveries=1)
+    try:
+        assert wait_for(lambda: rc.xlen(KEYS.dead("fake")) == 2)
+    finally:
+        w.close()
+    for seq in (9, 10):
+        replies = rc.lrange(KEYS.reply(f"j{seq}"), 0, -1)
+        assert len(replies) == 1 and b"dead-letter" in replies[0]
+    assert rc.xlen(stream) == 0
+
+
+def test_a_draining_worker_answers_the_batch_in_hand_and_leaves_the_rest(redis_url, redis_proc):
+    entered, release = threading.Event(), threading.Event()
+    fake = make_fake_model()
+    compute = fake.predict
+
+    def slow(x):
+        entered.set()
+        release.wait(10)
+        return compute(x)
+    fake.predict = slow
+    w = Workers(redis_url, fake, n=1, max_delay_ms=0)
+    worker = w.threads[0]
+    c = front(redis_url, timeout_s=20)
+    rc = redis_proc.client()
+    got: dict = {}
+    t1 = threading.Thread(target=lambda: got.update(a=post_png(c, 1)))
+    t1.start()
+    assert entered.wait(10)                                       # the worker holds job a, mid-batch
+    t2 = threading.Thread(target=lambda: got.update(b=post_png(c, 2)))
+    t2.start()
+    try:
+        assert wait_for(lambda: rc.xlen(KEYS.jobs("fake")) == 2)  # job b queued behind it
+        w.stop.set()                                              # what main() does on SIGTERM
+        worker.withdraw()
+        assert rc.zcard(KEYS.workers("fake")) == 0                # fronts stop counting it at once
+        release.set()
+        assert worker.drained.wait(10)
+        t1.join(10)
+        assert got["a"].status_code == 200                        # answered and acknowledged
+        assert rc.xlen(KEYS.jobs("fake")) == 1 and rc.xpending(KEYS.jobs("fake"), GROUP)["pending"] == 0
+        assert rc.xinfo_consumers(KEYS.jobs("fake"), GROUP) == []  # consumer removed: it held nothing
+        w2 = Workers(redis_url, make_fake_model(), n=1)            # job b is left for another worker
+        t2.join(15)
+        w2.close()
+        assert got["b"].status_code == 200
+    finally:
+        release.set()
+        w.close()
+
+
+def test_consumers_are_removed_only_when_they_hold_nothing(redis_url, redis_proc, monkeypatch):
+    rc = redis_proc.client()
+    stream = KEYS.jobs("fake")
+    rc.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    rc.xadd(stream, {"id": "x"})
+    rc.xreadgroup(GROUP, "holder", {stream: ">"}, count=1)        # a killed worker that held an entry
+    rc.xgroup_createconsumer(stream, GROUP, "idle")               # a killed worker that held nothing
+    leave = rc.register_script(LEAVE_SCRIPT)
+    assert leave(keys=[stream, KEYS.workers("fake")], args=[GROUP, "holder"]) == 1
+    names = lambda: sorted(c["name"].decode() for c in rc.xinfo_consumers(stream, GROUP))  # noqa: E731
+    assert names() == ["holder", "idle"]                          # DELCONSUMER would have lost its entry
+    monkeypatch.setattr(server.worker, "DEAD_CONSUMER_IDLE_MS", -1)
+    w = Workers(redis_url, make_fake_model(), n=1)
+    try:
+        assert wait_for(lambda: "idle" not in names())
+        assert "holder" in names()
+    finally:
+        w.close()
