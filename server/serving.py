@@ -43,12 +43,13 @@ def build_app(cfg: ServerConfig, a: argparse.Namespace, drain: DrainState | None
     """Configure logging and threads, load the models, start the batching threads: the app. Raises
     ValueError/OSError for a bad bundle or flag (the caller prints it)."""
     from .app import create_app
+    from .redis_front import redact_url
 
     one_torch_thread()
     setup_logging(a.log_level, a.log_format)
     logging.getLogger("werkzeug").setLevel(a.log_level)   # per-request lines only at INFO
     app = create_app(cfg, drain=drain)
-    mode = f"redis {cfg.redis_url}" if cfg.redis_url else "embedded"
+    mode = f"redis {redact_url(cfg.redis_url)}" if cfg.redis_url else "embedded"
     names = ", ".join(m.name for m in app.extensions["inference"].models)
     auth = f", API keys: {len(cfg.api_keys)}" if cfg.api_keys else ""
     print(f"serving {names} ({mode}) on http://{cfg.host}:{cfg.port}{auth}", flush=True)
