@@ -85,7 +85,8 @@ class ModelWorker(threading.Thread):
         payload = encode_reply({"error": msg, "status": 500})
         self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reason)
         self.metrics.dead_letters.labels(self.model.name).inc()
-        log.error("%s", msg)
+        self.metrics.count_prediction(self.model.name, ok=False)
+        log.error("%s", msg, extra=_rid(fields.get(b"rid", b"").decode(errors="replace") or job_id))
 
     def _refuse(self, entry_id, job: Job, reply: str) -> None:
         """A job for another bundle: answer it with an error naming both, never with our labels."""
@@ -93,8 +94,9 @@ class ModelWorker(threading.Thread):
                f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
                f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
                "bundle (during a rolling upgrade, use another --prefix for the new version)")
+        log.error("%s", msg, extra=_rid(job.request_id or job.id))   # before the reply: the front returns on it
+        self.metrics.count_prediction(self.model.name, ok=False)
         self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
-        log.error("%s (request %s)", msg, job.request_id or job.id)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -235,6 +237,7 @@ class ModelWorker(threading.Thread):
             if job.expired(now):
                 self._finish(eid, reply, job.id, b"", "expired", job.rows)
                 self.metrics.expired.labels(self.model.name).inc()
+                log.info("job %s expired before a worker took it; skipped", job.id, extra=_rid(job.request_id))
                 continue
             if (job.model_version, job.bundle_checksum) != (self.model.version, self.checksum):
                 self._refuse(eid, job, reply)
@@ -246,13 +249,15 @@ class ModelWorker(threading.Thread):
             results = run_batch([j for _, j, _ in jobs], self.model.predict, self.max_rows, self.model.combine)
             groups = [(jobs, results)]
         except Exception:
-            log.exception("batch of %d jobs failed; retrying them one by one", len(jobs))
+            log.exception("batch of %d jobs failed (requests %s); retrying them one by one", len(jobs),
+                          ", ".join(j.request_id or j.id for _, j, _ in jobs))
             groups = []
             for item in jobs:
                 try:
                     groups.append(([item], run_batch([item[1]], self.model.predict, self.max_rows, self.model.combine)))
                 except Exception:   # left pending: reclaimed later, dead-lettered after max_deliveries
-                    log.exception("job %s failed", item[1].id)
+                    self.metrics.count_prediction(self.model.name, ok=False)
+                    log.exception("job %s failed", item[1].id, extra=_rid(item[1].request_id))
         for items, results in groups:
             r0 = results[0]
             self.metrics.observe_result(self.model.name, r0.batch_rows, r0.queue_s, r0.infer_s, 0)
@@ -261,6 +266,12 @@ class ModelWorker(threading.Thread):
                         "worker": self.cfg.consumer}
                 if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied", job.rows):
                     self.metrics.images.labels(self.model.name).inc(job.n_images)
+                    self.metrics.count_prediction(self.model.name, ok=True)
+
+
+def _rid(request_id: str) -> dict:
+    """``extra`` for a job's log lines: its HTTP request id (server.logs prints it), else none."""
+    return {"request_id": request_id or "-"}
 
 
 def _rows(fields: dict) -> int:

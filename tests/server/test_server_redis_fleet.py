@@ -129,15 +129,21 @@ def test_a_worker_whose_clock_is_off_by_30s_is_live_and_its_jobs_do_not_expire(r
     assert int(rc.get(KEYS.rows("fake"))) == 0                   # the queued-row count went back to 0
 
 
-def test_a_worker_holding_another_version_refuses_the_job_with_409(redis_url, redis_proc):
+def test_a_worker_holding_another_version_refuses_the_job_with_409(redis_url, redis_proc, caplog):
     w = Workers(redis_url, make_fake_model(), n=1)                # version "test"
     newer = make_fake_model()
     newer.version = "2026.11"
     other_build = make_fake_model()                                # same version, other bundle contents
     other_build.manifest = {"rebuilt": True}
     try:
-        r = front_with(redis_url, newer).post("/predict", data=png_bytes(), content_type="image/png")
+        with caplog.at_level(logging.ERROR, logger="server.worker"):
+            r = front_with(redis_url, newer).post("/predict", data=png_bytes(), content_type="image/png",
+                                                  headers={"X-Request-ID": "upgrade-check-1"})
         assert r.status_code == 409, r.get_json()
+        assert r.headers["X-Request-ID"] == "upgrade-check-1"
+        # the worker's line about the job carries the HTTP request's id
+        assert [rec.request_id for rec in caplog.records if "holds version test" in rec.getMessage()] == \
+            ["upgrade-check-1"]
         msg = r.get_json()["error"]
         assert "version 2026.11" in msg and "holds version test" in msg and "same bundle" in msg
         r = front_with(redis_url, other_build).post("/predict", data=png_bytes(), content_type="image/png")
@@ -147,6 +153,9 @@ def test_a_worker_holding_another_version_refuses_the_job_with_409(redis_url, re
         w.close()
     rc = redis_proc.client()
     assert rc.hget(KEYS.stats("fake"), "refused") == b"2" and rc.xlen(KEYS.jobs("fake")) == 0
+    outcomes = w.threads[0].metrics.predictions
+    assert outcomes.labels("fake", "failure")._value.get() == 2   # the two refusals
+    assert outcomes.labels("fake", "success")._value.get() == 1   # the matching front's request
 
 
 def front_with(url, model, **kw):
@@ -175,7 +184,7 @@ def test_queued_rows_are_limited_by_max_queue_rows(redis_url, redis_proc):
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert "2 model rows queued" in r.get_json()["error"] and "--max-queue-rows 3" in r.get_json()["error"]
         r = post_many(c, 4)                                       # could never fit: not a retry
-        assert r.status_code == 413 and "--max-queue-rows 3" in r.get_json()["error"]
+        assert r.status_code == 413 and "at most 3 (--max-queue-rows)" in r.get_json()["error"]
         assert post_png(c).status_code == 504                     # 1 more row still fits (nobody answers it)
     finally:
         t.join(10)
