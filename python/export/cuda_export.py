@@ -47,17 +47,17 @@ def half_quality(reference, run, val, max_batch: int, precision: str) -> dict:
     raises ParityError when it loses more than MAX_TOP1_LOSS."""
     ref = run_chunked(reference, val.images, max_batch).argmax(-1)
     got = run_chunked(run, val.images, max_batch).argmax(-1)
-    q = {"images": len(val), "source": val.source, "top1_agreement": float((ref == got).float().mean())}
+    q = {"images": len(val), "source": val.source, "top1_agreement": float((ref == got).double().mean())}
     if val.labels is not None:
         labels = torch.tensor(val.labels)
-        q["top1_fp32"] = float((ref == labels).float().mean())
-        q[f"top1_{precision}"] = float((got == labels).float().mean())
+        q["top1_fp32"] = float((ref == labels).double().mean())
+        q[f"top1_{precision}"] = float((got == labels).double().mean())
         loss = q["top1_fp32"] - q[f"top1_{precision}"]
         what = f"top-1 {q[f'top1_{precision}']:.4f} vs fp32 {q['top1_fp32']:.4f}"
     else:
         loss = 1.0 - q["top1_agreement"]
         what = f"top-1 agrees with fp32 on {100 * q['top1_agreement']:.1f}% of the images"
-    if loss > MAX_TOP1_LOSS:
+    if loss > MAX_TOP1_LOSS + 1e-9:  # exactly one point lost is allowed (0.99 vs 1.0 is 0.01000...0009)
         raise ParityError(f"{precision}: {what} on {len(val)} images from {val.source}: more than "
                           f"{100 * MAX_TOP1_LOSS:.0f} point(s) lost. Serve the fp32 artifacts, or leave {precision} "
                           "out of --precision.")

@@ -168,6 +168,32 @@ def test_manifest_refuses_unknown_device_or_precision(field, value):
         validate_manifest(m)
 
 
+# ---- the fp16/bf16 top-1 check (CPU stand-ins for the GPU runtimes) ----------------------------
+def _runs(flipped: int):
+    def ref(x):
+        return torch.tensor([[0.9, 0.1]]).repeat(x.shape[0], 1)
+
+    def half(x):
+        out = ref(x)
+        out[:flipped] = torch.tensor([0.2, 0.8])
+        return out
+
+    return ref, half
+
+
+@pytest.mark.parametrize("labelled", [True, False])
+def test_half_precision_may_lose_one_point_of_top1_not_more(labelled):
+    from export.cuda_export import half_quality
+    from export.samples import ImageSet
+    from export.verify import ParityError
+
+    val = ImageSet(torch.zeros(100, 3, 2, 2, dtype=torch.uint8), [0] * 100 if labelled else None, "val")
+    q = half_quality(*_runs(1), val, max_batch=100, precision="fp16")
+    assert q["top1_agreement"] == 0.99 and (q["top1_fp16"] == 0.99 if labelled else "top1_fp16" not in q)
+    with pytest.raises(ParityError, match="fp16: top-1 .* on 100 images from val: more than 1 point"):
+        half_quality(*_runs(2), val, max_batch=100, precision="fp16")
+
+
 # ---- refusals on a machine without CUDA -------------------------------------------------------
 @NO_CUDA
 def test_export_device_cuda_is_refused_before_any_work(tmp_path, capsys):

@@ -65,9 +65,13 @@ struct Runtime::Impl {
   const Artifact& pick(const Bundle& b) const {
     const std::string dev = device.is_cuda() ? "cuda" : "cpu";
     std::string fmt = options.format;
-    if (fmt == "auto") fmt = b.find("pt2", dev, options.precision) ? "pt2" : "torchscript";
-    if (fmt != "pt2" && fmt != "torchscript") throw OptionError("unknown format '" + fmt + "'; use pt2 or torchscript");
-    if (const Artifact* a = b.find(fmt, dev, options.precision)) return *a;
+    if (fmt == "auto") {  // pt2 when the bundle has one for this device, else TorchScript
+      for (const char* f : {"pt2", "torchscript"})
+        if (const Artifact* a = b.find(f, dev, options.precision)) return *a;
+      fmt = "pt2 or torchscript";
+    } else if (const Artifact* a = b.find(fmt, dev, options.precision)) {
+      return *a;
+    }
     std::string have;
     for (const Artifact& x : b.artifacts)
       have += (have.empty() ? "" : ", ") + x.key + " (" + x.device + ", " + x.precision + ")";
@@ -75,7 +79,7 @@ struct Runtime::Impl {
         ? "re-export on a GPU machine with 'python -m export ... --device cuda" +
               (options.precision == "fp32" ? std::string() : " --precision fp32 " + options.precision) +
               "', or use --device cpu"
-        : "re-export with 'python -m export ... --format " + fmt + "'" +
+        : "re-export with 'python -m export ... --format " + (options.format == "auto" ? "all" : fmt) + "'" +
               (options.precision == "fp32" ? std::string() : ", or drop --precision (CPU artifacts are fp32)");
     throw BundleError(b.dir + ": the bundle has no " + fmt + " artifact for " + dev + " in " + options.precision +
                       " (it has: " + have + "); " + fix);
