@@ -15,7 +15,7 @@ backend checks the artifact's sha256 before loading it.
 
 ``device="cuda[:N]"``: ``torchscript`` and ``pt2`` load the artifacts compiled for CUDA (manifest
 ``device: "cuda"``; ``pt2-fp16``, ``torchscript-bf16``, ... the reduced-precision variants), ``onnxruntime``
-runs model.onnx on the CUDA execution provider, ``auto`` takes the first of pt2, torchscript (CUDA
+runs model.onnx on the CUDA execution provider (``onnxruntime-tensorrt``: TensorRT first, opt-in), ``auto`` takes the first of pt2, torchscript (CUDA
 artifacts) and onnxruntime. A bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
@@ -127,6 +127,19 @@ for _name, _key in _BACKEND_ARTIFACT.items():
 for _key in ("pt2", "torchscript"):
     for _prec in ("fp16", "bf16"):
         register_backend(f"{_key}-{_prec}", _artifact_factory(_key, _prec))
+
+
+def _tensorrt_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
+    """model.onnx on onnxruntime's TensorRT provider (CUDA for what TensorRT lacks); opt-in: engines are
+    built on first use, which takes a while."""
+    dev = parse_device(device)
+    if not dev.is_cuda:
+        raise BundleError("backend 'onnxruntime-tensorrt' needs device='cuda[:N]'")
+    path = check_artifact(folder, manifest, "onnx")
+    return open_runtime(path, "onnx", threads, str(dev), tensorrt=True)
+
+
+register_backend("onnxruntime-tensorrt", _tensorrt_factory)
 register_backend("eager", _eager_factory)
 
 

@@ -220,6 +220,11 @@ def test_load_bundle_on_cuda_without_cuda_is_refused(tmp_path, backend):
         export.load_bundle(tmp_path / "missing", backend=backend, device="cuda")
 
 
+def test_tensorrt_backend_needs_cuda(tmp_path):
+    with pytest.raises(export.BundleError, match="'onnxruntime-tensorrt' needs device='cuda"):
+        loader._tensorrt_factory(tmp_path, {"artifacts": {}}, None, "cpu")
+
+
 def test_load_bundle_refuses_an_unknown_device(tmp_path):
     with pytest.raises(export.BundleError, match="unknown device 'cuda0'"):
         export.load_bundle(tmp_path, device="cuda0")

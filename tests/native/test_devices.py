@@ -50,7 +50,7 @@ def test_binary_refuses_unknown_devices(classify_bin, bundle_a, image_dir, devic
 
 def test_binary_refuses_a_precision_the_bundle_lacks(classify_bin, bundle_a, image_dir):
     res = classify(classify_bin, "--bundle", bundle_a, "--precision", "fp16", image_dir / "rgb420.jpg")
-    assert res.returncode == 2 and "no pt2 or torchscript artifact for cpu in fp16" in res.stderr, res.stderr
+    assert res.returncode == 2 and "no 'pt2' or 'torchscript' artifact for cpu in fp16" in res.stderr, res.stderr
     res = classify(classify_bin, "--bundle", bundle_a, "--precision", "fp8", image_dir / "rgb420.jpg")
     assert res.returncode == 2 and "unknown precision 'fp8'" in res.stderr
 
@@ -69,7 +69,7 @@ def test_cpu_artifacts_are_picked_by_the_manifest_device(native, bundle_a, tmp_p
     m = json.loads((copy / "manifest.json").read_text())
     m["artifacts"]["pt2"]["device"] = "cuda"
     (copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(native.BundleError, match=r"no pt2 artifact for cpu in fp32 \(it has: .*pt2 \(cuda, fp32\)"):
+    with pytest.raises(native.BundleError, match=r"no 'pt2' artifact for cpu in fp32 \(it has: .*pt2 \(cuda, fp32\)"):
         native.Runtime(str(copy), format="pt2")
     assert native.Runtime(str(copy), threads=1).format == "torchscript"  # auto: the CPU artifact there is
     m["artifacts"]["pt2"]["device"] = "tpu"

@@ -68,7 +68,7 @@ struct Runtime::Impl {
     if (fmt == "auto") {  // pt2 when the bundle has one for this device, else TorchScript
       for (const char* f : {"pt2", "torchscript"})
         if (const Artifact* a = b.find(f, dev, options.precision)) return *a;
-      fmt = "pt2 or torchscript";
+      fmt = "";
     } else if (const Artifact* a = b.find(fmt, dev, options.precision)) {
       return *a;
     }
@@ -79,9 +79,10 @@ struct Runtime::Impl {
         ? "re-export on a GPU machine with 'python -m export ... --device cuda" +
               (options.precision == "fp32" ? std::string() : " --precision fp32 " + options.precision) +
               "', or use --device cpu"
-        : "re-export with 'python -m export ... --format " + (options.format == "auto" ? "all" : fmt) + "'" +
+        : "re-export with 'python -m export ... --format " + (fmt.empty() ? "all" : fmt) + "'" +
               (options.precision == "fp32" ? std::string() : ", or drop --precision (CPU artifacts are fp32)");
-    throw BundleError(b.dir + ": the bundle has no " + fmt + " artifact for " + dev + " in " + options.precision +
+    const std::string what = fmt.empty() ? "'pt2' or 'torchscript'" : "'" + fmt + "'";
+    throw BundleError(b.dir + ": the bundle has no " + what + " artifact for " + dev + " in " + options.precision +
                       " (it has: " + have + "); " + fix);
   }
 
