@@ -127,10 +127,10 @@ def runners(bundle_dir: Path, threads: int) -> dict:
 def bench_model(arch: str, args, work: Path) -> dict:
     ckpt = untrained_checkpoint(work / f"{arch}.pt", arch, args.img_size, args.num_classes)
     cuda = args.device.startswith("cuda")
-    bundle, manifest = build_bundle(ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches),
-                                                  quantize="int8", calibration=args.calibration,
-                                                  calibration_count=args.calibration_count, device=args.device,
-                                                  precisions=args.precisions, verify=not cuda), say=print)
+    opts = ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches), quantize="int8",
+                         calibration=args.calibration, calibration_count=args.calibration_count, force=True,
+                         device=args.device, precisions=args.precisions if cuda else ["fp32"], verify=not cuda)
+    bundle, manifest = build_bundle(opts, say=print)
     spec = preprocess_spec(manifest)
     fns = runners(bundle, args.threads)
     names = list(BACKENDS)
@@ -218,7 +218,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    result = {"threads": args.threads, "img_size": args.img_size, "torch": str(torch.__version__), "device": args.device,
+    result = {"threads": args.threads, "img_size": args.img_size, "torch": str(torch.__version__),
+              "device": args.device,
               "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device != "cpu" else None,
               "command": " ".join(sys.argv), "rows": [], "export_seconds": {}}
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out) as tmp:

@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     # Medians are the headline; minima are the better estimate on a machine shared with other jobs.
     summary = {
         "arch": a.arch, "img_size": a.img_size, "threads": a.threads, "batch": a.batch, "images": a.images,
-        "image_size": [375, 500], "bundle": str(bundle), "device": a.device, "torch": torch.__version__, "cpus": os.cpu_count(),
+        "image_size": [375, 500], "bundle": str(bundle), "device": a.device, "torch": torch.__version__,
+        "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0], "results": res, **ratios("median_ms"), "from_min": ratios("min_ms"),
     }
     if gpu:  # side by side: CPU and GPU medians per measurement, and the speed-up

@@ -98,7 +98,8 @@ def build_cuda_artifacts(opts, tmp: Path, model: torch.nn.Module, spec, val, emb
                    "device": "cuda", "precision": precision, "compiled_for": info, **extra,
                    "export_seconds": round(seconds, 2)}
             if opts.verify:
-                run = fmt.open_runtime(path, kind, device=str(dev), static_batch_models=extra.get("static_batch_models"))
+                run = fmt.open_runtime(path, kind, device=str(dev),
+                                       static_batch_models=extra.get("static_batch_models"))
                 tol = opts.cuda_tolerance if precision == "fp32" else (opts.half_tolerance or HALF_TOLERANCE[precision])
                 # fp16/bf16: top-1 is judged on all validation images below, not on the 1-5 parity images
                 gate = tol if precision == "fp32" else None

@@ -14,9 +14,10 @@ bundle has). ``register_backend`` adds more (the native C++ module registers ``n
 backend checks the artifact's sha256 before loading it.
 
 ``device="cuda[:N]"``: ``torchscript`` and ``pt2`` load the artifacts compiled for CUDA (manifest
-``device: "cuda"``; ``pt2-fp16``, ``torchscript-bf16``, ... the reduced-precision variants), ``onnxruntime``
-runs model.onnx on the CUDA execution provider (``onnxruntime-tensorrt``: TensorRT first, opt-in), ``auto`` takes the first of pt2, torchscript (CUDA
-artifacts) and onnxruntime. A bundle without CUDA artifacts says what to re-export.
+``device: "cuda"``; ``pt2-fp16``, ``torchscript-bf16``, ... the reduced-precision variants),
+``onnxruntime`` runs model.onnx on the CUDA execution provider (``onnxruntime-tensorrt``: TensorRT
+first, opt-in), ``auto`` takes the first of pt2, torchscript (CUDA artifacts) and onnxruntime. A
+bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
 
