@@ -78,6 +78,20 @@ def test_cpu_artifacts_are_picked_by_the_manifest_device(native, bundle_a, tmp_p
         native.Runtime(str(copy))
 
 
+def test_bundles_from_before_the_device_field_still_load(native, bundle_a, tmp_path):
+    """Manifests written before CPU/CUDA artifacts existed have no device or precision: CPU, fp32."""
+    copy = tmp_path / "old"
+    shutil.copytree(bundle_a, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    for art in m["artifacts"].values():
+        art.pop("device", None)
+        art.pop("precision", None)
+    (copy / "manifest.json").write_text(json.dumps(m))
+    for fmt in ("pt2", "torchscript"):
+        assert native.Runtime(str(copy), format=fmt, threads=1).format == fmt
+    assert load_bundle(copy, backend="pt2").backend == "pt2"
+
+
 # ---- on a GPU ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cuda_bundle(tiny_digits, tmp_path_factory) -> Path:

@@ -183,8 +183,11 @@ Bundle read_bundle(const std::string& dir_in) {
   if (!arts.is_object() || arts.empty()) fail(where, "no artifacts listed");
   for (auto it = arts.begin(); it != arts.end(); ++it) {
     std::string w = where + ": artifacts." + it.key();
-    Artifact a{it.key(), get<std::string>(*it, "file", w), get<std::string>(*it, "format", w),
-               get<std::string>(*it, "sha256", w), {}};
+    Artifact a;  // by name, not aggregate order: a brace list would silently fill the newer fields
+    a.key = it.key();
+    a.file = get<std::string>(*it, "file", w);
+    a.format = get<std::string>(*it, "format", w);
+    a.sha256 = get<std::string>(*it, "sha256", w);
     if (fs::path(a.file).filename().string() != a.file) fail(w, "file must be a plain file name, got '" + a.file + "'");
     // Bundles written before CUDA artifacts existed have neither field: CPU, fp32.
     if (it->contains("device")) a.device = get<std::string>(*it, "device", w);
