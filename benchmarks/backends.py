@@ -3,6 +3,8 @@
     python benchmarks/backends.py --calibration data/digits/train --threads 2 \
         --accuracy-checkpoint runs/digits/best.pt --accuracy-data data/digits --out benchmarks/results
     python benchmarks/backends.py --quick ...          # fewer repeats, for a busy machine
+    python benchmarks/backends.py --device cuda --models resnet50 mobilenet_v3_large --batches 1 8 32 64 \
+        --threads 16 --calibration data/digits/train --quick   # GPU columns next to the CPU ones
 
 Per model (resnet50, mobilenet_v3_large, efficientnet_b0 at 224 px, untrained weights: speed does
 not depend on them) and batch size (1, 8, 32): median latency and images/s of eager PyTorch,
@@ -11,6 +13,12 @@ with the same thread count; ratios are to eager. Each model is exported once wit
 ``python -m export``'s library (verified), so export time per format is reported too. int8
 accuracy is measured separately on a trained model (--accuracy-checkpoint) and its validation set.
 Writes backends.json, backends.md and backends.png under --out; the last stdout line is JSON.
+
+``--device cuda[:N]`` adds GPU columns to the same table: eager fp32 and fp16 on the GPU, the CUDA
+TorchScript and .pt2 artifacts (fp32 and each of ``--precisions``) and ONNX Runtime on the CUDA
+execution provider. Inputs start on the CPU and probabilities come back to it, as in serving. With
+random weights nearly every class ties, so parity checks would flag TF32/fp16 rounding as top-1 flips:
+GPU runs export with verification off (scripts/gpu_check.sh verifies on a trained model).
 """
 from __future__ import annotations
 
@@ -36,6 +44,12 @@ from export.manifest import preprocess_spec  # noqa: E402
 MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 BATCHES = [1, 8, 32]
 BACKENDS = ["eager", "eager_channels_last", "torchscript", "onnxruntime", "onnxruntime_int8", "pt2"]
+
+
+def cuda_backends(precisions: list[str]) -> list[str]:
+    half = [p for p in precisions if p != "fp32"]
+    return ["cuda_eager", *[f"cuda_eager_{p}" for p in half], "cuda_torchscript", "cuda_pt2",
+            *[f"cuda_pt2_{p}" for p in half], "cuda_onnxruntime"]
 
 
 def untrained_checkpoint(path: Path, arch: str, img_size: int, num_classes: int) -> Path:
@@ -67,6 +81,28 @@ def time_call(fn, x, warmup: int, repeats: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
+def cuda_runners(bundle_dir: Path, device: str, precisions: list[str]) -> dict:
+    from export.cuda_export import DTYPES
+    from trainer.checkpoints import model_from_checkpoint
+
+    manifest = export.read_manifest(bundle_dir)
+    out = {}
+    for prec in ["fp32", *[p for p in precisions if p != "fp32"]]:
+        model = model_from_checkpoint(manifest["provenance"]["checkpoint"]).model
+        net = probability_model(model, preprocess_spec(manifest), DTYPES[prec]).to(device)
+
+        def eager(x, net=net):
+            with torch.inference_mode():
+                return net(x.to(device)).cpu()
+
+        out["cuda_eager" if prec == "fp32" else f"cuda_eager_{prec}"] = eager
+        if prec != "fp32":
+            out[f"cuda_pt2_{prec}"] = export.load_bundle(bundle_dir, f"pt2-{prec}", device=device).predict_tensor
+    for name in ("torchscript", "pt2", "onnxruntime"):
+        out[f"cuda_{name}"] = export.load_bundle(bundle_dir, backend=name, device=device).predict_tensor
+    return out
+
+
 def runners(bundle_dir: Path, threads: int) -> dict:
     manifest = export.read_manifest(bundle_dir)
     loaded = export.load_bundle(bundle_dir, backend="eager", threads=threads)
@@ -90,15 +126,21 @@ def runners(bundle_dir: Path, threads: int) -> dict:
 
 def bench_model(arch: str, args, work: Path) -> dict:
     ckpt = untrained_checkpoint(work / f"{arch}.pt", arch, args.img_size, args.num_classes)
-    bundle, manifest = build_bundle(ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches),
-                                                  quantize="int8", calibration=args.calibration,
-                                                  calibration_count=args.calibration_count), say=print)
+    cuda = args.device.startswith("cuda")
+    opts = ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches), quantize="int8",
+                         calibration=args.calibration, calibration_count=args.calibration_count, force=True,
+                         device=args.device, precisions=args.precisions if cuda else ["fp32"], verify=not cuda)
+    bundle, manifest = build_bundle(opts, say=print)
     spec = preprocess_spec(manifest)
     fns = runners(bundle, args.threads)
+    names = list(BACKENDS)
+    if cuda:
+        fns.update(cuda_runners(bundle, args.device, args.precisions))
+        names += cuda_backends(args.precisions)
     rows = []
     for bs in args.batches:
         x = example_batch(spec, bs, seed=1)
-        for name in BACKENDS:
+        for name in names:
             sec = time_call(fns[name], x, args.warmup, args.repeats, args.min_seconds)
             rows.append({"model": arch, "batch": bs, "backend": name, "latency_ms": 1000 * sec, "images_per_s": bs / sec})
             print(f"{arch:20s} batch {bs:3d} {name:20s} {1000 * sec:9.2f} ms {bs / sec:9.1f} img/s", flush=True)
@@ -118,13 +160,14 @@ def int8_accuracy(args, work: Path) -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | batch | " + " | ".join(BACKENDS) + " |", "|---|---:|" + "---:|" * len(BACKENDS)]
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    lines = ["| model | batch | " + " | ".join(backends) + " |", "|---|---:|" + "---:|" * len(backends)]
     keyed = {(r["model"], r["batch"], r["backend"]): r for r in rows}
     for model in dict.fromkeys(r["model"] for r in rows):
         for bs in dict.fromkeys(r["batch"] for r in rows):
             base = keyed[(model, bs, "eager")]["latency_ms"]
             cells = [f"{keyed[(model, bs, b)]['latency_ms']:.1f} ms ({base / keyed[(model, bs, b)]['latency_ms']:.2f}x)"
-                     for b in BACKENDS]
+                     for b in backends]
             lines.append(f"| {model} | {bs} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -136,10 +179,11 @@ def chart(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = list(dict.fromkeys((r["model"], r["batch"]) for r in rows))
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
     keyed = {(r["model"], r["batch"], r["backend"]): r["images_per_s"] for r in rows}
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(groups)), 4.5))
-    width = 0.8 / len(BACKENDS)
-    for i, b in enumerate(BACKENDS):
+    width = 0.8 / len(backends)
+    for i, b in enumerate(backends):
         ax.bar(np.arange(len(groups)) + i * width, [keyed[(m, bs, b)] for m, bs in groups], width, label=b)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{m}\nbatch {bs}" for m, bs in groups], fontsize=7)
     ax.set_ylabel("images / s (higher is better)")
@@ -164,7 +208,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--min-seconds", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="warmup 2, repeats 5, min 0.5 s per measurement")
+    p.add_argument("--device", default="cpu", help="cuda[:N]: add GPU columns (CUDA artifacts, ONNX Runtime CUDA EP)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], help="CUDA artifact precisions (--device cuda)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--work", help="keep the exported bundles here (default: a temporary folder, removed)")
     args = p.parse_args(argv)
     if args.quick:
         args.warmup, args.repeats, args.min_seconds = 2, 5, 0.5
@@ -172,8 +219,12 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     result = {"threads": args.threads, "img_size": args.img_size, "torch": str(torch.__version__),
+              "device": args.device,
+              "gpu": torch.cuda.get_device_name(torch.device(args.device)) if args.device != "cpu" else None,
               "command": " ".join(sys.argv), "rows": [], "export_seconds": {}}
     with tempfile.TemporaryDirectory(prefix="bench-", dir=out) as tmp:
+        tmp = args.work or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         result["int8_accuracy"] = int8_accuracy(args, Path(tmp))
         for arch in args.models:
             r = bench_model(arch, args, Path(tmp))
@@ -182,12 +233,20 @@ def main(argv=None) -> int:
     keyed = {(r["model"], r["batch"], r["backend"]): r["latency_ms"] for r in result["rows"]}
     result["int8_speedup_batch1"] = {m: keyed[(m, 1, "onnxruntime")] / keyed[(m, 1, "onnxruntime_int8")]
                                      for m in args.models if (m, 1, "onnxruntime") in keyed}
+    best = {}  # images/s at batch 1 and at the best batch, per model and backend
+    for r in result["rows"]:
+        k = f"{r['model']}/{r['backend']}"
+        b = best.setdefault(k, {"batch1": None, "best": 0.0, "best_batch": None})
+        b["batch1"] = r["images_per_s"] if r["batch"] == 1 else b["batch1"]
+        if r["images_per_s"] > b["best"]:
+            b.update(best=r["images_per_s"], best_batch=r["batch"])
+    result["images_per_s"] = best
     (out / "backends.json").write_text(json.dumps(result, indent=2))
     table = markdown(result["rows"])
     (out / "backends.md").write_text(table + "\n")
     chart(result["rows"], out / "backends.png")
     print(table)
-    print(json.dumps({"int8_speedup_batch1": result["int8_speedup_batch1"],
+    print(json.dumps({"int8_speedup_batch1": result["int8_speedup_batch1"], "images_per_s": best,
                       "int8_accuracy": result["int8_accuracy"], "export_seconds": result["export_seconds"]}))
     return 0
 

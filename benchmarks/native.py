@@ -1,6 +1,7 @@
 """Native runtime benchmark: C++ end to end vs the Python bundle loader, and raw model times.
 
     PYTHONPATH=python python benchmarks/native.py --arch resnet50 --img-size 224 --threads 2 --batch 1
+    PYTHONPATH=python python benchmarks/native.py --arch resnet50 --threads 16 --batch 1 --device cuda
 
 Builds (once, into --work) an untrained-weights bundle of --arch with TorchScript, .pt2 and ONNX
 (no downloads; speed does not depend on the weights), writes --images photo-like JPEGs of 500x375,
@@ -15,6 +16,9 @@ then times, on the same images, threads and batch size:
 
 Each measurement runs in a fresh process with only its runtime loaded (onnxruntime's and OpenMP's
 worker threads keep spinning after a run and would slow whichever runtime runs next in the same process).
+``--device cuda[:N]``: the bundle also gets CUDA artifacts (exported without parity checks: random
+weights make every class tie), and the model and end-to-end measurements run again on the GPU
+(``native_e2e@cuda:0``, ...), printed in a column next to the CPU figures (images on the CPU in, as served).
 The overhead is reported both directly (``native_decode_preprocess`` / ``native_model``) and as
 (native_e2e - native_model) / native_model; target < 15% for resnet50 at 224. Prints a table; the last line is JSON
 (also written to --out).
@@ -50,17 +54,19 @@ def make_checkpoint(path: Path, arch: str, img_size: int, classes: int) -> Path:
     return path
 
 
-def ensure_bundle(work: Path, arch: str, img_size: int, classes: int, max_batch: int) -> Path:
+def ensure_bundle(work: Path, arch: str, img_size: int, classes: int, max_batch: int, device: str = "cpu") -> Path:
     from export.build import ExportOptions, build_bundle
 
-    bundle = work / f"{arch}-{img_size}"
+    cuda = device.startswith("cuda")
+    bundle = work / (f"{arch}-{img_size}" + ("-cuda" if cuda else ""))
     if (bundle / "manifest.json").is_file():
         return bundle
     work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(work / f"{arch}-{img_size}.pt", arch, img_size, classes)
     print(f"building {bundle} (AOTInductor compile takes a while) ...", file=sys.stderr)
     build_bundle(ExportOptions(checkpoint=str(ckpt), out=str(bundle), formats=["torchscript", "pt2", "onnx"],
-                               max_batch=max_batch, force=True), say=lambda *a, **k: print(*a, file=sys.stderr))
+                               max_batch=max_batch, force=True, device=device, verify=not cuda),
+                 say=lambda *a, **k: print(*a, file=sys.stderr))
     return bundle
 
 
@@ -93,6 +99,8 @@ def timeit(fn, repeat: int, warmup: int = 2) -> dict:
 
 MEASUREMENTS = ["native_decode_preprocess", "python_decode_preprocess", "native_e2e", "native_model", "python_e2e",
                 "python_pt2_model", "onnxruntime_model", "torchscript_model"]
+DEVICE_MEASUREMENTS = ["native_e2e", "native_model", "python_e2e", "python_pt2_model", "onnxruntime_model",
+                       "torchscript_model"]  # also run on the GPU with --device cuda, as NAME@cuda:N
 
 
 def measure(name: str, bundle: Path, batches: list[list[str]], threads: int, batch: int, repeat: int) -> dict:
@@ -100,7 +108,9 @@ def measure(name: str, bundle: Path, batches: list[list[str]], threads: int, bat
     import classify_native
     from export import load_bundle
 
-    rt = classify_native.Runtime(str(bundle), format="pt2", tta="none", threads=threads, batch=batch)
+    name, _, device = name.partition("@")
+    device = device or "cpu"
+    rt = classify_native.Runtime(str(bundle), format="pt2", tta="none", threads=threads, batch=batch, device=device)
     pre = rt.preprocessing
 
     def per_batch(fn):
@@ -124,7 +134,7 @@ def measure(name: str, bundle: Path, batches: list[list[str]], threads: int, bat
     rows_t = [torch.from_numpy(r) for r in rows]
     backend = {"python_e2e": "pt2", "python_pt2_model": "pt2", "python_decode_preprocess": "pt2",
                "onnxruntime_model": "onnxruntime", "torchscript_model": "torchscript"}[name]
-    py = load_bundle(bundle, backend=backend, tta="none", threads=threads)
+    py = load_bundle(bundle, backend=backend, tta="none", threads=threads, device=device)
     if name == "python_decode_preprocess":
         from trainer.data.images import decode_image
         from trainer.data.transforms import eval_transform
@@ -147,12 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=10, help="timed passes over all images")
     ap.add_argument("--out", default="benchmarks/results/native.json")
-    ap.add_argument("--only", choices=MEASUREMENTS, help=argparse.SUPPRESS)  # internal: one measurement, JSON out
+    ap.add_argument("--device", default="cpu", help="cuda[:N]: also time the model on the GPU, next to the CPU")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # internal: one measurement (NAME[@DEVICE]), JSON out
     a = ap.parse_args(argv)
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
-    bundle = Path(a.bundle) if a.bundle else ensure_bundle(work, a.arch, a.img_size, a.classes, max(8, a.batch))
+    bundle = Path(a.bundle) if a.bundle else ensure_bundle(work, a.arch, a.img_size, a.classes, max(8, a.batch),
+                                                           a.device)
     paths = write_images(work / "images", a.images)
     batches = [paths[i:i + a.batch] for i in range(0, len(paths), a.batch)]
     if a.only:
@@ -161,8 +173,10 @@ def main(argv=None) -> int:
     # One fresh process per measurement: runtimes that share a process disturb each other (onnxruntime's
     # and OpenMP's worker threads spin after a run, taking the cores the next runtime needs).
     res = {}
-    for name in MEASUREMENTS:
+    gpu = [f"{n}@{a.device}" for n in DEVICE_MEASUREMENTS] if a.device != "cpu" else []
+    for name in MEASUREMENTS + gpu:
         cmd = [sys.executable, __file__, "--bundle", str(bundle), "--work", str(work), "--images", str(a.images),
+               "--device", a.device,
                "--threads", str(a.threads), "--batch", str(a.batch), "--repeat", str(a.repeat), "--only", name]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         res[name] = json.loads(out.strip().splitlines()[-1])
@@ -183,9 +197,19 @@ def main(argv=None) -> int:
     # Medians are the headline; minima are the better estimate on a machine shared with other jobs.
     summary = {
         "arch": a.arch, "img_size": a.img_size, "threads": a.threads, "batch": a.batch, "images": a.images,
-        "image_size": [375, 500], "bundle": str(bundle), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "image_size": [375, 500], "bundle": str(bundle), "device": a.device, "torch": torch.__version__,
+        "cpus": os.cpu_count(),
         "load_avg_1m": os.getloadavg()[0], "results": res, **ratios("median_ms"), "from_min": ratios("min_ms"),
     }
+    if gpu:  # side by side: CPU and GPU medians per measurement, and the speed-up
+        summary["gpu"] = torch.cuda.get_device_name(torch.device(a.device))
+        summary["cpu_vs_gpu"] = {n: {"cpu_ms": res[n]["median_ms"], "gpu_ms": res[f"{n}@{a.device}"]["median_ms"],
+                                     "speedup": res[n]["median_ms"] / res[f"{n}@{a.device}"]["median_ms"],
+                                     "gpu_images_per_s": a.batch * 1000 / res[f"{n}@{a.device}"]["median_ms"]}
+                                 for n in DEVICE_MEASUREMENTS}
+        print(f"{'measurement':<22}{'cpu ms/batch':>14}{a.device + ' ms':>14}{'speed-up':>10}")
+        for n, v in summary["cpu_vs_gpu"].items():
+            print(f"{n:<22}{v['cpu_ms']:>14.2f}{v['gpu_ms']:>14.2f}{v['speedup']:>9.1f}x")
     print(f"{'measurement':<22}{'median ms/batch':>16}{'min':>10}")
     for k, v in res.items():
         print(f"{k:<22}{v['median_ms']:>16.2f}{v['min_ms']:>10.2f}")

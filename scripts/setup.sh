@@ -39,6 +39,12 @@ if [ "$(cat .setup-stamp 2>/dev/null)" != "$stamp_src" ]; then
   # Build requirements first: the install below runs without build isolation, so that the native
   # runtime compiles against the installed torch, never a second copy in an isolated environment.
   "$VPY" -m pip install -q "setuptools>=68" "pybind11>=2.12"
+  # onnxruntime and onnxruntime-gpu (the dependency on Linux x86-64) install the same 'onnxruntime'
+  # folder: a venv that has the CPU one swaps it, or the two packages overwrite each other's files.
+  if [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && "$VPY" -m pip show onnxruntime >/dev/null 2>&1; then
+    "$VPY" -m pip uninstall -q -y onnxruntime
+    "$VPY" -m pip install -q --force-reinstall --no-deps "onnxruntime-gpu>=1.31.1"
+  fi
   "$VPY" -m pip install -q --no-build-isolation -e ".[dev]"
   echo "$stamp_src" > .setup-stamp
 fi

@@ -4,7 +4,9 @@ inspect prints what a bundle holds; verify re-checks an existing bundle: the sha
 then parity of every artifact against a reference, at batch sizes 1, 2 and an odd size. The
 reference is eager PyTorch rebuilt from the source checkpoint when the manifest's checkpoint is
 still on this machine with the same sha256, otherwise the bundle's first fp32 artifact (torchscript,
-onnx, pt2 in that order), so that every format is at least checked against the others.
+onnx, pt2 in that order), so that every format is at least checked against the others. Artifacts
+compiled for CUDA run on the GPU when there is one (within the tolerance recorded at export), and are
+reported as not run otherwise: their sha256 is still checked.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 
 from . import loader
 from .formats import open_runtime
-from .manifest import BundleError, manifest_path, preprocess_spec, read_manifest, verify_checksums
+from .devices import cuda_device_count
+from .manifest import (BundleError, artifact_device, artifact_precision, manifest_path, preprocess_spec, read_manifest,
+                       verify_checksums)
 from .samples import validation_images
-from .verify import check_parity
+from .verify import ParityError, check_parity
 
 FP32_ORDER = ("torchscript", "onnx", "pt2")
 
@@ -39,8 +43,13 @@ def describe(manifest: dict) -> str:
     for key, art in manifest["artifacts"].items():
         par = art.get("parity") or {}
         check = (f"max abs diff {par['max_abs_diff']:.2g} at batch {par['batch_sizes']}" if par else "not verified")
+        where = "" if artifact_device(art) == "cpu" else f"  [{artifact_device(art)} {artifact_precision(art)}, " \
+            f"{(art.get('compiled_for') or {}).get('gpu', '?')}]"
         lines.append(f"  {key:12s} {art['file']:16s} {art['bytes'] / 1e6:8.2f} MB  sha256 {art['sha256'][:12]}  "
-                     f"{check}  export {art.get('export_seconds', '?')}s")
+                     f"{check}  export {art.get('export_seconds', '?')}s{where}")
+        if art.get("parity_cuda"):
+            lines.append(f"  {'':12s} on the CUDA execution provider: max abs diff "
+                         f"{art['parity_cuda']['max_abs_diff']:.2g}")
         q = art.get("quantization")
         if q and "top1_fp32" in q:
             lines.append(f"  {'':12s} int8 top-1 {q['top1_int8']:.4f} vs fp32 {q['top1_fp32']:.4f} on "
@@ -74,6 +83,13 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
         ref_name = key
     report = {"reference": ref_name, "images": images.source, "artifacts": {}}
     for key, art in manifest["artifacts"].items():
+        if artifact_device(art) == "cuda":
+            if not cuda_device_count():
+                say(f"  {key}: compiled for CUDA, not run (no GPU here; its sha256 was checked)")
+                continue
+            report["artifacts"][key] = _verify_cuda(reference, folder, key, art, images, manifest["max_batch"], tol)
+            say(f"  {key}: max abs diff {report['artifacts'][key]['max_abs_diff']:.2g} vs {ref_name} on cuda:0")
+            continue
         run = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
         res = check_parity(reference, run, images.images, key, manifest["max_batch"],
                            None if key == "onnx_int8" else tol, images.source)
@@ -81,3 +97,15 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
         say(f"  {key}: max abs diff {res['max_abs_diff']:.2g} vs {ref_name}, top-1 "
             f"{'agrees' if res['top1_agree'] else 'DIFFERS'} (batch sizes {res['batch_sizes']})")
     return report
+
+
+def _verify_cuda(reference, folder: Path, key: str, art: dict, images, max_batch: int, tol: float) -> dict:
+    """A CUDA artifact against the CPU reference, within the tolerance its export recorded (TF32, fp16)."""
+    run = open_runtime(folder / art["file"], art["format"], device="cuda:0",
+                       static_batch_models=art.get("static_batch_models"))
+    allowed = max(tol, (art.get("parity") or {}).get("tolerance", tol))
+    res = check_parity(reference, run, images.images, key, max_batch, None, images.source)
+    if not res["max_abs_diff"] <= allowed:
+        raise ParityError(f"{key}: max abs probability difference {res['max_abs_diff']:.3g} on cuda:0 (allowed "
+                          f"{allowed:g}, the tolerance of its export); re-export the bundle on this GPU")
+    return res

@@ -25,7 +25,8 @@ from trainer.tta import MERGES, check_views, parse_policy
 
 from . import formats as fmt
 from .graph import example_batch, probability_model
-from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, SCHEMA_VERSION, BundleError, file_sha256,
+from .devices import check_available_providers, parse_device, require_cuda
+from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, PRECISIONS, SCHEMA_VERSION, BundleError, file_sha256,
                        preprocessing_dict, utc_now, utc_version, write_manifest)
 from .samples import calibration_images, validation_images
 from .verify import check_parity, top1
@@ -54,6 +55,11 @@ class ExportOptions:
     force: bool = False
     # .pt2 only: batch sizes that also get a model compiled for exactly that size (prepacked weights)
     pt2_static_batches: list[int] = field(default_factory=lambda: [1])
+    # cuda[:N]: also write TorchScript and .pt2 compiled for that GPU, in each of ``precisions``
+    device: str = "cpu"
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    cuda_tolerance: float = 1e-3  # fp32 CUDA artifacts vs eager fp32 on the GPU (cuda_export.py says why)
+    half_tolerance: float | None = None  # None: fp16 1e-2, bf16 5e-2
 
 
 def resolve_formats(names: list[str]) -> list[str]:
@@ -67,8 +73,26 @@ def resolve_formats(names: list[str]) -> list[str]:
     return out
 
 
+def _check_device(o: ExportOptions) -> None:
+    """Refuse a CUDA export that cannot run here before any work (loading, tracing) starts."""
+    dev = parse_device(o.device)
+    bad = [p for p in o.precisions if p not in PRECISIONS]
+    if bad or not o.precisions:
+        raise BundleError(f"--precision {bad or '(none)'}: use one or more of {', '.join(PRECISIONS)}")
+    if not dev.is_cuda and o.precisions != ["fp32"]:
+        raise BundleError(f"--precision {' '.join(o.precisions)}: fp16/bf16 variants are CUDA artifacts; add "
+                          "--device cuda (on a GPU machine) or drop --precision")
+    require_cuda(dev, "--device")
+    if dev.is_cuda and "onnx" in o.formats:
+        try:
+            check_available_providers(dev)
+        except BundleError as exc:
+            raise BundleError(f"{exc}; or export --format torchscript pt2 to skip the ONNX check on CUDA") from None
+
+
 def _check_options(o: ExportOptions) -> None:
     o.formats = resolve_formats(o.formats)
+    _check_device(o)
     if o.quantize not in (None, "int8"):
         raise BundleError(f"unknown quantization {o.quantize!r}; only int8 is supported")
     if o.quantize and not o.calibration:
@@ -146,7 +170,8 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
         with torch.inference_mode():
             return net(x)
 
-    need_val = opts.validation_limit if opts.quantize else 8
+    half = any(p != "fp32" for p in opts.precisions)
+    need_val = opts.validation_limit if opts.quantize or half else 8  # top-1 checks want many images
     val = validation_images(spec, classes, opts.data, opts.calibration, limit=need_val)
     example = example_batch(spec, 2)  # N >= 2 so the batch dimension is not specialised to 1
     h, w = spec.crop_size
@@ -167,6 +192,7 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
     }
     out = Path(opts.out).resolve()
     program = None
+    cuda = parse_device(opts.device).is_cuda
     with staged_bundle(out) as tmp:
         for key in opts.formats:
             file, kind = ARTIFACT_FILES[key]
@@ -184,13 +210,24 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
             if extra.get("data_files"):
                 art["data_sha256"] = {d: file_sha256(tmp / d) for d in extra["data_files"]}
             art["export_seconds"] = round(seconds, 2)
+            if key != "onnx":
+                art.update(device="cpu", precision="fp32")  # ONNX is device-neutral: no device field
             if opts.verify:
                 run = fmt.open_runtime(path, kind, static_batch_models=extra.get("static_batch_models"))
                 art["parity"] = check_parity(eager, run, val.images, key, opts.max_batch,
                                              opts.tolerance, val.source)
                 say(f"  {key}: max abs diff {art['parity']['max_abs_diff']:.2g} at batch sizes "
                     f"{art['parity']['batch_sizes']} ({seconds:.1f}s)")
+            if key == "onnx" and cuda and opts.verify:
+                from .cuda_export import verify_onnx_on_cuda
+
+                art["parity_cuda"] = verify_onnx_on_cuda(opts, path, loaded.model, spec, val, say)
             manifest["artifacts"][key] = art
+        if cuda:
+            from .cuda_export import build_cuda_artifacts
+
+            embedded = {k: v for k, v in manifest.items() if k != "artifacts"}
+            manifest["artifacts"].update(build_cuda_artifacts(opts, tmp, loaded.model, spec, val, embedded, say))
         if opts.quantize:
             manifest["artifacts"]["onnx_int8"] = _int8(opts, tmp, manifest, spec, eager, val, say)
         write_manifest(tmp, manifest)

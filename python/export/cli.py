@@ -1,6 +1,8 @@
 """Command line: ``python -m export --help``.
 
     python -m export --checkpoint runs/digits/best.pt --format all --out bundles/digits --data data/digits
+    python -m export --checkpoint runs/digits/best.pt --format all --out bundles/digits --data data/digits \
+        --device cuda --precision fp32 fp16       # + TorchScript and .pt2 compiled for the GPU (docs/export.md)
     python -m export --checkpoint runs/digits/best.pt --format onnx --quantize int8 \
         --calibration data/digits/train --data data/digits --out bundles/digits-int8
     python -m export ensemble --members bundles/a bundles/b --fusion mean --out bundles/ab
@@ -47,6 +49,17 @@ def _export_parser() -> argparse.ArgumentParser:
                    help=".pt2 also holds a model compiled for exactly these batch sizes (weights prepacked: "
                         "resnet50 batch 1 on CPU 40 vs 58 ms; each adds the weights once more). Default 1; "
                         "give no value to compile only the dynamic-batch model")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N. cuda also writes TorchScript and .pt2 compiled for that GPU next to the "
+                        "CPU artifacts, and checks model.onnx on the CUDA execution provider")
+    p.add_argument("--precision", nargs="+", default=["fp32"], metavar="P",
+                   help="precisions of the CUDA artifacts: fp32, fp16, bf16 (several allowed; --device cuda only)")
+    p.add_argument("--cuda-tolerance", type=float, default=1e-3,
+                   help="max abs probability difference of fp32 CUDA artifacts vs eager fp32 on the GPU (TF32 "
+                        "convolutions: looser than --tolerance)")
+    p.add_argument("--half-tolerance", type=float, default=None,
+                   help="the same for fp16/bf16 variants (default fp16 1e-2, bf16 5e-2); their top-1 on the "
+                        "validation images is checked too")
     return p
 
 
@@ -59,7 +72,9 @@ def _cmd_export(argv) -> int:
                          max_batch=a.max_batch, weights=weights, verify=a.verify, quantize=a.quantize,
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
                          name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
-                         pt2_static_batches=sorted(set(a.pt2_static_batches)))
+                         pt2_static_batches=sorted(set(a.pt2_static_batches)), device=a.device,
+                         precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,
+                         half_tolerance=a.half_tolerance)
     _, manifest = build_bundle(opts)
     if a.json:
         print(json.dumps(manifest, indent=2))

@@ -5,6 +5,7 @@
     write_onnx(program, "model.onnx", opset=18)
     write_pt2(program, "model.pt2")             # dynamic batch + a static batch-1 model
     run = open_runtime("model.onnx", "onnx", threads=2)   # run(uint8 NCHW tensor) -> probs tensor
+    run = open_runtime("model.onnx", "onnx", device="cuda:0", keep_on_device=True)  # CUDA EP, IOBinding
 
 Every writer takes the ProbabilityModel (uint8 in, probabilities out) and an example batch of at
 least 2 images, so the dynamic batch dimension is never specialised to 1.
@@ -17,9 +18,12 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
+from .devices import (check_available_providers, check_session_providers, ort_providers, parse_device,
+                      preload_cuda_libraries, require_cuda)
 from .manifest import INPUT_NAME, OUTPUT_NAME, BundleError
 
 Runtime = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) uint8 -> (N, K) float32
@@ -115,52 +119,85 @@ def load_pt2(path: str | os.PathLike, static_batch_models: dict | None = None, d
     return run
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu"):
+def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu", tensorrt: bool = False):
+    """An onnxruntime session on ``device`` (cpu, cuda, cuda:N); raises BundleError when CUDA (or
+    TensorRT, opt-in) was asked for and the session did not get it, never a silent CPU fallback."""
     import onnxruntime as ort
 
+    dev = parse_device(device)
+    if dev.is_cuda:
+        require_cuda(dev, "onnxruntime device")
+        check_available_providers(dev, tensorrt)
+        preload_cuda_libraries()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise BundleError("device='cuda' needs onnxruntime-gpu (pip install 'shipclassifier[gpu]')")
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(dev, tensorrt))
+    check_session_providers(session, dev, tensorrt, str(path))
+    return session
+
+
+def _onnx_cuda_runner(session, index: int, keep_on_device: bool) -> Runtime:
+    """IOBinding: the input goes in from host or device memory, the probabilities are written straight
+    into a torch tensor on the GPU (no copy through numpy); moved to the CPU unless keep_on_device."""
+    classes = session.get_outputs()[0].shape[-1]  # static K; the batch dimension is symbolic
+    device = torch.device("cuda", index)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty((x.shape[0], classes), dtype=torch.float32, device=device)  # (N, K)
+        binding = session.io_binding()
+        if x.is_cuda:
+            torch.cuda.current_stream(x.device).synchronize()  # onnxruntime runs on its own stream
+            binding.bind_input(INPUT_NAME, "cuda", x.device.index, np.uint8, tuple(x.shape), x.data_ptr())
+        else:
+            binding.bind_cpu_input(INPUT_NAME, x.numpy())
+        binding.bind_output(OUTPUT_NAME, "cuda", index, np.float32, tuple(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)  # returns once the outputs are written
+        return out if keep_on_device else out.cpu()
+
+    return run
 
 
 def open_runtime(path: str | os.PathLike, fmt: str, threads: int | None = None, device: str = "cpu",
-                 static_batch_models: dict | None = None) -> Runtime:
+                 static_batch_models: dict | None = None, keep_on_device: bool = False,
+                 tensorrt: bool = False) -> Runtime:
     """Load an artifact with its own runtime and return a callable uint8 NCHW -> probabilities.
 
     static_batch_models: the .pt2 artifact's manifest entry of that name (batch size -> model name).
+    device: cpu, cuda or cuda:N. ONNX runs anywhere (CUDA execution provider, IOBinding); TorchScript
+    and .pt2 artifacts must have been compiled for that device (the manifest's "device"). Inputs may
+    live on the CPU or the device; outputs come back on the CPU unless keep_on_device.
     """
     path = str(path)
+    dev = parse_device(device)
     if fmt == "onnx":
-        session = ort_session(path, threads, device)
+        session = ort_session(path, threads, str(dev), tensorrt)
+        if dev.is_cuda:
+            return _onnx_cuda_runner(session, dev.index, keep_on_device)
 
         def run_onnx(x: torch.Tensor) -> torch.Tensor:
             out = session.run([OUTPUT_NAME], {INPUT_NAME: x.contiguous().cpu().numpy()})[0]
             return torch.from_numpy(out)
 
         return run_onnx
-    if device != "cpu":
-        raise BundleError(f"the {fmt} artifacts are compiled for CPU; use device='cpu' (or the onnxruntime "
-                          "backend with onnxruntime-gpu)")
+    require_cuda(dev, f"{fmt} device")
     if threads:
         torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
+    target = torch.device(str(dev))
     if fmt == "torchscript":
         with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the format C++ loads
             warnings.filterwarnings("ignore", category=FutureWarning)
-            module = torch.jit.load(path, map_location="cpu").eval()
+            module = torch.jit.load(path, map_location=target).eval()
     elif fmt == "aotinductor":
-        module = load_pt2(path, static_batch_models)
+        module = load_pt2(path, static_batch_models, dev.index if dev.is_cuda else -1)
     else:
         raise BundleError(f"unknown artifact format {fmt!r}")
 
     def run_torch(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return module(x.contiguous())
+            out = module(x.to(target, non_blocking=True).contiguous())
+            return out if keep_on_device else out.cpu()
 
     return run_torch

@@ -15,14 +15,19 @@ from trainer.data import Normalize, PreprocessSpec
 
 
 class ProbabilityModel(nn.Module):
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.normalize = Normalize(mean, std)
         self.model = model
+        self.dtype = dtype  # float16/bfloat16: the network runs in it; input and output keep the contract
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # images: (N, 3, H, W) uint8 -> (N, K) float32 probabilities
-        return torch.softmax(self.model(self.normalize(images)), dim=-1)
+        if self.dtype == torch.float32:
+            return torch.softmax(self.model(self.normalize(images)), dim=-1)
+        # normalise in float32 (x/255 loses digits in half), softmax in float32 (sums to 1 exactly enough)
+        logits = self.model(self.normalize(images).to(self.dtype))
+        return torch.softmax(logits.float(), dim=-1)
 
 
 def make_exportable(model: nn.Module) -> nn.Module:
@@ -32,8 +37,9 @@ def make_exportable(model: nn.Module) -> nn.Module:
     return model
 
 
-def probability_model(model: nn.Module, spec: PreprocessSpec) -> ProbabilityModel:
-    return ProbabilityModel(make_exportable(model), spec.mean, spec.std).eval()
+def probability_model(model: nn.Module, spec: PreprocessSpec, dtype: torch.dtype = torch.float32) -> ProbabilityModel:
+    """dtype other than float32 converts ``model``'s weights in place: pass a copy to keep the original."""
+    return ProbabilityModel(make_exportable(model).to(dtype), spec.mean, spec.std, dtype).eval()
 
 
 def example_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> torch.Tensor:

@@ -12,6 +12,12 @@ manifest records; only where that file still exists with the recorded sha256: a 
 another machine has no eager backend) and ``auto`` (the first of onnxruntime, pt2, torchscript the
 bundle has). ``register_backend`` adds more (the native C++ module registers ``native``). Every
 backend checks the artifact's sha256 before loading it.
+
+``device="cuda[:N]"``: ``torchscript`` and ``pt2`` load the artifacts compiled for CUDA (manifest
+``device: "cuda"``; ``pt2-fp16``, ``torchscript-bf16``, ... the reduced-precision variants),
+``onnxruntime`` runs model.onnx on the CUDA execution provider (``onnxruntime-tensorrt``: TensorRT
+first, opt-in), ``auto`` takes the first of pt2, torchscript (CUDA artifacts) and onnxruntime. A
+bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
 
@@ -26,12 +32,15 @@ import torch
 from trainer.data import decode_image
 from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_policy, views_from_data
 
+from .devices import Device, parse_device, require_cuda
 from .formats import Runtime, open_runtime
-from .manifest import BundleError, check_artifact, file_sha256, manifest_path, preprocess_spec, read_manifest
+from .manifest import (BundleError, artifact_key, check_artifact, file_sha256, manifest_path, preprocess_spec,
+                       read_manifest)
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
 AUTO_ORDER = ("onnxruntime", "pt2", "torchscript")
+AUTO_ORDER_CUDA = ("pt2", "torchscript", "onnxruntime")  # compiled for the GPU first, ONNX on the CUDA EP last
 _BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "torchscript": "torchscript",
                      "pt2": "pt2"}
 
@@ -48,11 +57,43 @@ def list_backends() -> list[str]:
     return ["auto", *sorted(_BACKENDS)]
 
 
-def _artifact_factory(key: str) -> BackendFactory:
+def compiled_artifact(manifest: dict, family: str, device: Device, precision: str = "fp32", folder="") -> str:
+    """Manifest key of the TorchScript/.pt2 artifact compiled for ``device`` in ``precision``, or a
+    BundleError saying what to re-export."""
+    key = artifact_key(family, device.kind, precision)
+    if not device.is_cuda and precision != "fp32":
+        raise BundleError(f"backend '{family}-{precision}' runs the {precision} CUDA artifacts; use device='cuda' "
+                          f"(or backend '{family}' on the CPU)")
+    if device.is_cuda and key not in manifest["artifacts"]:
+        have = ", ".join(manifest["artifacts"]) or "none"
+        prec = "" if precision == "fp32" else f" --precision {precision}"
+        raise BundleError(f"{folder}: the bundle has no {family} artifact compiled for CUDA in {precision} (it has: "
+                          f"{have}); re-export it on a GPU machine with 'python -m export --checkpoint CKPT --out DIR "
+                          f"--device cuda{prec}', or use backend 'onnxruntime' (model.onnx on the CUDA execution "
+                          "provider)")
+    return key
+
+
+def _check_compiled_for(folder: Path, art: dict, device: Device) -> None:
+    """A CUDA .pt2 holds kernels for the GPU architecture it was compiled on and fails elsewhere."""
+    want = (art.get("compiled_for") or {}).get("capability")
+    if art["format"] != "aotinductor" or not device.is_cuda or not want:
+        return
+    got = "{}.{}".format(*torch.cuda.get_device_capability(device.index))
+    if got != want:
+        raise BundleError(f"{folder}/{art['file']}: compiled for a GPU of compute capability {want} "
+                          f"({art['compiled_for'].get('gpu')}), this {device} is {got}; re-export on this GPU "
+                          "('python -m export ... --device cuda') or use backend 'torchscript' or 'onnxruntime'")
+
+
+def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
     def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
-        path = check_artifact(folder, manifest, key)
-        art = manifest["artifacts"][key]
-        return open_runtime(path, art["format"], threads, device, art.get("static_batch_models"))
+        dev = parse_device(device)
+        name = compiled_artifact(manifest, key, dev, precision, folder) if key in ("pt2", "torchscript") else key
+        path = check_artifact(folder, manifest, name)
+        art = manifest["artifacts"][name]
+        _check_compiled_for(folder, art, dev)
+        return open_runtime(path, art["format"], threads, str(dev), art.get("static_batch_models"))
 
     return factory
 
@@ -84,6 +125,22 @@ def _eager_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
 
 for _name, _key in _BACKEND_ARTIFACT.items():
     register_backend(_name, _artifact_factory(_key))
+for _key in ("pt2", "torchscript"):
+    for _prec in ("fp16", "bf16"):
+        register_backend(f"{_key}-{_prec}", _artifact_factory(_key, _prec))
+
+
+def _tensorrt_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
+    """model.onnx on onnxruntime's TensorRT provider (CUDA for what TensorRT lacks); opt-in: engines are
+    built on first use, which takes a while."""
+    dev = parse_device(device)
+    if not dev.is_cuda:
+        raise BundleError("backend 'onnxruntime-tensorrt' needs device='cuda[:N]'")
+    path = check_artifact(folder, manifest, "onnx")
+    return open_runtime(path, "onnx", threads, str(dev), tensorrt=True)
+
+
+register_backend("onnxruntime-tensorrt", _tensorrt_factory)
 register_backend("eager", _eager_factory)
 
 
@@ -211,7 +268,7 @@ class EnsembleBundle:
         return make_prediction(probs, self.classes, topk)
 
 
-def _pick_backend(manifest: dict, backend: str, folder: Path) -> str:
+def _pick_backend(manifest: dict, backend: str, folder: Path, device: Device) -> str:
     if backend != "auto":
         if backend == "native" and backend not in _BACKENDS:
             try:  # the compiled module registers itself on import; it depends on us, not we on it
@@ -222,6 +279,14 @@ def _pick_backend(manifest: dict, backend: str, folder: Path) -> str:
         if backend not in _BACKENDS:
             raise BundleError(f"unknown backend {backend!r}; use one of {', '.join(list_backends())}")
         return backend
+    if device.is_cuda:
+        for name in AUTO_ORDER_CUDA:
+            key = _BACKEND_ARTIFACT[name]
+            if (artifact_key(key, "cuda") if key in ("pt2", "torchscript") else key) in manifest["artifacts"]:
+                return name
+        raise BundleError(f"{folder}: no artifact that runs on CUDA (it has: {', '.join(manifest['artifacts'])}); "
+                          "re-export it on a GPU machine with 'python -m export --checkpoint CKPT --out DIR --device "
+                          "cuda' (or with --format onnx, which runs on the CUDA execution provider)")
     for name in AUTO_ORDER:
         if _BACKEND_ARTIFACT[name] in manifest["artifacts"]:
             return name
@@ -230,7 +295,12 @@ def _pick_backend(manifest: dict, backend: str, folder: Path) -> str:
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, threads: int | None = None,
                 device: str = "cpu") -> ModelBundle | EnsembleBundle:
-    """Open a bundle folder (model or ensemble) with one backend; ``tta`` overrides the manifest's default."""
+    """Open a bundle folder (model or ensemble) with one backend; ``tta`` overrides the manifest's default.
+
+    device: cpu, cuda or cuda:N (refused at once where that device does not exist)."""
+    dev = parse_device(device)
+    require_cuda(dev, "device")
+    device = str(dev)
     folder = manifest_path(path).parent
     manifest = read_manifest(folder)
     if manifest["kind"] == "ensemble":
@@ -246,5 +316,5 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
                 raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
             members.append(member)
         return EnsembleBundle(folder, manifest, members, tta)
-    name = _pick_backend(manifest, backend, folder)
+    name = _pick_backend(manifest, backend, folder, dev)
     return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, device), name, tta)

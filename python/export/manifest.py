@@ -27,6 +27,33 @@ ARTIFACT_FILES = {
     "pt2": ("model.pt2", "aotinductor"),
     "onnx_int8": ("model.int8.onnx", "onnx"),
 }
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def artifact_key(family: str, device: str = "cpu", precision: str = "fp32") -> str:
+    """Manifest key of a TorchScript or .pt2 artifact: 'pt2' (CPU), 'pt2_cuda', 'pt2_cuda_fp16', ..."""
+    if device == "cpu":
+        return family
+    return f"{family}_{device}" + ("" if precision == "fp32" else f"_{precision}")
+
+
+# CUDA artifacts (python -m export --device cuda [--precision ...]): model.cuda.pt2, model.cuda.fp16.ts, ...
+for _family in ("torchscript", "pt2"):
+    _file, _format = ARTIFACT_FILES[_family]
+    for _prec in PRECISIONS:
+        _stem, _ext = _file.rsplit(".", 1)
+        _infix = "cuda" if _prec == "fp32" else f"cuda.{_prec}"
+        ARTIFACT_FILES[artifact_key(_family, "cuda", _prec)] = (f"{_stem}.{_infix}.{_ext}", _format)
+
+
+def artifact_device(art: dict) -> str:
+    """Where an artifact runs: its "device" field; bundles from before CUDA artifacts are all CPU."""
+    return art.get("device", "cpu")
+
+
+def artifact_precision(art: dict) -> str:
+    return art.get("precision", "fp32")
 FUSIONS = ("mean", "weighted", "vote")
 MODEL_KEYS = ("schema_version", "kind", "name", "version", "architecture", "classes", "preprocessing", "input",
               "output", "max_batch", "tta", "artifacts", "provenance")
@@ -100,6 +127,11 @@ def validate_manifest(m: dict, where: str = MANIFEST_NAME) -> dict:
         _require(art, ARTIFACT_KEYS, f"{where}: artifacts.{key}")
         if Path(art["file"]).name != art["file"]:
             raise BundleError(f"{where}: artifacts.{key}.file must be a plain file name, got {art['file']!r}")
+        if artifact_device(art) not in DEVICES:
+            raise BundleError(f"{where}: artifacts.{key}.device must be one of {DEVICES}, got {art['device']!r}")
+        if artifact_precision(art) not in PRECISIONS:
+            raise BundleError(f"{where}: artifacts.{key}.precision must be one of {PRECISIONS}, "
+                              f"got {art['precision']!r}")
     return m
 
 

@@ -65,6 +65,9 @@ def test_manifest_records_every_artifact_and_check(digits_bundle, digits_checkpo
         assert art["parity"]["batch_sizes"] == [1, 2, 5]
         assert art["parity"]["images"].startswith("validation split of")
     assert m["artifacts"]["pt2"]["static_batch_models"] == {"1": "batch1"}  # batch 1 runs prepacked weights
+    for key in ("torchscript", "pt2"):  # compiled for the CPU, and the manifest says so
+        assert (m["artifacts"][key]["device"], m["artifacts"][key]["precision"]) == ("cpu", "fp32")
+    assert "device" not in m["artifacts"]["onnx"] and "parity_cuda" not in m["artifacts"]["onnx"]  # device-neutral
     onnx = m["artifacts"]["onnx"]
     for name in onnx.get("data_files", []):
         assert onnx["data_sha256"][name] == file_sha256(digits_bundle / name)

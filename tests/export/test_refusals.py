@@ -111,6 +111,38 @@ def test_missing_key_and_absent_format(bundle_copy):
         export.read_manifest(bundle_copy)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine")
+def test_cuda_artifacts_on_a_cpu_only_machine(bundle_copy):
+    """A bundle exported on a GPU and copied here: its CUDA artifacts are checksummed, listed, and never
+    run on the CPU; the CPU artifacts are picked and work."""
+    from export.manifest import file_sha256
+
+    (bundle_copy / "model.cuda.pt2").write_bytes(b"kernels for sm_90")  # not loadable here, by design
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["artifacts"]["pt2_cuda"] = {"file": "model.cuda.pt2", "format": "aotinductor", "bytes": 17, "device": "cuda",
+                                  "precision": "fp32", "sha256": file_sha256(bundle_copy / "model.cuda.pt2"),
+                                  "compiled_for": {"gpu": "NVIDIA H200", "capability": "9.0", "cuda": "13.0"}}
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    from export.audit import verify_bundle
+
+    said: list[str] = []
+    report = verify_bundle(str(bundle_copy), say=said.append)
+    assert "  pt2_cuda: compiled for CUDA, not run (no GPU here; its sha256 was checked)" in said
+    assert set(report["artifacts"]) == {"torchscript", "onnx"}
+    assert export.load_bundle(bundle_copy).backend == "onnxruntime"
+    with pytest.raises(export.BundleError, match="no CUDA device is usable here"):
+        export.load_bundle(bundle_copy, backend="pt2", device="cuda")
+
+
+def test_inspect_shows_where_cuda_artifacts_run(bundle_copy):
+    from export.audit import describe
+
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["artifacts"]["torchscript_cuda_fp16"] = {**m["artifacts"]["torchscript"], "device": "cuda", "precision": "fp16",
+                                               "compiled_for": {"gpu": "NVIDIA H200"}}
+    assert "[cuda fp16, NVIDIA H200]" in describe(m)
+
+
 def test_eager_needs_the_source_checkpoint(bundle_copy):
     m = json.loads((bundle_copy / "manifest.json").read_text())
     m["provenance"]["checkpoint"] = str(bundle_copy / "gone.pt")

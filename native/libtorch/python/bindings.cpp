@@ -136,21 +136,23 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& bundle_dir, const std::string& format, const py::object& tta, int threads,
-                       const std::string& device, int batch) {
+                       const std::string& device, int batch, const std::string& precision) {
              classify::Options o;
              o.format = format;
              o.tta = tta.is_none() ? std::string() : tta.cast<std::string>();
              o.threads = threads;
              o.device = device;
              o.batch = batch;
+             o.precision = precision;
              py::gil_scoped_release nogil;
              return std::make_unique<Runtime>(bundle_dir, o);
            }),
            py::arg("bundle_dir"), py::arg("format") = "auto", py::arg("tta") = py::none(), py::arg("threads") = 0,
-           py::arg("device") = "cpu", py::arg("batch") = 16)
+           py::arg("device") = "cpu", py::arg("batch") = 16, py::arg("precision") = "fp32")
       .def_property_readonly("classes", &Runtime::classes)
       .def_property_readonly("kind", &Runtime::kind)
       .def_property_readonly("format", &Runtime::format)
+      .def_property_readonly("device", &Runtime::device)
       .def_property_readonly("merge", &Runtime::merge)
       .def_property_readonly("views", [](const Runtime& rt) { return views_to_list(rt.views()); })
       .def_property_readonly("preprocessing", [](const Runtime& rt) {

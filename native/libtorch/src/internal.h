@@ -35,6 +35,8 @@ void check_views(const std::vector<View>& views, const Preprocessing& pre, const
 // ---- bundles (manifest.cpp) -----------------------------------------------------------------
 struct Artifact {
   std::string key, file, format, sha256;
+  std::string device = "cpu";      // cpu | cuda: where the artifact was compiled to run (manifest "device")
+  std::string precision = "fp32";  // fp32 | fp16 | bf16 (weights and activations; input and output as always)
   // .pt2 only: batch size -> name of a model compiled for exactly that batch (weights prepacked).
   std::map<int64_t, std::string> static_batch_models;
 };
@@ -60,6 +62,8 @@ struct Bundle {
   std::vector<Member> members;
 
   const Artifact* artifact(const std::string& key) const;
+  // The artifact of format family "pt2" or "torchscript" for device kind cpu|cuda and a precision.
+  const Artifact* find(const std::string& family, const std::string& device, const std::string& precision) const;
 };
 
 struct Member {

@@ -82,6 +82,14 @@ const Artifact* Bundle::artifact(const std::string& key) const {
   return nullptr;
 }
 
+const Artifact* Bundle::find(const std::string& family, const std::string& device,
+                             const std::string& precision) const {
+  const std::string format = family == "pt2" ? "aotinductor" : family;
+  for (const Artifact& a : artifacts)
+    if (a.format == format && a.device == device && a.precision == precision) return &a;
+  return nullptr;
+}
+
 Bundle read_bundle(const std::string& dir_in) {
   Bundle b;
   fs::path dir(dir_in);
@@ -175,9 +183,18 @@ Bundle read_bundle(const std::string& dir_in) {
   if (!arts.is_object() || arts.empty()) fail(where, "no artifacts listed");
   for (auto it = arts.begin(); it != arts.end(); ++it) {
     std::string w = where + ": artifacts." + it.key();
-    Artifact a{it.key(), get<std::string>(*it, "file", w), get<std::string>(*it, "format", w),
-               get<std::string>(*it, "sha256", w), {}};
+    Artifact a;  // by name, not aggregate order: a brace list would silently fill the newer fields
+    a.key = it.key();
+    a.file = get<std::string>(*it, "file", w);
+    a.format = get<std::string>(*it, "format", w);
+    a.sha256 = get<std::string>(*it, "sha256", w);
     if (fs::path(a.file).filename().string() != a.file) fail(w, "file must be a plain file name, got '" + a.file + "'");
+    // Bundles written before CUDA artifacts existed have neither field: CPU, fp32.
+    if (it->contains("device")) a.device = get<std::string>(*it, "device", w);
+    if (a.device != "cpu" && a.device != "cuda") fail(w, "device must be 'cpu' or 'cuda', got '" + a.device + "'");
+    if (it->contains("precision")) a.precision = get<std::string>(*it, "precision", w);
+    if (a.precision != "fp32" && a.precision != "fp16" && a.precision != "bf16")
+      fail(w, "precision must be fp32, fp16 or bf16, got '" + a.precision + "'");
     if (it->contains("static_batch_models")) {
       const json& sm = (*it)["static_batch_models"];
       if (!sm.is_object()) fail(w, "static_batch_models must map batch sizes to model names");

@@ -62,9 +62,9 @@ class Pt2Model : public Model {
 }  // namespace
 
 std::unique_ptr<Model> load_model(const std::string& path, const Artifact& artifact, const torch::Device& device) {
-  if (artifact.key == "torchscript") return std::make_unique<TorchScriptModel>(path, device);
-  if (artifact.key == "pt2") return std::make_unique<Pt2Model>(path, artifact, device);
-  throw OptionError("unknown format '" + artifact.key + "'; use pt2 or torchscript");
+  if (artifact.format == "torchscript") return std::make_unique<TorchScriptModel>(path, device);
+  if (artifact.format == "aotinductor") return std::make_unique<Pt2Model>(path, artifact, device);
+  throw OptionError("artifact '" + artifact.key + "' has format '" + artifact.format + "'; use pt2 or torchscript");
 }
 
 }  // namespace classify

@@ -29,9 +29,22 @@ bool same_pre(const Preprocessing& a, const Preprocessing& b) {
 torch::Device parse_device(const std::string& s) {
   if (s == "cpu") return torch::Device(torch::kCPU);
   if (s == "cuda" || s.rfind("cuda:", 0) == 0) {
-    if (!torch::cuda::is_available())
-      throw OptionError("device '" + s + "' requested but CUDA is not available here; use --device cpu");
-    return torch::Device(s == "cuda" ? std::string("cuda:0") : s);
+    const std::string index = s == "cuda" ? "0" : s.substr(5);
+    if (index.empty() || index.size() > 3 || index.find_first_not_of("0123456789") != std::string::npos)
+      throw OptionError("unknown device '" + s + "'; use cpu, cuda or cuda:N (N a device index)");
+#ifndef CLASSIFY_WITH_CUDA
+    throw OptionError("device '" + s + "' requested but this build has no CUDA support (the torch wheel it was "
+                      "built against has no libtorch_cuda.so); install a CUDA torch wheel and rebuild, or use "
+                      "--device cpu");
+#endif
+    const int64_t have = torch::cuda::is_available() ? static_cast<int64_t>(torch::cuda::device_count()) : 0;
+    if (have == 0)
+      throw OptionError("device '" + s + "' requested but no CUDA device is usable here (no GPU, driver or "
+                        "CUDA runtime); use --device cpu");
+    if (std::stoll(index) >= have)
+      throw OptionError("device '" + s + "' requested but this machine has " + std::to_string(have) +
+                        " CUDA device(s): use cuda:0.." + std::to_string(have - 1));
+    return torch::Device("cuda:" + index);
   }
   throw OptionError("unknown device '" + s + "'; use cpu, cuda or cuda:N");
 }
@@ -47,12 +60,37 @@ struct Runtime::Impl {
   std::string merge;
   std::vector<LoadedModel> models;  // one for a model bundle, one per member for an ensemble
 
-  void load(const Bundle& b, const std::string& name, double weight) {
+  // The artifact compiled for this device kind and precision (the manifest's "device" field):
+  // a CPU .pt2 cannot run on CUDA, and a CUDA one not on the CPU.
+  const Artifact& pick(const Bundle& b) const {
+    const std::string dev = device.is_cuda() ? "cuda" : "cpu";
     std::string fmt = options.format;
-    if (fmt == "auto") fmt = b.artifact("pt2") ? "pt2" : "torchscript";
-    if (fmt != "pt2" && fmt != "torchscript") throw OptionError("unknown format '" + fmt + "'; use pt2 or torchscript");
-    std::string path = checked_artifact_path(b, fmt);
-    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, *b.artifact(fmt), device)};
+    if (fmt == "auto") {  // pt2 when the bundle has one for this device, else TorchScript
+      for (const char* f : {"pt2", "torchscript"})
+        if (const Artifact* a = b.find(f, dev, options.precision)) return *a;
+      fmt = "";
+    } else if (const Artifact* a = b.find(fmt, dev, options.precision)) {
+      return *a;
+    }
+    std::string have;
+    for (const Artifact& x : b.artifacts)
+      have += (have.empty() ? "" : ", ") + x.key + " (" + x.device + ", " + x.precision + ")";
+    std::string fix = dev == "cuda"
+        ? "re-export on a GPU machine with 'python -m export ... --device cuda" +
+              (options.precision == "fp32" ? std::string() : " --precision fp32 " + options.precision) +
+              "', or use --device cpu"
+        : "re-export with 'python -m export ... --format " + (fmt.empty() ? "all" : fmt) + "'" +
+              (options.precision == "fp32" ? std::string() : ", or drop --precision (CPU artifacts are fp32)");
+    const std::string what = fmt.empty() ? "'pt2' or 'torchscript'" : "'" + fmt + "'";
+    throw BundleError(b.dir + ": the bundle has no " + what + " artifact for " + dev + " in " + options.precision +
+                      " (it has: " + have + "); " + fix);
+  }
+
+  void load(const Bundle& b, const std::string& name, double weight) {
+    const Artifact& art = pick(b);
+    const std::string fmt = art.format == "aotinductor" ? "pt2" : art.format;
+    std::string path = checked_artifact_path(b, art.key);
+    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, art, device)};
     models.push_back(std::move(m));
     if (format.empty()) format = fmt;
     else if (format != fmt) format = "mixed";
@@ -93,6 +131,8 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   if (options.threads < 0) throw OptionError("threads must be >= 0, got " + std::to_string(options.threads));
   if (options.format != "auto" && options.format != "pt2" && options.format != "torchscript")
     throw OptionError("unknown format '" + options.format + "'; use pt2, torchscript or auto");
+  if (options.precision != "fp32" && options.precision != "fp16" && options.precision != "bf16")
+    throw OptionError("unknown precision '" + options.precision + "'; use fp32, fp16 or bf16");
   d.device = parse_device(options.device);
   if (options.threads > 0) torch::set_num_threads(options.threads);
   d.bundle = read_bundle(bundle_dir);
@@ -114,6 +154,7 @@ const std::vector<std::string>& Runtime::classes() const { return impl_->bundle.
 const Preprocessing& Runtime::preprocessing() const { return impl_->models.front().pre; }
 std::string Runtime::kind() const { return impl_->bundle.kind; }
 std::string Runtime::format() const { return impl_->format; }
+std::string Runtime::device() const { return impl_->device.str(); }
 const std::vector<View>& Runtime::views() const { return impl_->views; }
 std::string Runtime::merge() const { return impl_->merge; }
 

@@ -27,7 +27,10 @@ options:
   --topk K            classes per image (default 5, capped at the number of classes)
   --batch N           images per forward pass (default 16; the bundle's max_batch caps rows)
   --threads N         intra-op CPU threads (default: torch's default)
-  --device D          cpu | cuda | cuda:N (default cpu)
+  --device D          cpu | cuda | cuda:N (default cpu); cuda runs the bundle's CUDA artifacts
+                      ('python -m export --device cuda')
+  --precision P       fp32 | fp16 | bf16 (default fp32; fp16/bf16: CUDA variants from
+                      'python -m export --device cuda --precision fp32 fp16')
   --bench N           no images: time N runs on a synthetic batch of --batch images and print
                       latency percentiles (end to end and model only) as one JSON line
   -h, --help          this help
@@ -78,6 +81,7 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--batch") a.options.batch = parse_int(f, value(), 1);
     else if (f == "--threads") a.options.threads = parse_int(f, value(), 1);
     else if (f == "--device") a.options.device = value();
+    else if (f == "--precision") a.options.precision = value();
     else if (f == "--bench") a.bench = parse_int(f, value(), 1);
     else if (f.rfind("--", 0) == 0 && f.size() > 2) throw classify::OptionError("unknown option " + f + " (see --help)");
     else a.images.push_back(f);
@@ -119,7 +123,7 @@ int bench(classify::Runtime& rt, const Args& a) {
   };
   nlohmann::json e2e = time([&] { rt.predict_pixels(pixels.data(), n, h, w); });
   nlohmann::json model = time([&] { rt.run_preprocessed(rows.data(), n); });
-  nlohmann::json out = {{"batch", n}, {"iterations", a.bench}, {"image", {h, w}}, {"format", rt.format()},
+  nlohmann::json out = {{"batch", n}, {"iterations", a.bench}, {"image", {h, w}}, {"format", rt.format()}, {"device", rt.device()},
                         {"views", rt.views().size()}, {"threads", a.options.threads},
                         {"end_to_end_ms", e2e}, {"model_ms", model}};
   std::cout << out.dump() << std::endl;

@@ -76,7 +76,8 @@ struct Options {
   std::string format = "auto";  // auto (pt2 when present, else torchscript) | pt2 | torchscript
   std::string tta;              // empty: the bundle's default policy; else a policy name
   int threads = 0;              // intra-op threads; 0 leaves torch's default
-  std::string device = "cpu";   // cpu | cuda | cuda:N
+  std::string device = "cpu";   // cpu | cuda | cuda:N: picks the artifacts the manifest records for that device
+  std::string precision = "fp32";  // fp32 | fp16 | bf16: the CUDA variants of 'python -m export --precision'
   int batch = 16;               // images per forward pass (capped by the bundle's max_batch)
 };
 
@@ -104,6 +105,7 @@ class Runtime {
   const Preprocessing& preprocessing() const;  // the first model's (ensembles: first member)
   std::string kind() const;                    // model | ensemble
   std::string format() const;                  // pt2 | torchscript (the loaded artifacts)
+  std::string device() const;                  // cpu | cuda:N (where the models run)
   const std::vector<View>& views() const;
   std::string merge() const;  // TTA merge rule
 
