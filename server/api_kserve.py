@@ -56,7 +56,8 @@ def model_metadata(name: str, version: str | None = None):
                     "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, ch, cw]}],
                     "outputs": [{"name": "probs", "datatype": "FP32", "shape": [-1, len(m.classes)]}],
                     "parameters": {"classes": m.classes, "tta_default": m.tta_default,
-                                   "alternative_input": "images as BYTES [N] of encoded image files"}})
+                                   "alternative_input": "images as BYTES [N] of encoded image files",
+                                   "execution": _svc().execution(m)}})
 
 
 @bp.get("/models/<name>/ready")

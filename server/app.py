@@ -26,7 +26,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     if models is None:
         cfg.validate()
         embedded = cfg.redis_url is None
-        models = [load_served_model(b, cfg.backend, with_weights=embedded, layout=cfg.layout_request())
+        models = [load_served_model(b, cfg.backend, with_weights=embedded, layout=cfg.layout_request(),
+                                    device=cfg.device)
                   for b in cfg.bundles]
     model_set = ModelSet(models)
     metrics = ServerMetrics()

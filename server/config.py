@@ -38,6 +38,7 @@ class ServerConfig:
     jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
     prefix: str = "srv"                   # Redis key prefix
     reply_ttl_s: int = 60
+    device: str = "cpu"                   # embedded mode: where the models run (cpu, cuda, cuda:N)
     api_keys: tuple[str, ...] = ()        # accepted API keys (--api-key, SERVER_API_KEY); empty: no auth
 
     def validate(self) -> "ServerConfig":
@@ -79,6 +80,7 @@ class WorkerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"       # where --metrics-port listens (0.0.0.0 for a scraper elsewhere)
     drain_timeout_s: float = 30.0         # SIGTERM: stop reading, finish and acknowledge the batch in hand
+    device: str = "cpu"                   # where this worker's models run (cpu, cuda, cuda:N)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -92,5 +94,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="model rows per batched call (default 32; python -m server: chosen at start-up, 8 with "
                         "single-thread runners, else 32)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait for a batch to fill")
+    p.add_argument("--device", default="cpu",
+                   help="where the models run: cpu, cuda or cuda:N (one process per GPU; refused at start-up "
+                        "when that device is not usable here, never a silent CPU fallback). python -m server: "
+                        "embedded mode only (a Redis front holds no weights)")
     p.add_argument("--prefix", default="srv", help="Redis key prefix")
     p.add_argument("--reply-ttl-s", type=int, default=60)

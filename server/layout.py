@@ -25,6 +25,8 @@ DEFAULT_MAX_BATCH = 32
 # One thread's per-image cost on CPU is lowest at batch 4-8 (mobilenet_v3_large: ~20% dearer at 32;
 # embedded-2 at c=64 served 237/242 req/s with --max-batch 8 against 218/232 with 32).
 SINGLE_THREAD_MAX_BATCH = 8
+# on a GPU, images/s keeps growing with the batch well past what a CPU gains from
+GPU_MAX_BATCH = 64
 # Split wins unless pooled is clearly faster: a pooled session's worker threads spin between ops
 # and take CPU from the HTTP front's decoding, which this measurement (no front) does not see.
 SPLIT_MARGIN = 0.95
@@ -140,6 +142,15 @@ def choose_layout(req: LayoutRequest, cores: int, timings: LayoutTimings | None 
                        f"{timings.single_batch1_ms:.2f} on one)")
     max_batch = req.max_batch or (SINGLE_THREAD_MAX_BATCH if threads == 1 and runners > 1 else DEFAULT_MAX_BATCH)
     return Layout(runners, threads, solo, max_batch, tuple(chosen), reason, timings)
+
+
+def device_layout(req: LayoutRequest, device: str) -> Layout:
+    """A model on a CUDA device: nothing to split across cores. One runner (the device runs one
+    batch at a time anyway; a second would only queue kernels behind the first), its CPU threads
+    only feed the device, and larger batches, which a GPU turns into throughput where a CPU does not."""
+    chosen = tuple(k for k in ("runners", "threads", "solo_threads", "max_batch") if getattr(req, k) is None)
+    return Layout(req.runners or 1, req.threads or 1, 0, req.max_batch or GPU_MAX_BATCH, chosen,
+                  f"model on {device}: one runner, batches up to {req.max_batch or GPU_MAX_BATCH} rows")
 
 
 def _call_ms(fn: Callable[[], object]) -> float:

@@ -27,8 +27,22 @@ class LiveValues:
         self.gauges: dict[str, tuple[str, dict]] = {}
         self.counters: dict[str, tuple[str, dict]] = {}
         self.plain: dict[str, tuple[str, object]] = {}
+        self.info: dict[str, tuple[str, dict[str, dict[str, str]]]] = {}   # name -> (help, {model: labels})
+        self.workers = None   # Redis front: () -> [(model, consumer, {device, backend, provider})]
 
     def collect(self):
+        for name, (doc, models) in self.info.items():
+            keys = sorted({k for labels in models.values() for k in labels})
+            g = GaugeMetricFamily(name, doc, labels=["model", *keys])
+            for model, labels in models.items():
+                g.add_metric([model, *(labels.get(k, "") for k in keys)], 1.0)
+            yield g
+        if self.workers is not None:
+            g = GaugeMetricFamily("server_worker_info", "live Redis workers and how they run each model",
+                                  labels=["model", "consumer", "device", "backend", "provider"])
+            for model, consumer, info in self.workers():
+                g.add_metric([model, consumer, *(str(info.get(k, "")) for k in ("device", "backend", "provider"))], 1.0)
+            yield g
         for name, (doc, fns) in self.gauges.items():
             g = GaugeMetricFamily(name, doc, labels=["model"])
             for model, fn in fns.items():
@@ -78,6 +92,15 @@ class ServerMetrics:
         self.live.counters.setdefault(f"{self.prefix}_solo_batches", (
             "batches run on the session with every runner's threads (embedded mode, --runners > 1): lone "
             "requests", {}))[1][model] = solo_batches
+
+    def model_info(self, model: str, **labels: str) -> None:
+        """A constant 1 labelled with how the model runs (device, backend, execution provider)."""
+        self.live.info.setdefault(f"{self.prefix}_model_info", (
+            "how each model runs: its version, device, bundle backend and execution provider", {}))[1][model] = labels
+
+    def watch_workers(self, fn) -> None:
+        """Redis front: ``fn()`` lists the live workers' (model, consumer, execution) at scrape time."""
+        self.live.workers = fn
 
     def watch_in_flight(self, fn) -> None:
         self.live.plain[f"{self.prefix}_requests_in_flight"] = (

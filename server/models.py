@@ -18,7 +18,7 @@ from trainer.tta import TTAError, TTAView, check_views, parse_policy, views_from
 
 from .batching import PredictFn
 from .errors import APIError
-from .layout import Layout, LayoutRequest, choose_layout, measure_timings, usable_cores
+from .layout import Layout, LayoutRequest, choose_layout, device_layout, measure_timings, usable_cores
 
 log = logging.getLogger("server.layout")
 
@@ -67,6 +67,20 @@ class ServedModel:
     # ensembles: predict returns (M, N, K) member probabilities; combine fuses the view-merged members
     combine: Callable[[list[np.ndarray]], np.ndarray] | None = field(default=None, repr=False)
     layout: Layout | None = None   # embedded mode: how the model runs (server.layout); None elsewhere
+    device: str = "cpu"            # where predict runs (cpu, cuda:N); a Redis front runs nothing
+    backend: str = ""              # the bundle backend predict calls ("" on a Redis front)
+
+    def execution(self) -> dict[str, str]:
+        """How the model runs, as /v2/models and /metrics report it. The loader refuses a session
+        that did not get the provider asked for (export.devices), so this is what really runs."""
+        if self.predict is None:
+            return {}
+        if self.backend.startswith("onnxruntime"):
+            provider = ("TensorrtExecutionProvider" if "tensorrt" in self.backend else "CUDAExecutionProvider") \
+                if self.device.startswith("cuda") else "CPUExecutionProvider"
+        else:
+            provider = f"torch {self.device}"
+        return {"device": self.device, "backend": self.backend, "provider": provider}
 
     def views_for(self, policy: str | None) -> tuple[str, list[TTAView]]:
         """A request's TTA policy (None/'' or 'default': the bundle's) -> (name, views)."""
@@ -86,6 +100,8 @@ class ServedModel:
              "max_batch": self.max_batch, "preprocessing": self.spec.to_dict()}
         if self.layout is not None:
             d["layout"] = self.layout.describe()
+        if self.predict is not None:
+            d["execution"] = self.execution()
         return d
 
 
@@ -122,12 +138,16 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     return one_at_a_time, combine
 
 
-def _load_with_layout(root: Path, backend: str, req: LayoutRequest):
+def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str = "cpu"):
     """-> (bundle for the runners, solo bundle or None, layout). Auto: the every-core session is
     loaded first (one runner's, or the solo session's); a backend that takes concurrent calls also
-    gets a single-thread session, both are timed, and the layout keeps the sessions it uses."""
+    gets a single-thread session, both are timed, and the layout keeps the sessions it uses. On a
+    CUDA device nothing is measured (server.layout.device_layout)."""
     from export import load_bundle
 
+    if device != "cpu":
+        layout = device_layout(req, device)
+        return load_bundle(str(root), backend=backend, threads=layout.threads, device=device), None, layout
     cores = usable_cores()
     if req.needs_measurement(cores):
         pooled = load_bundle(str(root), backend=backend, threads=cores)
@@ -155,15 +175,21 @@ def _load_with_layout(root: Path, backend: str, req: LayoutRequest):
 
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
                       with_weights: bool = True, solo_threads: int = 0,
-                      layout: LayoutRequest | None = None) -> ServedModel:
+                      layout: LayoutRequest | None = None, device: str = "cpu") -> ServedModel:
     """``layout`` (embedded mode): the tuning flags; the rest is chosen here (server.layout) and
     ``threads``/``solo_threads`` are ignored. Without it, one session with ``threads`` and, if
     solo_threads > 0 and the backend allows concurrent calls (onnxruntime), a second one with that
-    many threads (``predict_solo``; a second copy of the weights)."""
+    many threads (``predict_solo``; a second copy of the weights). ``device``: cpu, cuda or cuda:N;
+    a device this machine cannot use is refused here (a BundleError naming it), never replaced by
+    the CPU."""
     root = Path(path)
     predict = combine = solo = chosen = None
+    if with_weights:
+        from export.devices import parse_device
+
+        device = str(parse_device(device))   # "cuda" -> "cuda:0"; a typo is a BundleError naming the choices
     if with_weights and layout is not None:
-        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout)
+        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout, device)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
         solo = _bundle_predict(solo_bundle)[0] if solo_bundle is not None else None
@@ -171,10 +197,10 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
     elif with_weights:
         from export import load_bundle  # the one bundle reader (checks sha256, schema, members)
 
-        bundle = load_bundle(str(root), backend=backend, threads=threads)
+        bundle = load_bundle(str(root), backend=backend, threads=threads, device=device)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
-        if solo_threads > 0 and _concurrent_ok(bundle):
+        if solo_threads > 0 and _concurrent_ok(bundle) and device == "cpu":
             solo, _ = _bundle_predict(load_bundle(str(root), backend=backend, threads=solo_threads))
     else:
         manifest = _manifest(root)
@@ -191,7 +217,8 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
                        classes=list(manifest["classes"]), spec=spec, tta_default=default, tta_views=views,
                        tta_merge=tta.get("merge", "mean"), max_batch=int(manifest.get("max_batch", 64)),
                        manifest=manifest, path=str(root), predict=predict, predict_solo=solo, combine=combine,
-                       layout=chosen)
+                       layout=chosen, device=device if with_weights else "cpu",
+                       backend=str(bundle.backend) if with_weights else "")
 
 
 class ModelSet:

@@ -1,6 +1,7 @@
 """Redis mode, front side: admit a job (one Lua script), XADD it, then wait for its one reply with BLPOP."""
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -12,7 +13,7 @@ from redis.retry import Retry
 
 from .batching import BatchResult, Job
 from .errors import APIError
-from .redisq import ADMIT_SCRIPT, LIVE_SCRIPT, Keys, bundle_checksum, decode_reply, encode_job
+from .redisq import ADMIT_SCRIPT, EXECUTION_SCRIPT, LIVE_SCRIPT, Keys, bundle_checksum, decode_reply, encode_job
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # a partition must not hang a front or a worker for hours: every read gives up after this (fronts
@@ -74,7 +75,7 @@ class RedisDispatcher:
         self.max_queue_rows, self.timeout_s = max_queue_rows, timeout_s
         self.identity = {m.name: (m.version, bundle_checksum(m)) for m in (models or [])}
         self._client: redis.Redis | None = None
-        self._admit = self._live = None
+        self._admit = self._live = self._execution = None
 
     @property
     def client(self) -> redis.Redis:
@@ -82,6 +83,7 @@ class RedisDispatcher:
             self._client = connect(self.url, SOCKET_TIMEOUT_S + self.timeout_s)
             self._admit = self._client.register_script(ADMIT_SCRIPT)
             self._live = self._client.register_script(LIVE_SCRIPT)
+            self._execution = self._client.register_script(EXECUTION_SCRIPT)
         return self._client
 
     def depth(self, model: str) -> int:
@@ -94,6 +96,22 @@ class RedisDispatcher:
         """Workers whose heartbeat is younger than heartbeat_s, on Redis' clock (not this machine's)."""
         _ = self.client
         return int(self._live(keys=[self.keys.workers(model)], args=[self.heartbeat_s]))
+
+    def execution(self, model: str) -> dict[str, dict]:
+        """{worker consumer: {device, backend, provider}} of the live workers (empty when Redis is
+        unreachable: this only reports)."""
+        try:
+            _ = self.client
+            flat = self._execution(keys=[self.keys.workers(model), self.keys.execution(model)], args=[self.heartbeat_s])
+        except redis.RedisError:
+            return {}
+        out = {}
+        for name, info in zip(flat[::2], flat[1::2]):
+            try:
+                out[name.decode(errors="replace")] = json.loads(info)
+            except ValueError:
+                out[name.decode(errors="replace")] = {}
+        return out
 
     def ready(self, model: str) -> tuple[bool, str]:
         try:

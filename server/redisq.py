@@ -6,6 +6,7 @@ Keys (``P`` is ``--prefix``, ``M`` the model name):
 - ``P:dead:M``       dead-letter stream (jobs that failed ``--max-deliveries`` times)
 - ``P:reply:ID``     list that receives exactly one reply (expires after ``--reply-ttl-s``)
 - ``P:workers:M``    sorted set of live worker consumers (score: last heartbeat, Redis ``TIME``)
+- ``P:execution:M``  hash: worker consumer -> how it runs the model (device, backend, provider)
 - ``P:rows:M``       model rows (images x views) of the jobs in the stream (``--max-queue-rows``)
 - ``P:stats:M``      hash of counters (replied, expired, refused, dead)
 
@@ -59,13 +60,35 @@ return redis.call('ZCOUNT', KEYS[1], now - tonumber(ARGV[1]), '+inf')
 """
 
 # Heartbeat on Redis' clock; forgets consumers silent for a minute. Returns Redis TIME (s, us)
-# so the worker can measure its clock's offset. KEYS[1] workers set, ARGV[1] consumer name.
+# so the worker can measure its clock's offset. KEYS[1] workers set, KEYS[2] execution hash,
+# ARGV[1] consumer name, ARGV[2] how it runs the model (JSON: device, backend, provider).
 HEARTBEAT_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+if #gone > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60)
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
 return t
+"""
+
+# How the live workers run a model: {consumer: execution JSON} of those whose heartbeat is younger
+# than ARGV[1] seconds. KEYS[1] workers set, KEYS[2] execution hash.
+EXECUTION_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
+if #live == 0 then return {} end
+local info = redis.call('HMGET', KEYS[2], unpack(live))
+local out = {}
+for i, name in ipairs(live) do
+  out[#out + 1] = name
+  out[#out + 1] = info[i] or '{}'
+end
+return out
 """
 
 # May a job be enqueued? One round trip for every check: a live worker, the job count, the row
@@ -112,6 +135,9 @@ class Keys:
 
     def workers(self, model: str) -> str:
         return f"{self.prefix}:workers:{model}"
+
+    def execution(self, model: str) -> str:
+        return f"{self.prefix}:execution:{model}"
 
     def rows(self, model: str) -> str:
         return f"{self.prefix}:rows:{model}"

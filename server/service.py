@@ -45,6 +45,9 @@ class EmbeddedDispatcher:
     def depth(self, model: str) -> int:
         return self.batchers[model].depth()
 
+    def execution(self, model: str) -> dict[str, dict]:
+        return {}   # embedded models run in this process: InferenceService.execution reports them
+
     def ready(self, model: str) -> tuple[bool, str]:
         ok = self.batchers[model].alive()
         return ok, "batching thread running" if ok else "batching thread stopped"
@@ -65,6 +68,18 @@ class InferenceService:
         for m in models:
             metrics.watch_model(m.name, lambda name=m.name: dispatcher.depth(name),
                                 lambda name=m.name: dispatcher.solo_batches(name))
+            if not cfg.redis_url:   # embedded mode: the model runs in this process
+                metrics.model_info(m.name, version=m.version, **m.execution())
+        if cfg.redis_url:   # Redis front: the workers say how they run the models
+            metrics.watch_workers(lambda: [(m.name, consumer, info) for m in models
+                                           for consumer, info in dispatcher.execution(m.name).items()])
+
+    def execution(self, model: ServedModel) -> dict[str, dict]:
+        """Where and how a model runs: {"this process": ...} in embedded mode, else each live
+        worker's (device, backend, provider)."""
+        if self.cfg.redis_url:
+            return self.dispatcher.execution(model.name)
+        return {"this process": model.execution()}
 
     def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int,
                 deadline: Deadline | None = None) -> BatchResult:

@@ -14,6 +14,7 @@ acknowledged, the consumer leaves the group, and the process exits 0 within --dr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -49,6 +50,7 @@ class ModelWorker(threading.Thread):
         self._group_missing = False
         self.max_rows = min(cfg.max_batch, model.max_batch)
         self.checksum = bundle_checksum(model)
+        self._execution = json.dumps(model.execution(), separators=(",", ":"))   # fronts report it
         self.clock_offset_s = 0.0   # Redis TIME - this machine's time.time(), measured at each heartbeat
         self.drained = threading.Event()   # set when the loop has left (after a stop: batch answered)
 
@@ -147,7 +149,8 @@ class ModelWorker(threading.Thread):
         if self.stop.is_set():   # draining: never advertise again
             return
         t0 = time.time()
-        sec, usec = self._beat(keys=[self.keys.workers(self.model.name)], args=[self.cfg.consumer])
+        sec, usec = self._beat(keys=[self.keys.workers(self.model.name), self.keys.execution(self.model.name)],
+                               args=[self.cfg.consumer, self._execution])
         t1 = time.time()
         self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
 
@@ -309,17 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
-                       metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, device=args.device)
     if args.consumer:
         cfg.consumer = args.consumer
     cfg.drain_timeout_s = args.drain_timeout
     try:
         check_url(cfg.redis_url)
-        models = [load_served_model(b, cfg.backend, cfg.threads) for b in cfg.bundles]
+        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = ServerMetrics("worker")
+    for m in models:
+        metrics.model_info(m.name, version=m.version, **m.execution())
     if cfg.metrics_port:
         from prometheus_client import start_http_server
         start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
