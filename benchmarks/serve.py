@@ -183,9 +183,10 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
     url = f"http://127.0.0.1:{port}"
     py = sys.executable
     common = ["--bundle", a.bundle, "--max-delay-ms", str(a.max_delay_ms)]
+    dev = ["--device", a.device]   # where our servers and workers run the model (the seed baselines: CPU)
     draft = ["--jpeg-draft"] if a.jpeg_draft else []
     if mode == "defaults":   # what a user gets: no --threads/--runners/--solo-threads/--max-batch
-        st.spawn(py, "-m", "server", "--bundle", a.bundle, *draft, "--port", str(port), "--max-queue", "10000",
+        st.spawn(py, "-m", "server", "--bundle", a.bundle, *dev, *draft, "--port", str(port), "--max-queue", "10000",
                  "--log-level", "WARNING", *a.server_args.split(), threads=None)
     elif mode.startswith("baseline"):   # baseline: the seed's preprocessing; baseline-shared: ours
         st.spawn(py, __file__, "--serve-baseline", "seed" if mode == "baseline" else "shared", "--bundle", a.bundle,
@@ -196,7 +197,7 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
         runners = int(next((p for p in parts if p.isdigit()), 1))
         max_batch = next((p[1:] for p in parts if p[:1] == "b" and p[1:].isdigit()), str(a.max_batch))
         per = max(1, a.threads // runners)
-        st.spawn(py, "-m", "server", *common, "--max-batch", max_batch, *draft, "--port", str(port), "--threads",
+        st.spawn(py, "-m", "server", *common, *dev, "--max-batch", max_batch, *draft, "--port", str(port), "--threads",
                  str(per), "--runners", str(runners), "--max-queue", "10000", "--log-level", "WARNING", "--http", http,
                  *a.server_args.split(), threads=per)
     else:
@@ -204,7 +205,7 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
         prefix = f"bench{port}"
         per = max(1, a.threads // n)
         for i in range(n):
-            st.spawn(py, "-m", "server.worker", "--redis-url", redis_url, *common, "--max-batch", str(a.max_batch),
+            st.spawn(py, "-m", "server.worker", "--redis-url", redis_url, *common, *dev, "--max-batch", str(a.max_batch),
                      "--threads", str(per),
                      "--prefix", prefix, "--consumer", f"b{i}", "--log-level", "WARNING", threads=per)
         st.spawn(py, "-m", "server", *common, "--max-batch", str(a.max_batch), *draft, "--redis-url", redis_url, "--prefix", prefix, "--port",
@@ -320,8 +321,8 @@ def raw_model(a, body: bytes) -> dict:
     from trainer.data.images import decode_image
     from trainer.data.transforms import eval_transform
 
-    m = load_bundle(a.bundle, threads=a.threads)
-    single = load_bundle(a.bundle, threads=1) if a.threads > 1 else m
+    m = load_bundle(a.bundle, threads=a.threads, device=a.device)
+    single = load_bundle(a.bundle, threads=1, device=a.device) if a.threads > 1 else m
     x1 = eval_transform(decode_image(body), m.spec)[None].numpy()
 
     def throughput(model, callers: int, batch: int) -> float:
@@ -379,7 +380,7 @@ def raw_batch1_timer(a, body: bytes):
     from trainer.data.images import decode_image
     from trainer.data.transforms import eval_transform
 
-    m = load_bundle(a.bundle, threads=a.threads)
+    m = load_bundle(a.bundle, threads=a.threads, device=a.device)
     x1 = eval_transform(decode_image(body), m.spec)[None].numpy()
 
     def measure() -> float:
@@ -580,6 +581,8 @@ def main(argv=None) -> int:
     p.add_argument("--jpeg-draft", action="store_true", help="servers decode JPEGs at reduced DCT scale")
     p.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where our servers, workers and the raw "
+                   "model run (the seed baselines stay on the CPU)")
     p.add_argument("--server-args", default="", help="extra flags for the embedded servers, e.g. '--http-threads 16'")
     p.add_argument("--serve-baseline", choices=("seed", "shared"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
