@@ -154,13 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError, ImageDecodeError
     from .engine.checkpoint import CheckpointError
-    from .models import WeightsMismatchError
+    from .models import WeightsError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsMismatchError, ValueError,
+    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsError, ValueError,
             KeyError, FileNotFoundError, FloatingPointError) as exc:
         if os.environ.get("TRAINER_DEBUG"):
             raise
