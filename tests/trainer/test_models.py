@@ -143,3 +143,11 @@ def test_freeze_backbone_leaves_only_head_trainable(name):
     assert trainable == {head_prefix(model, spec) + "weight", head_prefix(model, spec) + "bias"}
     set_backbone_trainable(model, spec, True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_models_command_lists_the_modern_families_and_timm(capsys):
+    from trainer.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "vit_b_16" in out and "convnext_tiny" in out and "timm/<name>" in out and "--pretrained imagenet" in out
