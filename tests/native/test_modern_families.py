@@ -47,6 +47,7 @@ def family_bundle(request, tmp_path_factory) -> tuple[str, Path, dict]:
 def test_exports_pass_the_parity_gate(family_bundle):
     arch, _, manifest = family_bundle
     assert manifest["architecture"] == arch and list(manifest["artifacts"]) == ["torchscript", "onnx", "pt2"]
+    assert "/" not in manifest["name"]  # "timm/..." would otherwise leak a path separator into the name
     for art in manifest["artifacts"].values():
         assert art["parity"]["max_abs_diff"] <= 1e-4 and art["parity"]["top1_agree"]
 
