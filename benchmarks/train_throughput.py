@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                     # digits demo, resnet18 at 32 px
     python benchmarks/train_throughput.py --model resnet50 --img-size 64 --epochs 3 --repeats 3
+    python benchmarks/train_throughput.py --families     # the model families' images/s, ratio to resnet18
 
 Both sides use the same data, model, batch size, image size, thread count and worker count, and
 run in separate fresh processes (alternating, ``--repeats`` times), so peak memory (max RSS) is
@@ -80,6 +81,36 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
+FAMILIES = ["resnet18", "regnet_y_400mf", "efficientnet_v2_s", "convnext_tiny", "swin_t", "vit_b_16",
+            "timm/convnext_nano", "timm/vit_tiny_patch16_224"]
+
+
+def run_families(args) -> dict:
+    """Our trainer on each family in turn (one fresh process each); resnet18 is the baseline of the ratios."""
+    import importlib.util
+
+    names = args.families.split(",") if args.families != "default" else FAMILIES
+    if importlib.util.find_spec("timm") is None:
+        names = [n for n in names if not n.startswith("timm/")]  # the timm extra is optional
+    rows = {}
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", "ours", "--model", name, "--data", args.data, "--img-size",
+               str(args.img_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
+               "--threads", str(args.threads), "--workers", str(args.workers)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
+        rows[name] = json.loads(line[0][7:])
+        print(f"{name:<28} {rows[name]['images_per_sec']:8.1f} img/s  peak RSS {rows[name]['peak_rss_mb']:.0f} MB",
+              flush=True)
+    base = rows[names[0]]["images_per_sec"]
+    for r in rows.values():
+        r["ratio_to_" + names[0]] = r["images_per_sec"] / base
+    return {"img_size": args.img_size, "batch_size": args.batch_size, "threads": args.threads,
+            "epochs": args.epochs, "baseline": names[0], "families": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO / "data" / "digits"))
@@ -91,6 +122,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    ap.add_argument("--families", nargs="?", const="default", help="measure our trainer on each model family "
+                    "(comma-separated names; default: one per family, timm's when installed) instead of the "
+                    "baseline comparison")
     ap.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -100,6 +134,17 @@ def main() -> None:
         from trainer.data.demo import write_digits_dataset
 
         write_digits_dataset(args.data)
+    if args.families:
+        summary = run_families(args)
+        out = Path(args.out).with_name("family_throughput.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        print(f"\n| model | images/s | ratio to {summary['baseline']} | peak RSS MB |\n|---|---|---|---|")
+        for name, r in summary["families"].items():
+            print(f"| {name} | {r['images_per_sec']:.1f} | {r['ratio_to_' + summary['baseline']]:.2f} | "
+                  f"{r['peak_rss_mb']:.0f} |")
+        print(json.dumps(summary))
+        return
     results: dict[str, list[dict]] = {"ours": [], "baseline": []}
     for rep in range(args.repeats):
         for side in ("baseline", "ours"):

@@ -126,7 +126,8 @@ def _versions() -> dict:
 def _default_name(ckpt: dict) -> str:
     data = (ckpt.get("config") or {}).get("data")
     stem = Path(str(data)).name if data else Path(ckpt["path"]).parent.name
-    return f"{stem}-{ckpt['arch']}" if stem else ckpt["arch"]
+    arch = ckpt["arch"].replace("/", "-")  # "timm/<name>": bundle names end up in file names and URLs
+    return f"{stem}-{arch}" if stem else arch
 
 
 @contextmanager

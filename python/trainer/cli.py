@@ -94,6 +94,11 @@ def _cmd_models(args) -> int:
     print(f"{'name':<22} {'family':<22} {'source':<22} {'head':<15} default size")
     for s in specs:
         print(f"{s.name:<22} {s.family:<22} {s.source:<22} {s.head:<15} {s.default_img_size}")
+    import importlib.util
+
+    timm = "installed" if importlib.util.find_spec("timm") else "pip install 'shipclassifier[timm]'"
+    print(f"plus any timm model as timm/<name> or timm/<name>.<weights tag> ({timm}); "
+          "--pretrained imagenet fine-tunes from each library's default ImageNet weights")
     return 0
 
 
@@ -154,13 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError, ImageDecodeError
     from .engine.checkpoint import CheckpointError
-    from .models import WeightsMismatchError
+    from .models import WeightsError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsMismatchError, ValueError,
+    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsError, ValueError,
             KeyError, FileNotFoundError, FloatingPointError) as exc:
         if os.environ.get("TRAINER_DEBUG"):
             raise

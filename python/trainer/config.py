@@ -30,16 +30,23 @@ class TrainConfig:
     workers: int = _f(-1, "data-loading worker processes (-1: one per spare core)")
     # model
     model: str = _f("resnet18", "architecture ('python -m trainer models' lists them)")
-    pretrained: str | None = _f(None, "local state dict to start from (torchvision or "
-                                "efficientnet-pytorch layout, or one of our checkpoints)")
+    pretrained: str | None = _f(None, "start from pretrained weights: a name ('imagenet': the library's default "
+                                "ImageNet weights; a torchvision weight set such as IMAGENET1K_V2; 'advprop' for "
+                                "efficientnet-pytorch; a timm tag), fetched once into the library's cache "
+                                "($TORCH_HOME, Hugging Face's for timm); or a local state dict file")
     freeze_backbone: bool = _f(False, "train only the classifier head at first")
     unfreeze_at: int | None = _f(None, "epoch (0-based) at which a frozen backbone starts training")
-    # input and augmentation
-    img_size: int = _f(224, "square input size in pixels")
-    crop_pct: float = _f(0.875, "eval: resize the shorter side to img_size / crop_pct, then center-crop")
-    interpolation: str = _f("bilinear", "resize interpolation", choices=["bilinear", "bicubic"])
-    mean: list[float] = _f((0.485, 0.456, 0.406), "per-channel mean (RGB, 0..1)", nargs=3)
-    std: list[float] = _f((0.229, 0.224, 0.225), "per-channel std (RGB, 0..1)", nargs=3)
+    # input and augmentation; unset eval preprocessing comes from the named --pretrained weights' own
+    # transforms, else 224 px / 0.875 / bilinear / ImageNet mean and std (see preprocessing_defaults)
+    img_size: int | None = _f(None, "square input size in pixels (default: the named weights' crop size, else 224)")
+    crop_pct: float | None = _f(None, "eval: resize the shorter side to img_size / crop_pct, then center-crop "
+                                "(default: the named weights', else 0.875)")
+    interpolation: str | None = _f(None, "resize interpolation (default: the named weights', else bilinear)",
+                                   choices=["bilinear", "bicubic"])
+    mean: list[float] | None = _f(None, "per-channel mean (RGB, 0..1; default: the named weights', else ImageNet's)",
+                                  nargs=3)
+    std: list[float] | None = _f(None, "per-channel std (RGB, 0..1; default: the named weights', else ImageNet's)",
+                                 nargs=3)
     scale_min: float = _f(0.08, "random-resized-crop: smallest area fraction")
     hflip: float = _f(0.5, "probability of a horizontal flip")
     vflip: float = _f(0.0, "probability of a vertical flip")
@@ -86,6 +93,16 @@ class TrainConfig:
     quiet: bool = _f(False, "print nothing but errors")
     max_steps: int | None = _f(None, "stop after this many optimizer steps (0 or unset: no limit; for tests and profiling)")
 
+    def with_preprocessing_defaults(self) -> "TrainConfig":
+        """This config with unset preprocessing filled in (from the named --pretrained weights' transforms)."""
+        unset = [k for k in ("img_size", "crop_pct", "interpolation", "mean", "std") if getattr(self, k) is None]
+        if not unset:
+            return self
+        from .models import get_spec, preprocessing_defaults
+
+        defaults = preprocessing_defaults(get_spec(self.model), self.pretrained)
+        return dataclasses.replace(self, **{k: defaults[k] for k in unset})
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         for k, v in d.items():
@@ -128,7 +145,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls=TrainConfig) -> No
                                 help=helptext)
             continue
         typ = {"int": int, "float": float, "str": str, "int | None": int, "float | None": float,
-               "str | None": str, "list[float]": float, "list[int]": int, "list[str]": str}[str(f.type)]
+               "str | None": str, "list[float]": float, "list[float] | None": float, "list[int]": int, "list[str]": str}[str(f.type)]
         parser.add_argument(flag, dest=f.name, type=typ, default=None, help=helptext, **meta)
 
 

@@ -33,7 +33,13 @@ DEFAULT_CAM_LAYERS = {
     "mobilenet_v3": ("features", r"features\.\d+|features"),
     "efficientnet": ("features", r"features\.\d+|features"),
     "efficientnet-pytorch": ("_bn1", r"_blocks\.\d+|_bn1"),
+    "efficientnet_v2": ("features", r"features\.\d+|features"),
+    "regnet": ("trunk_output", r"trunk_output\.block\d|trunk_output"),
+    "convnext": ("features", r"features\.\d+|features"),
 }
+# Transformers have no (N, C, H, W) map before pooling (ViT: tokens; Swin: channels-last stages), so
+# Grad-CAM has no default layer there: --cam-layer names one explicitly.
+NO_DEFAULT_CAM = {"vit", "swin"}
 MIN_CAM_SIZE = 4  # a map smaller than 4x4 carries (almost) no spatial information
 
 
@@ -59,7 +65,8 @@ def default_cam_layer(model: torch.nn.Module, family: str, img_size: tuple[int, 
     try:
         final, pattern = DEFAULT_CAM_LAYERS[family]
     except KeyError:
-        raise LayerError(f"no default Grad-CAM layer for family {family!r}; pass --cam-layer NAME") from None
+        why = " (a transformer: no convolutional feature map)" if family in NO_DEFAULT_CAM else ""
+        raise LayerError(f"no default Grad-CAM layer for family {family!r}{why}; pass --cam-layer NAME") from None
     shapes = {n: shape for n, _, shape in list_layers(model, img_size)}
     if len(shapes.get(final, ())) == 3 and min(shapes[final][1:]) >= MIN_CAM_SIZE:
         return final

@@ -203,7 +203,7 @@ def test_torchrun_two_processes_on_cpu(tiny_digits, tmp_path):
 
 def test_models_and_help_commands():
     res = run_cli("models", "--json")
-    assert res.returncode == 0 and len(json.loads(res.stdout)) == 24
+    assert res.returncode == 0 and len(json.loads(res.stdout)) == 33
     res = run_cli("train", "--help")
     assert res.returncode == 0
     for flag in ("--lr", "--scheduler", "--warmup-epochs", "--label-smoothing", "--pretrained", "--resume",

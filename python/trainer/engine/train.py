@@ -82,6 +82,7 @@ def train(cfg: TrainConfig, distiller=None) -> dict:
     """Train, validate every epoch, checkpoint, and (rank 0) write the final report. Returns summary.
 
     ``distiller`` (engine.distill.Distiller) replaces the loss by the distillation loss."""
+    cfg = cfg.with_preprocessing_defaults()  # unset input size, crop, mean/std: the named weights' own
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
     if device.type == "cuda" and info.enabled:

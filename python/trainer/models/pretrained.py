@@ -1,5 +1,6 @@
-"""Loading local pretrained weights (torchvision or efficientnet-pytorch key layouts, or our own
-checkpoints) into a registry model whose head was replaced."""
+"""Loading pretrained weights into a registry model whose head was replaced: a local file
+(torchvision, efficientnet-pytorch or timm key layouts, safetensors, or one of our checkpoints) or
+weights by name (``imagenet``, a torchvision weight set, a timm tag: see weights.py)."""
 from __future__ import annotations
 
 import logging
@@ -10,11 +11,12 @@ import torch
 from torch import nn
 
 from .registry import ModelSpec, head_prefix
+from .weights import WeightsError, is_weights_name, resolve_weights
 
 log = logging.getLogger(__name__)
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(WeightsError):
     pass
 
 
@@ -30,10 +32,15 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a plain ``torch.save(state_dict)`` file or one of our checkpoints."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights '{path}' not found (weights are never downloaded; "
-                                "give a local file)")
+        raise FileNotFoundError(f"pretrained weights '{path}' not found; give a local file, or a weights name "
+                                "such as 'imagenet' (downloaded once into the library's cache)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
         raise WeightsMismatchError(f"cannot read '{path}' as a weights file: {exc}") from exc
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -45,9 +52,34 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_pretrained(model: nn.Module, spec: ModelSpec, path: str | os.PathLike) -> LoadReport:
-    """Load every backbone tensor strictly; head tensors are skipped when their shape differs."""
-    state = read_state_dict(path)
+def _fit_input_size(model: nn.Module, spec: ModelSpec, state: dict) -> dict:
+    """Position embeddings resampled to this model's input size (ViTs trained at another size), the way
+    each library does it when it loads its own weights."""
+    if spec.source == "torchvision" and spec.family == "vit":
+        key = "encoder.pos_embedding"
+        if key in state and state[key].shape != model.state_dict()[key].shape:
+            from torchvision.models.vision_transformer import interpolate_embeddings
+
+            state = interpolate_embeddings(model.image_size, model.patch_size, state)
+    elif spec.source == "timm":
+        import sys
+
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if filter_fn is not None and spec.size_multiple > 1:  # ViT-like: resamples pos_embed to the model's grid
+            state = filter_fn(state, model)
+    return state
+
+
+def load_pretrained(model: nn.Module, spec: ModelSpec, source: str | os.PathLike) -> LoadReport:
+    """Load every backbone tensor strictly; head tensors are skipped when their shape differs.
+
+    ``source``: a weights file, or a weights name (resolved by weights.resolve_weights)."""
+    if isinstance(source, str) and is_weights_name(source):
+        path = f"{spec.name} --pretrained {source}"
+        state = _fit_input_size(model, spec, resolve_weights(spec, source).state_dict())
+    else:
+        path = source
+        state = _fit_input_size(model, spec, read_state_dict(source))
     own = model.state_dict()
     hp = head_prefix(model, spec)
     missing = [k for k in own if k not in state]

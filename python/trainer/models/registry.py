@@ -18,8 +18,14 @@ class ModelSpec:
     family: str
     builder: Callable[[int], nn.Module]  # img_size -> model with its original head
     head: str  # dotted path to the final nn.Linear, e.g. "fc", "classifier.-1", "_fc"
-    source: str  # "torchvision" or "efficientnet-pytorch"
+    source: str  # "torchvision", "efficientnet-pytorch" or "timm"
     default_img_size: int = 224
+    # input sizes the architecture accepts must be a multiple of this (ViT: the patch size)
+    size_multiple: int = 1
+
+
+# name prefix -> factory(full name) -> ModelSpec, for open-ended families ("timm/<name>")
+_PREFIXES: dict[str, Callable[[str], ModelSpec]] = {}
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -32,16 +38,27 @@ def register_model(spec: ModelSpec) -> ModelSpec:
     return spec
 
 
+def register_prefix(prefix: str, factory: Callable[[str], ModelSpec]) -> None:
+    """Names starting with ``prefix`` are built on first use by ``factory(name)`` (then cached)."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"model prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = factory
+
+
 def get_spec(name: str) -> ModelSpec:
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; 'python -m trainer models' lists the "
-                       f"{len(_REGISTRY)} available: {', '.join(sorted(_REGISTRY))}") from None
+    for prefix, factory in _PREFIXES.items():
+        if name.startswith(prefix):
+            return register_model(factory(name))
+    raise KeyError(f"unknown model {name!r}; 'python -m trainer models' lists the "
+                   f"{len(_REGISTRY)} available: {', '.join(sorted(_REGISTRY))}"
+                   + "".join(f"; or any {p}<name>" for p in _PREFIXES))
 
 
 def list_models() -> list[ModelSpec]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    """The explicitly registered models (not the open-ended prefixed ones built on first use)."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY) if not k.startswith(tuple(_PREFIXES))]
 
 
 def _resolve(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -94,7 +111,11 @@ def create_model(name: str, num_classes: int, img_size: int | None = None) -> nn
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     spec = get_spec(name)
-    model = spec.builder(img_size or spec.default_img_size)
+    img_size = img_size or spec.default_img_size
+    if img_size % spec.size_multiple:
+        raise ValueError(f"{name} needs an input size that is a multiple of {spec.size_multiple}, got {img_size}; "
+                         f"pass e.g. --img-size {img_size // spec.size_multiple * spec.size_multiple or spec.size_multiple}")
+    model = spec.builder(img_size)
     replace_head(model, spec, num_classes)
     return model
 
