@@ -11,6 +11,7 @@ from .data import PreprocessSpec
 from .engine.checkpoint import CheckpointError, load_checkpoint
 from .models import create_model, get_spec
 from .models.registry import ModelSpec
+from .errors import UserError
 
 
 @dataclass
@@ -41,7 +42,7 @@ def model_from_checkpoint(path: str | os.PathLike, weights: str = "auto") -> Loa
     elif weights == "model":
         state = ckpt["model"]
     else:
-        raise ValueError(f"weights must be auto, model or ema (got {weights!r})")
+        raise UserError(f"weights must be auto, model or ema (got {weights!r})")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -102,7 +104,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+            raise UserError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -110,11 +112,11 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ValueError(f"config file '{path}' not found") from None
+        raise UserError(f"config file '{path}' not found") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raise UserError(f"config file '{path}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file '{path}' must hold a mapping of setting: value")
+        raise UserError(f"config file '{path}' must hold a mapping of setting: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

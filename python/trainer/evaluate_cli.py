@@ -15,6 +15,7 @@ from .checkpoints import model_from_checkpoint
 from .data import Normalize, load_eval_samples
 from .engine.evaluate import batch_logits, classification_report, eval_loader, write_report
 from .engine.runtime import default_workers, resolve_amp, resolve_device
+from .errors import UserError
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, samples=None,
@@ -24,7 +25,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | None = None, 
     loaded = model_from_checkpoint(checkpoint, weights)
     if samples is None:
         if data is None:
-            raise ValueError("give --data (a dataset root, a folder of class folders, or a list file)")
+            raise UserError("give --data (a dataset root, a folder of class folders, or a list file)")
         cfg = loaded.checkpoint.get("config", {})
         samples = load_eval_samples(data, loaded.classes, cfg.get("val_fraction"), cfg.get("seed", 0))
     device = resolve_device(device) if isinstance(device, str) else device
@@ -55,7 +56,7 @@ def evaluate_ensemble(checkpoints: list[str], data: str | None = None, samples=N
     from .tta import parse_policy
 
     if not checkpoints:
-        raise ValueError("give at least one --checkpoint")
+        raise UserError("give at least one --checkpoint")
     if weights is not None:
         normalise_weights(weights, len(checkpoints))  # refuses a wrong count before any work
     views = parse_policy(tta)
@@ -69,12 +70,12 @@ def evaluate_ensemble(checkpoints: list[str], data: str | None = None, samples=N
             classes = loaded.classes
             if samples is None:
                 if data is None:
-                    raise ValueError("give --data (a dataset root, a folder of class folders, or a list file)")
+                    raise UserError("give --data (a dataset root, a folder of class folders, or a list file)")
                 cfg = loaded.checkpoint.get("config", {})
                 samples = load_eval_samples(data, classes, cfg.get("val_fraction"), cfg.get("seed", 0))
             labels = np.asarray([lbl for _, lbl in samples])
         elif loaded.classes != classes:
-            raise ValueError(f"{path} predicts classes {loaded.classes}, but {checkpoints[0]} predicts {classes}; "
+            raise UserError(f"{path} predicts classes {loaded.classes}, but {checkpoints[0]} predicts {classes}; "
                              "an ensemble needs models trained on the same classes")
         probs, _ = predict_paths(loaded.model, loaded.preprocess, [p for p, _ in samples], views, tta_merge, dev,
                                  batch_size, default_workers(workers), strict=True,

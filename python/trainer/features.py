@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .data import ImageSamples, Normalize
 from .engine.checkpoint import file_sha256
 from .models import get_head
+from .errors import UserError
 
 log = logging.getLogger("trainer.features")
 CLASSIFIERS = ("svm", "rf", "mlp", "knn", "logreg")
@@ -39,7 +40,7 @@ DEFAULT_GRIDS = {
 }
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError):
     pass
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..data.dataset import bad_indices
 from ..data.layout import DataError
+from ..errors import DivergenceError
 from .distributed import DistInfo, all_reduce_sum
 from .evaluate import topk_correct
 from .losses import smooth_targets, soft_cross_entropy
@@ -74,7 +75,7 @@ def _check_finite(totals: torch.Tensor, st: LoopState) -> None:
     flag = (totals[3:4] >= 0).double()
     if bool(all_reduce_sum(flag, st.info).item()):
         where = int(totals[3]) + 1
-        raise FloatingPointError(f"the loss became non-finite at epoch {st.epoch + 1}"
+        raise DivergenceError(f"the loss became non-finite at epoch {st.epoch + 1}"
                                  f"{f', batch {where}' if where > 0 else ' (on another rank)'}; lower --lr or "
                                  "enable --clip-grad")
 

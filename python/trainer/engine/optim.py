@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
@@ -22,7 +24,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         kwargs = dict(lr=lr)
         cls = torch.optim.AdamW
     else:
-        raise ValueError(f"unknown optimizer {name!r}: use sgd or adamw")
+        raise UserError(f"unknown optimizer {name!r}: use sgd or adamw")
     # Fused single-kernel updates run on CPU and CUDA in this torch; fall back to foreach if a
     # parameter type is not supported. Only fused SGD mishandles the steps an fp16 GradScaler skips
     # (NaN weights on CUDA, seen on an H200 with torch 2.11); fused AdamW handles them.

@@ -241,6 +241,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     epochs_run = 0
     stopped_early = False
     first_step_seconds = None
+    found_bad: set[str] = set()   # paths that failed to decode during the run: kept out of the final report
     for epoch in range(start_epoch, cfg.epochs):
         frozen = cfg.freeze_backbone and (cfg.unfreeze_at is None or epoch < cfg.unfreeze_at)
         if frozen != frozen_state:
@@ -278,6 +279,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
             break
         val = validate(model, val_loader, st, st.class_weights)
         bad += _bad_in_epoch(val.pop("bad"), val_samples, info)
+        found_bad.update(b.split(": ", 1)[0] for b in bad)
         record = {"epoch": epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()}}
         candidates = {"model": val["top1"]}
         if st.ema is not None:
@@ -319,7 +321,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         metrics_log.finish()
         from ..evaluate_cli import evaluate_checkpoint
 
-        report = evaluate_checkpoint(out / "best.pt", samples=val_samples, out_dir=out / "report",
+        report = evaluate_checkpoint(out / "best.pt", samples=[s for s in val_samples if s[0] not in found_bad],
+                                     out_dir=out / "report",
                                      device=device, batch_size=max(cfg.batch_size, 64), workers=workers)
         summary["report"] = {"top1": report["top1"], "top5": report["top5"], "macro_f1": report["macro_f1"],
                              "dir": str(out / "report")}

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from .registry import ModelSpec, head_prefix
+from ..errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(UserError):
     pass
 
 
@@ -30,7 +31,7 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a plain ``torch.save(state_dict)`` file or one of our checkpoints."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights '{path}' not found (weights are never downloaded; "
+        raise MissingFileError(f"pretrained weights '{path}' not found (weights are never downloaded; "
                                 "give a local file)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

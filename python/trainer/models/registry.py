@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UnknownNameError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -36,7 +38,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; 'python -m trainer models' lists the "
+        raise UnknownNameError(f"unknown model {name!r}; 'python -m trainer models' lists the "
                        f"{len(_REGISTRY)} available: {', '.join(sorted(_REGISTRY))}") from None
 
 
