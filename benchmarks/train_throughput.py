@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py                     # digits demo, resnet18 at 32 px
     python benchmarks/train_throughput.py --model resnet50 --img-size 64 --epochs 3 --repeats 3
+    python benchmarks/train_throughput.py --first-step       # time to the first step, 1x and 10x the images
 
 Both sides use the same data, model, batch size, image size, thread count and worker count, and
 run in separate fresh processes (alternating, ``--repeats`` times), so peak memory (max RSS) is
@@ -80,6 +81,39 @@ def child(args) -> None:
     print("RESULT " + json.dumps(res))
 
 
+def first_step(args) -> dict:
+    """Seconds from train() to the first optimizer step with 1x and 10x the training images (copies of
+    the digits), each with a cold image index (first run on the data) and a warm one (every later run
+    or resume), --cache-images off. Start-up reads file headers only, so it must not grow 10x."""
+    import shutil
+
+    from trainer.config import TrainConfig
+    from trainer.engine.train import train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SHIPCLASSIFIER_CACHE"] = str(Path(tmp) / "cache")
+        for factor in (1, 10):
+            data = Path(tmp) / f"x{factor}"
+            for split in ("train", "val"):
+                for cls in sorted(Path(args.data, split).iterdir()):
+                    dst = data / split / cls.name
+                    dst.mkdir(parents=True)
+                    for f in sorted(cls.iterdir()):
+                        for k in range(factor if split == "train" else 1):
+                            shutil.copyfile(f, dst / f"{k}_{f.name}")
+            n = sum(1 for _ in (data / "train").rglob("*.png"))
+            for index in ("cold", "warm"):
+                cfg = TrainConfig(data=str(data), model=args.model, img_size=args.img_size, crop_pct=1.0, epochs=1,
+                                  batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                                  cache_images="off", max_steps=1, out=str(Path(tmp) / f"run{factor}{index}"),
+                                  quiet=True)
+                s = train(cfg)["first_step_seconds"]
+                rows.append({"train_images": n, "index": index, "first_step_seconds": s})
+                print(f"{n:>7} train images, {index} index: first step after {s:.2f} s", flush=True)
+    return {"first_step": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO / "data" / "digits"))
@@ -91,6 +125,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    ap.add_argument("--first-step", action="store_true", help="measure time-to-first-step at 1x and 10x the images")
     ap.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -100,6 +135,9 @@ def main() -> None:
         from trainer.data.demo import write_digits_dataset
 
         write_digits_dataset(args.data)
+    if args.first_step:
+        print(json.dumps(first_step(args)))
+        return
     results: dict[str, list[dict]] = {"ours": [], "baseline": []}
     for rep in range(args.repeats):
         for side in ("baseline", "ours"):

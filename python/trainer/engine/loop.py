@@ -96,7 +96,8 @@ def train_epoch(st: LoopState, loader, say, quiet: bool = False) -> dict:
         st.totals = torch.tensor([0.0, 0.0, 0.0, -1.0], dtype=torch.float64, device=st.device)
     totals = st.totals
     accum = st.accum_steps
-    t0, batch0, log_t, log_seen = time.perf_counter(), st.batch, time.perf_counter(), float(totals[2])
+    t0, batch0, log_t = time.perf_counter(), st.batch, time.perf_counter()
+    seen = log_seen = 0   # this rank's images since the epoch (re)started, counted on the CPU
     st.optimizer.zero_grad(set_to_none=True)
     lr = st.schedule.apply(st.optimizer)
     complete = True
@@ -146,14 +147,15 @@ def train_epoch(st: LoopState, loader, say, quiet: bool = False) -> dict:
             totals[2] += y.shape[0]
             totals[3] = torch.where((totals[3] < 0) & ~torch.isfinite(loss_d), float(i), totals[3])
         st.batch += 1
+        seen += y.shape[0]
         progress.update(1)
         stop = bool(st.max_steps) and last_in_step and st.schedule.step >= st.max_steps
         if st.batch % st.log_every == 0 or stop:
             _check_finite(totals, st)
             t = all_reduce_sum(totals[:3].clone(), st.info).tolist()
             now = time.perf_counter()
-            ips = (t[2] - log_seen * st.info.world_size) / max(now - log_t, 1e-9)
-            log_t, log_seen = now, float(totals[2])
+            ips = (seen - log_seen) * st.info.world_size / max(now - log_t, 1e-9)
+            log_t, log_seen = now, seen
             rate = (st.batch - batch0) / max(now - t0, 1e-9)
             left = (n_batches - st.batch) + n_batches * (st.epochs - st.epoch - 1)
             line = (f"epoch {st.epoch + 1}/{st.epochs} batch {st.batch}/{n_batches}  loss {t[0] / max(t[2], 1):.4f}"

@@ -24,6 +24,7 @@ from ..data import (AugmentConfig, DataError, EvalShardSampler, ImageSamples, No
 from ..data.dataset import mix_seed, seed_worker
 from ..data.images import decode_all
 from ..data.index import build_index
+from ..errors import UserError
 from ..models import create_model, get_spec, load_pretrained, set_backbone_trainable
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from .distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed
@@ -191,6 +192,9 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         report = load_pretrained(model, spec, cfg.pretrained)
         say(f"pretrained {cfg.pretrained}: {report}")
     if cfg.sync_bn and info.enabled:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm synchronises GPU tensors only); "
+                            "drop it when training on CPUs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
