@@ -42,7 +42,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .engine.evaluate import format_report
     from .ensemble import parse_weights
-    from .evaluate_cli import evaluate_ensemble, format_members
+    from .evaluation import evaluate_ensemble, format_members
 
     out_dir = args.out
     weights_from, weights = args.weights_from, None

@@ -86,7 +86,7 @@ def _cmd_features(args) -> int:
 
 
 def _cmd_visualize(args) -> int:
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .visualize import list_layers, visualize_image
 
     if args.list_layers:

@@ -186,7 +186,7 @@ class PredictionTable:
 def predict_checkpoint(checkpoint: str | os.PathLike, images: str | os.PathLike, tta: str = "none",
                        merge: str = "mean", device: str = "auto", batch_size: int = 64, workers: int = -1,
                        weights: str = "auto", amp: str = "none", progress: bool = True) -> PredictionTable:
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .engine.runtime import default_workers, resolve_amp, resolve_device
 
     loaded = model_from_checkpoint(checkpoint, weights)

@@ -204,7 +204,7 @@ def visualize_image(checkpoint: str | os.PathLike, image: str | os.PathLike, out
                     layers: list[str] | None = None, cam: bool = True, cam_layer: str | None = None,
                     cam_class: str | None = None, max_channels: int = 32) -> dict:
     """Write ``<layer>.png`` feature grids and ``gradcam_<class>.png``; return what was written and predicted."""
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
 
     loaded = model_from_checkpoint(checkpoint)
     model = loaded.model

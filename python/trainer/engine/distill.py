@@ -63,7 +63,7 @@ class Distiller:
 
     def __init__(self, teachers: list[str | os.PathLike], alpha: float = 0.5, temperature: float = 4.0,
                  hard: bool = False):
-        from ..checkpoints import model_from_checkpoint
+        from ..inference import model_from_checkpoint
         from .checkpoint import file_sha256
 
         if not teachers:

@@ -323,7 +323,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                "first_step_seconds": first_step_seconds}
     if info.is_main and epochs_run and (out / "best.pt").exists():
         metrics_log.finish()
-        from ..evaluate_cli import evaluate_checkpoint
+        from ..evaluation import evaluate_checkpoint
 
         report = evaluate_checkpoint(out / "best.pt", samples=[s for s in val_samples if s[0] not in found_bad],
                                      out_dir=out / "report",
