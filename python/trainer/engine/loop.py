@@ -56,7 +56,8 @@ class LoopState:
     # loss sum, correct, seen, first non-finite batch (-1: none), on the device
     totals: torch.Tensor | None = None
     elapsed: float = 0.0             # seconds spent in this epoch before a resume
-    first_step_at: float | None = None   # time.perf_counter() after the run's first optimizer step
+    first_batch_at: float | None = None  # time.perf_counter() when the run's first batch was loaded
+    first_step_at: float | None = None   # ... and after its first optimizer step
     bad: list = field(default_factory=list)
 
     def start_epoch(self, epoch: int) -> None:
@@ -102,6 +103,8 @@ def train_epoch(st: LoopState, loader, say, quiet: bool = False) -> dict:
     lr = st.schedule.apply(st.optimizer)
     complete = True
     for x, y in loader:
+        if st.first_batch_at is None:
+            st.first_batch_at = time.perf_counter()
         i = st.batch
         bad = y < 0   # labels are on the CPU here: no device sync
         if bad.any():

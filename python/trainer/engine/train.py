@@ -244,7 +244,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     t_train = time.perf_counter()
     epochs_run = 0
     stopped_early = False
-    first_step_seconds = None
+    first_batch_seconds = first_step_seconds = None
     found_bad: set[str] = set()   # paths that failed to decode during the run: kept out of the final report
     for epoch in range(start_epoch, cfg.epochs):
         frozen = cfg.freeze_backbone and (cfg.unfreeze_at is None or epoch < cfg.unfreeze_at)
@@ -269,6 +269,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
             train_sampler.set_epoch(epoch)
         stats = train_epoch(st, train_loader, say, quiet)
         if first_step_seconds is None and st.first_step_at is not None:
+            first_batch_seconds = round(st.first_batch_at - t_start, 3)
             first_step_seconds = round(st.first_step_at - t_start, 3)
         bad = _bad_in_epoch(st.bad, train_samples, info)
         if not stats.pop("complete"):
@@ -320,7 +321,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                "best_checkpoint": str(out / "best.pt"), "last_checkpoint": str(out / "last.pt"),
                "world_size": info.world_size, "device": str(device),
                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-               "first_step_seconds": first_step_seconds}
+               "first_batch_seconds": first_batch_seconds, "first_step_seconds": first_step_seconds}
     if info.is_main and epochs_run and (out / "best.pt").exists():
         metrics_log.finish()
         from ..evaluation import evaluate_checkpoint
