@@ -157,17 +157,31 @@ def test_cli_errors_are_clear_and_exit_2(tiny_digits, tmp_path):
 
 
 def test_freeze_then_unfreeze_and_class_balance_options(tiny_digits, tmp_path):
+    """Epoch 1 (frozen) leaves the backbone's weights and BatchNorm statistics as pretrained; epoch 2
+    (unfrozen) moves both. A dozen other options ride along and must not break either."""
+    import dataclasses
+
     from trainer.models import create_model
 
     base = create_model("resnet18", 1000, 32)
     torch.save(base.state_dict(), tmp_path / "pre.pth")
-    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=2, pretrained=str(tmp_path / "pre.pth"),
+    cfg = fast_cfg(tiny_digits, tmp_path / "run", epochs=2, pretrained=str(tmp_path / "pre.pth"),
                    freeze_backbone=True, unfreeze_at=1, class_weights="auto", balanced_sampler=True,
                    optimizer="adamw", lr=1e-3, accum_steps=2, clip_grad=1.0, label_smoothing=0.1, cutmix=1.0,
-                   auto_augment="trivialaugment", random_erasing=0.25, scheduler="step", milestones=[1]))
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    # epoch 1 trained only the head, epoch 2 everything: conv1 moved away from the pretrained weights
-    assert not torch.equal(ckpt["model"]["conv1.weight"], base.conv1.weight)
+                   auto_augment="trivialaugment", random_erasing=0.25, scheduler="step", milestones=[1],
+                   max_steps=2)   # 4 batches, 2 per step: epoch 1 exactly
+    train(cfg)
+    frozen = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert frozen["epoch"] == 1
+    backbone = ("conv1.weight", "bn1.running_mean", "bn1.running_var", "layer4.1.bn2.running_var")
+    for k in backbone:
+        assert torch.equal(frozen["model"][k], base.state_dict()[k]), k
+    train(dataclasses.replace(cfg, resume=str(tmp_path / "run"), max_steps=None))
+    thawed = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert thawed["epoch"] == 2
+    for k in backbone:
+        assert not torch.equal(thawed["model"][k], base.state_dict()[k]), k
+    assert thawed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the step milestone at epoch 1
 
 
 def test_evaluate_cli_json_and_files(tiny_digits, tmp_path):
