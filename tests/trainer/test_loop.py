@@ -183,8 +183,12 @@ def test_incomplete_last_batch_is_dropped_in_training_only(tiny_digits, tmp_path
         train(fast_cfg(tiny_digits, tmp_path / "run2", batch_size=80))
 
 
-def test_progress_lines_with_eta_when_output_is_not_a_terminal(tiny_digits, tmp_path, capsys):
-    train(fast_cfg(tiny_digits, tmp_path / "run", quiet=False, log_every=2, max_steps=4))
+def test_progress_lines_with_eta_when_output_is_not_a_terminal(tiny_digits, tmp_path, capsys, monkeypatch):
+    compiled = []
+    # --compile hands the model to torch.compile (recorded here: compiling on CPU takes minutes)
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)
+    train(fast_cfg(tiny_digits, tmp_path / "run", quiet=False, log_every=2, max_steps=4, compile=True))
+    assert len(compiled) == 1 and isinstance(compiled[0], nn.Module)
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch 1/1 batch")]
     assert [ln.split()[3] for ln in lines] == ["2/4", "4/4"]
     assert all("img/s" in ln and "ETA epoch" in ln for ln in lines)
