@@ -194,28 +194,26 @@ def test_progress_lines_with_eta_when_output_is_not_a_terminal(tiny_digits, tmp_
     assert all("img/s" in ln and "ETA epoch" in ln for ln in lines)
 
 
-def test_image_damaged_behind_a_good_header_is_reported_not_replaced(tiny_copy, tmp_path):
+def test_image_damaged_behind_a_good_header_is_reported_not_replaced(tiny_copy, tmp_path, capsys):
     """Start-up reads only headers; pixels that fail later are listed by path at the end of the epoch."""
-    from conftest import run_cli
+    import json
+
+    from extras_support import cli
 
     for split, cls in (("train", "1"), ("val", "7")):
         f = sorted((tiny_copy / split / cls).glob("*.png"))[0]
         data = f.read_bytes()
         f.write_bytes(data[: len(data) * 2 // 3])   # header and size intact, pixel data cut
     # 72 training images in batches of 8: none is dropped, so the damaged one is met in epoch 1
+    args = ["train", "--data", tiny_copy, "--epochs", "1", "--batch-size", "8", "--model", "resnet18", "--img-size",
+            "32", "--workers", "0", "--amp", TEST_AMP, "--quiet"]
     run = tmp_path / "skip"
-    res = run_cli("train", "--data", str(tiny_copy), "--out", str(run), "--epochs", "1", "--on-bad-image", "skip",
-                  "--cache-images", "off", "--batch-size", "8", "--model", "resnet18", "--img-size", "32",
-                  "--workers", "0", "--amp", TEST_AMP, "--quiet")
-    assert res.returncode == 0, res.stderr
+    assert cli(*args, "--out", run, "--on-bad-image", "skip", "--cache-images", "off") == 0
     listed = (run / "bad_images.txt").read_text()
     assert "train/1/" in listed and "val/7/" in listed
-    import json
-
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["val_count"] == 23
-    res = run_cli("train", "--data", str(tiny_copy), "--out", str(tmp_path / "err"), "--epochs", "1",
-                  "--batch-size", "8", "--model", "resnet18", "--img-size", "32", "--workers", "0",
-                  "--amp", TEST_AMP, "--quiet")
-    assert res.returncode == 2 and "2 image(s) could not be decoded" in res.stderr and "--resume" in res.stderr
-    assert "train/1/" in res.stderr and "Traceback" not in res.stderr
+    capsys.readouterr()
+    assert cli(*args, "--out", tmp_path / "err") == 2
+    err = capsys.readouterr().err
+    assert "2 image(s) could not be decoded" in err and "--resume" in err and "train/1/" in err
     assert (tmp_path / "err" / "last.pt").exists()
