@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py                     # digits demo, resnet18 at 32 px
     python benchmarks/train_throughput.py --model resnet50 --img-size 64 --epochs 3 --repeats 3
-    python benchmarks/train_throughput.py --families     # the model families' images/s, ratio to resnet18
+    python benchmarks/train_throughput.py --families         # the model families' images/s, ratio to resnet18
+    python benchmarks/train_throughput.py --first-step       # time to the first step, 1x and 10x the images
 
 Both sides use the same data, model, batch size, image size, thread count and worker count, and
 run in separate fresh processes (alternating, ``--repeats`` times), so peak memory (max RSS) is
@@ -111,6 +112,41 @@ def run_families(args) -> dict:
             "epochs": args.epochs, "baseline": names[0], "families": rows}
 
 
+def first_step(args) -> dict:
+    """Seconds from train() to the first batch and to the first optimizer step with 1x and 10x the training images (copies of
+    the digits), each with a cold image index (first run on the data) and a warm one (every later run
+    or resume), --cache-images off. Start-up reads file headers only, so it must not grow 10x."""
+    import shutil
+
+    from trainer.config import TrainConfig
+    from trainer.engine.train import train
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["SHIPCLASSIFIER_CACHE"] = str(Path(tmp) / "cache")
+        for factor in (1, 10):
+            data = Path(tmp) / f"x{factor}"
+            for split in ("train", "val"):
+                for cls in sorted(Path(args.data, split).iterdir()):
+                    dst = data / split / cls.name
+                    dst.mkdir(parents=True)
+                    for f in sorted(cls.iterdir()):
+                        for k in range(factor if split == "train" else 1):
+                            shutil.copyfile(f, dst / f"{k}_{f.name}")
+            n = sum(1 for _ in (data / "train").rglob("*.png"))
+            for index in ("cold", "warm"):
+                cfg = TrainConfig(data=str(data), model=args.model, img_size=args.img_size, crop_pct=1.0, epochs=1,
+                                  batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                                  cache_images="off", max_steps=1, out=str(Path(tmp) / f"run{factor}{index}"),
+                                  quiet=True)
+                s = train(cfg)
+                rows.append({"train_images": n, "index": index, "first_batch_seconds": s["first_batch_seconds"],
+                             "first_step_seconds": s["first_step_seconds"]})
+                print(f"{n:>7} train images, {index} index: first batch after {s['first_batch_seconds']:.2f} s, "
+                      f"first step after {s['first_step_seconds']:.2f} s", flush=True)
+    return {"first_step": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(REPO / "data" / "digits"))
@@ -125,6 +161,7 @@ def main() -> None:
     ap.add_argument("--families", nargs="?", const="default", help="measure our trainer on each model family "
                     "(comma-separated names; default: one per family, timm's when installed) instead of the "
                     "baseline comparison")
+    ap.add_argument("--first-step", action="store_true", help="measure time-to-first-step at 1x and 10x the images")
     ap.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -134,6 +171,9 @@ def main() -> None:
         from trainer.data.demo import write_digits_dataset
 
         write_digits_dataset(args.data)
+    if args.first_step:
+        print(json.dumps(first_step(args)))
+        return
     if args.families:
         summary = run_families(args)
         out = Path(args.out).with_name("family_throughput.json")

@@ -14,6 +14,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# Precision of every fixture's training run: "auto" (bf16 where the CPU has it) by default;
+# TRAINER_TEST_AMP=none forces fp32 everywhere, which is what a CPU without bf16 (AVX2 only) runs.
+# docs/trainer.md shows how to run the suite as such a machine would.
+TEST_AMP = os.environ.get("TRAINER_TEST_AMP", "auto")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_index_cache(tmp_path_factory):
+    """The trainer's persistent image index goes to a temporary folder, never the user's ~/.cache."""
+    os.environ["SHIPCLASSIFIER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
 
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
@@ -71,7 +82,7 @@ def run_cli(*args: str, cwd: Path | None = None, env_extra: dict | None = None, 
 
 FAST_TRAIN = ["--model", "resnet18", "--img-size", "32", "--crop-pct", "1.0", "--batch-size", "16",
               "--workers", "0", "--hflip", "0", "--scale-min", "0.8", "--lr", "0.05", "--warmup-epochs", "0.5",
-              "--quiet"]
+              "--amp", TEST_AMP, "--quiet"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,7 @@
     python -m trainer train --config configs/digits.yaml --out runs/digits
     python -m trainer evaluate --checkpoint runs/digits/best.pt --data data/digits
     python -m trainer prepare data/raw --out data/lists
+    python -m trainer check-data --data data/digits
     python -m trainer models
 """
 from __future__ import annotations
@@ -15,10 +16,7 @@ import os
 import sys
 
 from .config import TrainConfig, add_config_arguments, resolve_config
-
-
-class UserError(Exception):
-    """Raised for problems the user can fix; printed without a traceback, exit code 2."""
+from .errors import UserError
 
 
 def _cmd_train(args) -> int:
@@ -44,7 +42,7 @@ def _cmd_train(args) -> int:
 def _cmd_evaluate(args) -> int:
     from .engine.evaluate import format_report
     from .ensemble import parse_weights
-    from .evaluate_cli import evaluate_ensemble, format_members
+    from .evaluation import evaluate_ensemble, format_members
 
     out_dir = args.out
     weights_from, weights = args.weights_from, None
@@ -81,6 +79,20 @@ def _cmd_prepare(args) -> int:
     print(f"wrote {info['out']}/train.txt ({info['train']}), val.txt ({info['val']}), classes.json "
           f"({len(info['classes'])} classes)")
     return 0
+
+
+def _cmd_check_data(args) -> int:
+    from .data import discover_dataset
+    from .data.index import check_decode
+
+    splits = discover_dataset(args.data, args.val_fraction, 0)
+    paths = [p for p, _ in splits.train + splits.val]
+    bad = check_decode(paths, args.workers or None, progress=not args.quiet)
+    for line in bad:
+        print(line)
+    print(f"{len(paths) - len(bad)} of {len(paths)} images decode ({splits.layout}, {len(splits.classes)} classes)"
+          + (f"; {len(bad)} unreadable: fix or delete them, or train with --on-bad-image skip" if bad else ""))
+    return 1 if bad else 0
 
 
 def _cmd_models(args) -> int:
@@ -146,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_prepare)
 
+    p = sub.add_parser("check-data", help="decode every image of a dataset (in parallel) and list unreadable ones; "
+                       "exit code 1 when there are any")
+    p.add_argument("--data", required=True, help="dataset root, folder of class folders, or list files' folder")
+    p.add_argument("--val-fraction", type=float, default=None, help="as for train (layouts without a val split)")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (0: two per core, at most 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_check_data)
+
     p = sub.add_parser("models", help="list the registered architectures")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_models)
@@ -157,20 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError, ImageDecodeError
-    from .engine.checkpoint import CheckpointError
-    from .models import WeightsError
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, DataError, ImageDecodeError, CheckpointError, WeightsError, ValueError,
-            KeyError, FileNotFoundError, FloatingPointError) as exc:
+    except UserError as exc:   # only the project's own: a real bug keeps its traceback
         if os.environ.get("TRAINER_DEBUG"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

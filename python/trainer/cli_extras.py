@@ -15,6 +15,7 @@ import json
 
 from .config import add_config_arguments, resolve_config
 from .tta import MERGES, NAMED
+from .errors import UserError
 
 
 def _cmd_predict(args) -> int:
@@ -62,14 +63,14 @@ def _cmd_features(args) -> int:
 
     if args.predict:
         if not args.images or not args.out:
-            raise ValueError("--predict needs --images DIR_OR_LIST and --out preds.csv")
+            raise UserError("--predict needs --images DIR_OR_LIST and --out preds.csv")
         table = predict_with_classifier(args.predict, args.checkpoint, args.images, args.device, args.batch_size,
                                         args.workers)
         table.write_csv(args.out, args.topk, save_probs=True)
         print(f"wrote {len(table.ids)} rows to {args.out}")
         return 0
     if not args.data:
-        raise ValueError("give --data (a dataset with a training and a validation split) to fit a classifier")
+        raise UserError("give --data (a dataset with a training and a validation split) to fit a classifier")
     grid = parse_grid(args.grid_param, args.classifier) if (args.grid or args.grid_param) else None
     result = train_classifier(args.checkpoint, args.data, args.classifier, parse_params(args.param), grid, args.cv,
                               args.out, args.cache, args.device, args.batch_size, args.workers, args.seed)
@@ -85,7 +86,7 @@ def _cmd_features(args) -> int:
 
 
 def _cmd_visualize(args) -> int:
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .visualize import list_layers, visualize_image
 
     if args.list_layers:
@@ -94,7 +95,7 @@ def _cmd_visualize(args) -> int:
             print(f"{name:<50} {kind:<28} {'x'.join(map(str, shape)) if shape else '-'}")
         return 0
     if not args.image:
-        raise ValueError("give --image IMG (or --list-layers to see the layer names)")
+        raise UserError("give --image IMG (or --list-layers to see the layer names)")
     layers = [s.strip() for s in (args.layers or "").split(",") if s.strip()]
     result = visualize_image(args.checkpoint, args.image, args.out, layers, not args.no_cam, args.cam_layer,
                              args.cam_class, args.max_channels)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -23,10 +25,11 @@ class TrainConfig:
                    "folders (with --val-fraction), or train.txt/val.txt list files")
     val_fraction: float | None = _f(None, "hold out this fraction of each class for validation "
                                     "(layouts without a validation split)")
-    on_bad_image: str = _f("error", "unreadable images: 'error' lists them all before training; "
-                           "'skip' leaves them out", choices=["error", "skip"])
-    cache_images: str = _f("auto", "keep decoded images in memory: auto (when they fit in 1 GiB), on, off",
-                           choices=["auto", "on", "off"])
+    on_bad_image: str = _f("error", "unreadable images: 'error' stops with the list of them (at start-up from "
+                           "file headers, or at the end of the epoch that found them); 'skip' leaves them out "
+                           "and lists them in RUN/bad_images.txt", choices=["error", "skip"])
+    cache_images: str = _f("auto", "keep decoded images in memory: auto (when their header sizes fit in "
+                           "1 GiB; decoded before the first step), on, off", choices=["auto", "on", "off"])
     workers: int = _f(-1, "data-loading worker processes (-1: one per spare core)")
     # model
     model: str = _f("resnet18", "architecture ('python -m trainer models' lists them)")
@@ -84,6 +87,9 @@ class TrainConfig:
     channels_last: bool = _f(True, "use channels-last memory format")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N", )
     threads: int | None = _f(None, "intra-op CPU threads (default: torch's choice)")
+    sync_bn: bool = _f(False, "DDP: synchronise BatchNorm statistics across processes (small per-GPU batches)")
+    compile: bool = _f(False, "run the model through torch.compile (slow first steps, faster after)")
+    log_every: int = _f(50, "when output is not a terminal, print loss, images/s and ETA every N batches")
     # reproducibility and output
     seed: int = _f(0, "random seed (data order, augmentation, init)")
     deterministic: bool = _f(False, "use deterministic algorithms (bit-exact resume)")
@@ -115,7 +121,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+            raise UserError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -123,11 +129,11 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise ValueError(f"config file '{path}' not found") from None
+        raise UserError(f"config file '{path}' not found") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raise UserError(f"config file '{path}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file '{path}' must hold a mapping of setting: value")
+        raise UserError(f"config file '{path}' must hold a mapping of setting: value")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from .predict import PredictionTable
+from .errors import UserError
 
 METHODS = ("mean", "weighted", "vote")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError):
     pass
 
 

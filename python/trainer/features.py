@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .data import ImageSamples, Normalize
 from .engine.checkpoint import file_sha256
 from .models import get_head
+from .errors import UserError
 
 log = logging.getLogger("trainer.features")
 CLASSIFIERS = ("svm", "rf", "mlp", "knn", "logreg")
@@ -39,7 +40,7 @@ DEFAULT_GRIDS = {
 }
 
 
-class FeaturesError(ValueError):
+class FeaturesError(UserError):
     pass
 
 
@@ -176,7 +177,7 @@ def train_classifier(checkpoint: str | os.PathLike, data: str | os.PathLike, cla
     import sklearn
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .data import discover_dataset
     from .engine.runtime import resolve_device
 
@@ -228,7 +229,7 @@ def predict_with_classifier(saved: str | os.PathLike, checkpoint: str | os.PathL
     """Reuse a saved pipeline on new images -> PredictionTable (error rows for unreadable images)."""
     import joblib
 
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .data import ImageDecodeError, decode_image
     from .engine.runtime import resolve_device
     from .predict import PredictionTable, image_ids, list_images

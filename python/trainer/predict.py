@@ -24,6 +24,7 @@ from .data import ImageDecodeError, Normalize, PreprocessSpec, decode_image
 from .data.images import is_image_file
 from .engine.runtime import autocast
 from .tta import TTAView, apply_views, check_views, merge_probs, parse_policy
+from .errors import MissingFileError
 
 log = logging.getLogger("trainer.predict")
 
@@ -102,11 +103,11 @@ def list_images(source: str | os.PathLike) -> list[str]:
     if src.is_dir():
         files = sorted(str(p) for p in src.rglob("*") if p.is_file() and is_image_file(p.name))
         if not files:
-            raise FileNotFoundError(f"--images {src}: no image files ({', '.join(('.png', '.jpg', '...'))}) "
+            raise MissingFileError(f"--images {src}: no image files ({', '.join(('.png', '.jpg', '...'))}) "
                                     "in this folder or below")
         return files
     if not src.is_file():
-        raise FileNotFoundError(f"--images {src}: no such folder or list file")
+        raise MissingFileError(f"--images {src}: no such folder or list file")
     if is_image_file(src.name):
         return [str(src)]
     paths = []
@@ -120,7 +121,7 @@ def list_images(source: str | os.PathLike) -> list[str]:
             path = first if os.path.isabs(first) else str(src.parent / first)
         paths.append(path)
     if not paths:
-        raise FileNotFoundError(f"--images {src}: the list file names no images")
+        raise MissingFileError(f"--images {src}: the list file names no images")
     return paths
 
 
@@ -185,7 +186,7 @@ class PredictionTable:
 def predict_checkpoint(checkpoint: str | os.PathLike, images: str | os.PathLike, tta: str = "none",
                        merge: str = "mean", device: str = "auto", batch_size: int = 64, workers: int = -1,
                        weights: str = "auto", amp: str = "none", progress: bool = True) -> PredictionTable:
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
     from .engine.runtime import default_workers, resolve_amp, resolve_device
 
     loaded = model_from_checkpoint(checkpoint, weights)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data.transforms import PreprocessSpec, hwc_to_chw, resize_uint8, resized_shape
+from .errors import UserError
 
 CROPS = ("center", "top_left", "top_right", "bottom_left", "bottom_right")
 FLIPS = ("none", "h", "v", "hv")
@@ -27,7 +28,7 @@ MERGES = ("mean", "max", "vote")
 NAMED = ("none", "hflip", "vflip", "hvflip", "five-crop", "ten-crop", "multiscale:S1,S2,...")
 
 
-class TTAError(ValueError):
+class TTAError(UserError):
     pass
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Normalize, decode_image, eval_transform
+from .errors import UnknownNameError, UserError
 
 # family -> (module whose output is the last spatial feature map before global pooling,
 #            pattern of the stage outputs to fall back on when that map is too coarse)
@@ -43,7 +44,7 @@ NO_DEFAULT_CAM = {"vit", "swin"}
 MIN_CAM_SIZE = 4  # a map smaller than 4x4 carries (almost) no spatial information
 
 
-class LayerError(KeyError):
+class LayerError(UnknownNameError):
     def __str__(self) -> str:
         return self.args[0]
 
@@ -136,7 +137,7 @@ def grad_cam(model: torch.nn.Module, x: torch.Tensor, layer: str, class_index: i
             k = logits.shape[1]
             idx = int(logits.argmax(1)) if class_index is None else int(class_index)
             if not 0 <= idx < k:
-                raise ValueError(f"class index {idx} is out of range for {k} classes")
+                raise UserError(f"class index {idx} is out of range for {k} classes")
             logits[0, idx].backward()
     finally:
         handle.remove()
@@ -210,7 +211,7 @@ def visualize_image(checkpoint: str | os.PathLike, image: str | os.PathLike, out
                     layers: list[str] | None = None, cam: bool = True, cam_layer: str | None = None,
                     cam_class: str | None = None, max_channels: int = 32) -> dict:
     """Write ``<layer>.png`` feature grids and ``gradcam_<class>.png``; return what was written and predicted."""
-    from .checkpoints import model_from_checkpoint
+    from .inference import model_from_checkpoint
 
     loaded = model_from_checkpoint(checkpoint)
     model = loaded.model
@@ -223,7 +224,7 @@ def visualize_image(checkpoint: str | os.PathLike, image: str | os.PathLike, out
         if cam_class in loaded.classes:
             class_index = loaded.classes.index(cam_class)
         else:
-            raise ValueError(f"--cam-class {cam_class!r} is not one of the classes {loaded.classes}")
+            raise UserError(f"--cam-class {cam_class!r} is not one of the classes {loaded.classes}")
     crop = eval_transform(decode_image(image), loaded.preprocess)  # (3, H, W) uint8
     x = Normalize(loaded.preprocess.mean, loaded.preprocess.std)(crop[None])
     out = Path(out_dir)

@@ -1,12 +1,15 @@
 """Tiny trained checkpoints shared by the extras tests (predict, ensemble, distill, features, visualize).
 
 Trained once per session on the tiny_digits fixture (3 classes, 72 training images, 32x32) and
-memoised here, so every test module that asks gets the same files.
+memoised here, so every test module that asks gets the same files. The settings (3 epochs of AdamW at
+1e-3) reach 100% validation top-1 in fp32 and bf16 and on AVX2-only CPUs: with 2 epochs at 2e-3 the
+BatchNorm running statistics had seen too few steps and an fp32 model could collapse to one class.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from conftest import TEST_AMP
 from trainer.config import TrainConfig
 from trainer.engine.train import train
 
@@ -14,12 +17,12 @@ _CACHE: dict[str, Path] = {}
 
 
 def tiny_checkpoint(tmp_path_factory, data: Path, name: str = "r18", **overrides) -> Path:
-    """RUN/best.pt of a 2-epoch run; ``name`` keys the memo (same name, same settings)."""
+    """RUN/best.pt of a 3-epoch run; ``name`` keys the memo (same name, same settings)."""
     if name not in _CACHE:
         out = tmp_path_factory.mktemp(f"run_{name}")
         cfg = dict(data=str(data), out=str(out), model="resnet18", img_size=32, crop_pct=1.0, batch_size=16,
-                   workers=0, hflip=0.0, scale_min=0.8, optimizer="adamw", lr=2e-3, warmup_epochs=0.0, epochs=2, quiet=True,
-                   amp="none", channels_last=False)
+                   workers=0, hflip=0.0, scale_min=0.8, optimizer="adamw", lr=1e-3, warmup_epochs=0.0, epochs=3, quiet=True,
+                   amp=TEST_AMP, channels_last=False)
         cfg.update(overrides)
         train(TrainConfig(**cfg))
         _CACHE[name] = out / "best.pt"

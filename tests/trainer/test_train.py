@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import FAST_TRAIN, REPO, run_cli, write_image
+from conftest import FAST_TRAIN, REPO, TEST_AMP, run_cli, write_image
 from trainer.config import TrainConfig
 from trainer.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint
 from trainer.engine.train import train
@@ -17,7 +17,7 @@ from trainer.engine.train import train
 
 def fast_cfg(data, out, **kw) -> TrainConfig:
     base = dict(data=str(data), out=str(out), model="resnet18", img_size=32, crop_pct=1.0, batch_size=16,
-                workers=0, hflip=0.0, scale_min=0.8, lr=0.05, warmup_epochs=0.5, epochs=2, quiet=True)
+                workers=0, hflip=0.0, scale_min=0.8, lr=0.05, warmup_epochs=0.5, epochs=2, quiet=True, amp=TEST_AMP)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -50,16 +50,20 @@ def test_train_writes_checkpoints_metrics_plots_and_report(tiny_digits, tmp_path
     assert summary["best_top1"] == max(max(r["val_top1"], r["ema_val_top1"]) for r in rows)
 
 
-def test_exact_resume_matches_uninterrupted_run(tiny_digits, tmp_path):
+def test_exact_resume_mid_epoch_whatever_the_worker_count(tiny_digits, tmp_path):
+    """Stopped in the middle of epoch 2 with 2 loader workers, resumed with 1: the metrics and weights
+    equal an uninterrupted run's with none (augmentation is seeded per sample, mixup by the loop)."""
     full = tmp_path / "full"
     train(fast_cfg(tiny_digits, full, epochs=3, deterministic=True, ema=True, mixup=0.2))
     part = tmp_path / "part"
-    steps_per_epoch = 72 // 16 + 1
-    train(fast_cfg(tiny_digits, part, epochs=3, deterministic=True, ema=True, mixup=0.2,
-                   max_steps=steps_per_epoch))
-    assert [r["epoch"] for r in read_jsonl(part / "metrics.jsonl")] == [1]
+    steps_per_epoch = 72 // 16  # the incomplete last batch is dropped
+    train(fast_cfg(tiny_digits, part, epochs=3, deterministic=True, ema=True, mixup=0.2, workers=2,
+                   max_steps=steps_per_epoch + 2))
+    assert [r["epoch"] for r in read_jsonl(part / "metrics.jsonl")] == [1]  # epoch 2 is not marked complete
+    ckpt = load_checkpoint(part / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["batch"] == 2
     # continue through the CLI exactly as a user would after a crash
-    res = run_cli("train", "--resume", str(part), "--max-steps", "0")
+    res = run_cli("train", "--resume", str(part), "--max-steps", "0", "--workers", "1")
     assert res.returncode == 0, res.stderr
     a, b = read_jsonl(full / "metrics.jsonl"), read_jsonl(part / "metrics.jsonl")
     assert [r["epoch"] for r in b] == [1, 2, 3]
@@ -69,6 +73,20 @@ def test_exact_resume_matches_uninterrupted_run(tiny_digits, tmp_path):
     wa = load_checkpoint(full / "last.pt")["model"]
     wb = load_checkpoint(part / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_training_learns_in_fp32_and_in_bf16(tiny_digits, tmp_path, amp):
+    """The fixture recipe learns the digits whatever the precision: fp32 is what every CPU without
+    bf16 (AVX2 only) runs under --amp auto, and the recipe used to collapse to one class there."""
+    from trainer.engine.runtime import cpu_supports_bf16
+
+    if amp == "bf16" and not cpu_supports_bf16():
+        pytest.skip("this CPU has no bf16 support (emulated bf16 would be slow)")
+    summary = train(fast_cfg(tiny_digits, tmp_path / "run", amp=amp, optimizer="adamw", lr=1e-3, warmup_epochs=0.0,
+                             epochs=3, channels_last=False))
+    assert summary["amp"] == ("bfloat16" if amp == "bf16" else "none")
+    assert summary["best_top1"] >= 0.9, summary
 
 
 def test_atomic_checkpoint_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
@@ -139,17 +157,31 @@ def test_cli_errors_are_clear_and_exit_2(tiny_digits, tmp_path):
 
 
 def test_freeze_then_unfreeze_and_class_balance_options(tiny_digits, tmp_path):
+    """Epoch 1 (frozen) leaves the backbone's weights and BatchNorm statistics as pretrained; epoch 2
+    (unfrozen) moves both. A dozen other options ride along and must not break either."""
+    import dataclasses
+
     from trainer.models import create_model
 
     base = create_model("resnet18", 1000, 32)
     torch.save(base.state_dict(), tmp_path / "pre.pth")
-    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=2, pretrained=str(tmp_path / "pre.pth"),
+    cfg = fast_cfg(tiny_digits, tmp_path / "run", epochs=2, pretrained=str(tmp_path / "pre.pth"),
                    freeze_backbone=True, unfreeze_at=1, class_weights="auto", balanced_sampler=True,
                    optimizer="adamw", lr=1e-3, accum_steps=2, clip_grad=1.0, label_smoothing=0.1, cutmix=1.0,
-                   auto_augment="trivialaugment", random_erasing=0.25, scheduler="step", milestones=[1]))
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    # epoch 1 trained only the head, epoch 2 everything: conv1 moved away from the pretrained weights
-    assert not torch.equal(ckpt["model"]["conv1.weight"], base.conv1.weight)
+                   auto_augment="trivialaugment", random_erasing=0.25, scheduler="step", milestones=[1],
+                   max_steps=2)   # 4 batches, 2 per step: epoch 1 exactly
+    train(cfg)
+    frozen = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert frozen["epoch"] == 1
+    backbone = ("conv1.weight", "bn1.running_mean", "bn1.running_var", "layer4.1.bn2.running_var")
+    for k in backbone:
+        assert torch.equal(frozen["model"][k], base.state_dict()[k]), k
+    train(dataclasses.replace(cfg, resume=str(tmp_path / "run"), max_steps=None))
+    thawed = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert thawed["epoch"] == 2
+    for k in backbone:
+        assert not torch.equal(thawed["model"][k], base.state_dict()[k]), k
+    assert thawed["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)  # the step milestone at epoch 1
 
 
 def test_evaluate_cli_json_and_files(tiny_digits, tmp_path):
@@ -167,12 +199,12 @@ def test_evaluate_cli_json_and_files(tiny_digits, tmp_path):
 
 
 def test_existing_run_is_never_overwritten_by_accident(tiny_digits, tmp_path):
-    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1, max_steps=1))
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1))
     before = (tmp_path / "run" / "last.pt").read_bytes()
     res = run_cli("train", "--data", str(tiny_digits), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST_TRAIN)
     assert res.returncode == 2 and "--resume" in res.stderr and "--overwrite" in res.stderr
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
-    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1, max_steps=1, overwrite=True, seed=5))
+    train(fast_cfg(tiny_digits, tmp_path / "run", epochs=1, overwrite=True, seed=5))
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1  # the old run's lines are gone
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import UserError
+
 try:   # optional fast path for JPEG (see the module docstring)
     import simplejpeg
 except ImportError:  # pragma: no cover - a dependency; PIL alone gives the same pixels
@@ -36,7 +38,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 Image.MAX_IMAGE_PIXELS = 16384 * 16384
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError):
     """An image file could not be decoded; the message names the file and the reason."""
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .images import IMAGE_EXTENSIONS, is_image_file
+from ..errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data on disk does not fit what was asked; the message says what and how to fix it."""
 
 

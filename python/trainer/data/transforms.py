@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -53,15 +55,15 @@ class PreprocessSpec:
 
     def __post_init__(self):
         if self.resize_kernel not in RESIZE_KERNELS:
-            raise ValueError(f"resize_kernel must be one of {RESIZE_KERNELS}, got {self.resize_kernel!r}")
+            raise UserError(f"resize_kernel must be one of {RESIZE_KERNELS}, got {self.resize_kernel!r}")
 
     @classmethod
     def for_size(cls, img_size: int, crop_pct: float = 0.875, interpolation: str = "bilinear",
                  mean=IMAGENET_MEAN, std=IMAGENET_STD) -> "PreprocessSpec":
         if not 0.0 < crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+            raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+            raise UserError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
         return cls(crop_size=(img_size, img_size), resize_size=int(math.floor(img_size / crop_pct)),
                    interpolation=interpolation, mean=tuple(mean), std=tuple(std))
 
@@ -80,7 +82,7 @@ class PreprocessSpec:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}")
+            raise UserError(f"unknown preprocessing keys {sorted(unknown)}")
         return cls(**d)
 
 
@@ -105,7 +107,7 @@ def resize_uint8(img: torch.Tensor, out_hw: tuple[int, int], interpolation: str 
             y = F.interpolate(x.float(), size=out_hw, mode=interpolation, antialias=True, align_corners=False)
             x = y.round_().clamp_(0, 255).to(torch.uint8)
         else:
-            raise ValueError(f"resize kernel must be one of {RESIZE_KERNELS}, got {kernel!r}")
+            raise UserError(f"resize kernel must be one of {RESIZE_KERNELS}, got {kernel!r}")
     return x if batched else x.squeeze(0)
 
 
@@ -113,7 +115,7 @@ def center_crop(img: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
     h, w = img.shape[-2:]
     ch, cw = crop_hw
     if ch > h or cw > w:
-        raise ValueError(f"cannot center-crop {ch}x{cw} from a {h}x{w} image")
+        raise UserError(f"cannot center-crop {ch}x{cw} from a {h}x{w} image")
     top = int(round((h - ch) / 2.0))
     left = int(round((w - cw) / 2.0))
     return img[..., top:top + ch, left:left + cw]
@@ -177,7 +179,7 @@ def build_train_transform(cfg: AugmentConfig):
     elif cfg.auto_augment == "trivialaugment":
         ops.append(v2.TrivialAugmentWide(interpolation=interp))
     elif cfg.auto_augment != "none":
-        raise ValueError(f"unknown auto_augment {cfg.auto_augment!r}: use none, randaugment or trivialaugment")
+        raise UserError(f"unknown auto_augment {cfg.auto_augment!r}: use none, randaugment or trivialaugment")
     if cfg.random_erasing > 0:
         ops.append(v2.RandomErasing(p=cfg.random_erasing, value=0))
     return v2.Compose(ops)

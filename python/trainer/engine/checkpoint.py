@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 CHECKPOINT_FORMAT = "shipclassifier.checkpoint/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig, _f
 from .losses import soft_cross_entropy
 from .runtime import autocast
+from ..errors import UserError
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs_t: torch.Tensor, targets: torch.Tensor, alpha: float,
@@ -53,7 +54,7 @@ class DistillConfig(TrainConfig):
     kd_hard: bool = _f(False, "hard-label distillation (DeiT): cross-entropy to the teacher's top-1 instead of KL")
 
 
-class TeacherError(ValueError):
+class TeacherError(UserError):
     pass
 
 
@@ -62,15 +63,15 @@ class Distiller:
 
     def __init__(self, teachers: list[str | os.PathLike], alpha: float = 0.5, temperature: float = 4.0,
                  hard: bool = False):
-        from ..checkpoints import model_from_checkpoint
+        from ..inference import model_from_checkpoint
         from .checkpoint import file_sha256
 
         if not teachers:
             raise TeacherError("give at least one --teacher checkpoint (RUN_DIR/best.pt)")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"--kd-alpha must be in [0, 1], got {alpha}")
+            raise UserError(f"--kd-alpha must be in [0, 1], got {alpha}")
         if temperature <= 0:
-            raise ValueError(f"--kd-temperature must be positive, got {temperature}")
+            raise UserError(f"--kd-temperature must be positive, got {temperature}")
         self.alpha, self.temperature, self.hard = alpha, temperature, hard
         self.models, self.specs, self.records = [], [], []
         for t in teachers:

@@ -41,10 +41,11 @@ def eval_loader(samples, spec: PreprocessSpec, batch_size: int, workers: int, sa
                       persistent_workers=False, pin_memory=False)
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """How many rows have their label among the top k, as a 0-d tensor on the logits' device (no sync)."""
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices
-    return int((top == labels.view(-1, 1)).any(dim=1).sum())
+    return (top == labels.view(-1, 1)).any(dim=1).sum()
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:

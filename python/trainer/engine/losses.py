@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 
 def smooth_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """(N,) int -> (N, K) float: (1 - eps) * one_hot + eps / K."""
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+        raise UserError(f"label smoothing must be in [0, 1), got {smoothing}")
     off = smoothing / num_classes
     t = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
     t.scatter_(1, labels.view(-1, 1), 1.0 - smoothing + off)

@@ -3,30 +3,28 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 
 class EpochProgress:
-    """A tqdm bar on a terminal; nothing per batch otherwise (the epoch summary line still prints)."""
+    """A tqdm bar on a terminal (its text refreshed at log time); nothing per batch otherwise: the loop
+    prints a line every --log-every batches and the epoch summary line."""
 
-    def __init__(self, total_batches: int, epoch: int, epochs: int, enabled: bool = True):
+    def __init__(self, total_batches: int, epoch: int, epochs: int, enabled: bool = True, done: int = 0):
         self.bar = None
-        self.images = 0
-        self.t0 = time.perf_counter()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+            self.bar = tqdm(total=total_batches, initial=done, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                             dynamic_ncols=True)
 
-    def update(self, n_images: int, loss: float, acc: float, lr: float) -> None:
-        self.images += n_images
+    def update(self, batches: int = 1) -> None:
         if self.bar is not None:
-            ips = self.images / max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}",
-                                 refresh=False)
-            self.bar.update(1)
+            self.bar.update(batches)
+
+    def describe(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(line.split("  ", 1)[-1], refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:

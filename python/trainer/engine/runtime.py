@@ -8,15 +8,17 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from ..errors import UserError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N (got {name!r})")
     return dev
 
 
@@ -36,7 +38,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp == "fp16":
-        raise ValueError("--amp fp16 needs CUDA; on CPU use --amp bf16 or none")
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or none")
     if amp == "auto":
         return torch.bfloat16 if cpu_supports_bf16() else None
     return torch.bfloat16

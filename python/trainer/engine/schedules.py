@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..errors import UserError
+
 
 @dataclass
 class LRSchedule:
@@ -25,9 +27,9 @@ class LRSchedule:
 
     def __post_init__(self):
         if self.kind not in ("cosine", "step"):
-            raise ValueError(f"unknown scheduler {self.kind!r}: use cosine or step")
+            raise UserError(f"unknown scheduler {self.kind!r}: use cosine or step")
         if self.total_steps <= 0:
-            raise ValueError("total_steps must be positive")
+            raise UserError("total_steps must be positive")
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:

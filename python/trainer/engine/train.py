@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,18 +21,20 @@ from torch.utils.data import DataLoader
 from ..config import TrainConfig, write_config
 from ..data import (AugmentConfig, DataError, EvalShardSampler, ImageSamples, Normalize, PreprocessSpec,
                     SeededShuffleSampler, build_train_transform, discover_dataset)
+from ..data.dataset import mix_seed, seed_worker
 from ..data.images import decode_all
-from ..data.dataset import seed_worker
+from ..data.index import build_index
+from ..errors import UserError
 from ..models import create_model, get_spec, load_pretrained, set_backbone_trainable
 from .checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from .distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
+from .distributed import DistInfo, barrier, cleanup, gather_objects, init_distributed
 from .ema import ModelEMA
-from .evaluate import topk_correct
-from .losses import balanced_class_weights, smooth_targets, soft_cross_entropy
+from .loop import LoopState, train_epoch, validate
+from .losses import balanced_class_weights
 from .mixing import BatchMixer
 from .observe import EpochProgress, MetricsLog
 from .optim import build_optimizer
-from .runtime import autocast, default_workers, resolve_amp, resolve_device, seed_everything, set_deterministic
+from .runtime import default_workers, resolve_amp, resolve_device, seed_everything, set_deterministic
 from .schedules import LRSchedule
 
 log = logging.getLogger("trainer")
@@ -54,28 +54,52 @@ def _versions() -> dict:
 CACHE_BUDGETS = {"off": 0, "auto": 1 << 30, "on": 1 << 62}
 
 
-def _check_images(splits, cfg: TrainConfig, out: Path, say, is_main: bool = True):
-    """Decode every image once before training; 'error' lists all bad files, 'skip' drops them.
+def _check_images(splits, cfg: TrainConfig, out: Path, say, info: DistInfo):
+    """Check every image's header (cached across runs, split across ranks): 'error' lists all bad
+    files, 'skip' drops them. Pixels are decoded up front only to fill the --cache-images cache.
 
-    Small datasets stay decoded in memory for the whole run (--cache-images). Returns
-    (train samples, val samples, train cache or None, val cache or None).
+    Returns (train samples, val samples, train cache or None, val cache or None).
     """
     samples = splits.train + splits.val
-    cache, bad = decode_all([p for p, _ in samples], CACHE_BUDGETS[cfg.cache_images])
+    paths = [p for p, _ in samples]
+    gather = (lambda obj: gather_objects(obj, info)) if info.enabled else None
+    index = build_index(cfg.data, paths, info.rank, info.world_size, gather)
+    bad = index.bad(paths)
     if bad and cfg.on_bad_image == "error":
         listing = "\n  ".join(bad)
         raise DataError(f"{len(bad)} unreadable image(s); nothing was trained:\n  {listing}\n"
                         "Fix or delete them, or pass --on-bad-image skip to leave them out.")
-    if bad and is_main:
-        (out / "bad_images.txt").write_text("\n".join(bad) + "\n", encoding="utf-8")
-        say(f"skipping {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'})")
+    if bad:
+        _report_bad(bad, out, say, info, "skipping")
     bad_paths = {b.split(": ", 1)[0] for b in bad}
     keep = [i for i, (p, _) in enumerate(samples) if p not in bad_paths]
     n_train = len(splits.train)
     tr = [i for i in keep if i < n_train]
     va = [i for i in keep if i >= n_train]
-    pick = (lambda idx: [cache[i] for i in idx]) if cache is not None else (lambda idx: None)
+    cache = None
+    if index.decoded_bytes([paths[i] for i in keep]) <= CACHE_BUDGETS[cfg.cache_images]:
+        # damaged pixels behind a good header: not cached here, reported by the loop when met
+        cache, _ = decode_all([paths[i] for i in keep], CACHE_BUDGETS[cfg.cache_images])
+    pos = {i: j for j, i in enumerate(keep)}
+
+    def pick(idx):
+        return [cache[pos[i]] for i in idx] if cache is not None else None
+
     return [samples[i] for i in tr], [samples[i] for i in va], pick(tr), pick(va)
+
+
+def _report_bad(bad: list[str], out: Path, say, info: DistInfo, what: str) -> None:
+    if info.is_main:
+        with open(out / "bad_images.txt", "a", encoding="utf-8") as fh:
+            fh.write("\n".join(bad) + "\n")
+    say(f"{what} {len(bad)} unreadable image(s) (listed in {out / 'bad_images.txt'}):\n  " + "\n  ".join(bad[:20])
+        + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""))
+
+
+def _bad_in_epoch(indices: list[int], samples, info: DistInfo) -> list[str]:
+    """Paths of the samples found unreadable during the epoch, from every rank, each once."""
+    found = sorted({i for part in gather_objects(sorted(set(indices)), info) for i in part})
+    return [f"{samples[i][0]}: unreadable image (found while loading)" for i in found]
 
 
 def train(cfg: TrainConfig, distiller=None) -> dict:
@@ -101,6 +125,7 @@ def train(cfg: TrainConfig, distiller=None) -> dict:
 
 
 def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: bool, distiller=None) -> dict:
+    t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_deterministic(cfg.deterministic)
@@ -128,18 +153,22 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     classes = splits.classes
     if resume_ckpt is not None and resume_ckpt["classes"] != classes:
         raise DataError(f"the data's classes {classes} differ from the resumed run's {resume_ckpt['classes']}")
-    train_samples, val_samples, train_cache, val_cache = _check_images(splits, cfg, out, say, info.is_main)
+    train_samples, val_samples, train_cache, val_cache = _check_images(splits, cfg, out, say, info)
     if not val_samples:
         raise DataError("no validation images; add a validation split or pass --val-fraction")
+    per_rank = -(-len(train_samples) // info.world_size)
+    if per_rank < cfg.batch_size:
+        raise DataError(f"--batch-size {cfg.batch_size} is larger than the {per_rank} training images per process: "
+                        "every batch would be incomplete and training drops those; lower --batch-size")
     spec = get_spec(cfg.model)
     pre = PreprocessSpec.for_size(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
     aug = AugmentConfig(cfg.img_size, cfg.scale_min, hflip=cfg.hflip, vflip=cfg.vflip,
                         auto_augment=cfg.auto_augment, random_erasing=cfg.random_erasing,
                         interpolation=cfg.interpolation)
     workers = default_workers(cfg.workers)
-    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug),
-                            skip_bad=cfg.on_bad_image == "skip", cache=train_cache)
-    val_ds = ImageSamples(val_samples, eval_spec=pre, skip_bad=cfg.on_bad_image == "skip", cache=val_cache)
+    train_ds = ImageSamples(train_samples, transform=build_train_transform(aug), mark_bad=True, cache=train_cache,
+                            blank_size=cfg.img_size)
+    val_ds = ImageSamples(val_samples, eval_spec=pre, mark_bad=True, cache=val_cache)
     labels = [lbl for _, lbl in train_samples]
     sample_weights = None
     if cfg.balanced_sampler:
@@ -149,10 +178,13 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                                          weights=sample_weights)
     loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=seed_worker,
                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=False,
-                              **loader_kw)
-    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64),
-                            sampler=EvalShardSampler(len(val_ds), info.rank, info.world_size), **loader_kw)
+    # The loaders draw their worker base seed from their own generator, not the global one, so the
+    # loop's random draws (mixup) are the same whether or not a loader was created mid-epoch (resume).
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, drop_last=True,
+                              generator=torch.Generator().manual_seed(mix_seed(cfg.seed, info.rank, 1)), **loader_kw)
+    val_loader = DataLoader(val_ds, batch_size=max(cfg.batch_size, 64), drop_last=False,
+                            sampler=EvalShardSampler(len(val_ds), info.rank, info.world_size),
+                            generator=torch.Generator().manual_seed(mix_seed(cfg.seed, info.rank, 2)), **loader_kw)
 
     # ---- model
     seed_everything(cfg.seed)
@@ -160,37 +192,48 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
     if cfg.pretrained and resume_ckpt is None:
         report = load_pretrained(model, spec, cfg.pretrained)
         say(f"pretrained {cfg.pretrained}: {report}")
+    if cfg.sync_bn and info.enabled:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm synchronises GPU tensors only); "
+                            "drop it when training on CPUs")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    normalize = Normalize(cfg.mean, cfg.std).to(device)
     amp_dtype = resolve_amp(cfg.amp, device)
     if distiller is not None:
         distiller.prepare(classes, device, cfg, amp_dtype)
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.accum_steps)
+    steps_per_epoch = -(-len(train_loader) // cfg.accum_steps)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.nesterov,
-                                fused=amp_dtype != torch.float16)
+                                amp_dtype=amp_dtype)
     schedule = LRSchedule(cfg.scheduler, cfg.lr, total_steps, int(round(cfg.warmup_epochs * steps_per_epoch)),
                           cfg.warmup_lr, cfg.min_lr, [int(m * steps_per_epoch) for m in cfg.milestones],
                           cfg.gamma)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema else None
-    class_weights = balanced_class_weights(labels, len(classes)).to(device) if cfg.class_weights == "auto" else None
-    mixer = BatchMixer(len(classes), cfg.mixup, cfg.cutmix, cfg.mix_prob)
+    st = LoopState(model=model, net=model, optimizer=optimizer, schedule=schedule,
+                   scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                   mixer=BatchMixer(len(classes), cfg.mixup, cfg.cutmix, cfg.mix_prob),
+                   normalize=Normalize(cfg.mean, cfg.std).to(device), device=device, info=info,
+                   num_classes=len(classes), epochs=cfg.epochs, ema=ModelEMA(model, cfg.ema_decay) if cfg.ema else None,
+                   class_weights=balanced_class_weights(labels, len(classes)).to(device)
+                   if cfg.class_weights == "auto" else None,
+                   amp_dtype=amp_dtype, memory_format=memory_format, accum_steps=cfg.accum_steps,
+                   clip_grad=cfg.clip_grad, label_smoothing=cfg.label_smoothing, max_steps=cfg.max_steps,
+                   log_every=max(cfg.log_every, 1), distiller=distiller)
 
     start_epoch, best, best_epoch, best_source = 0, -1.0, -1, "model"
+    resume_batch = 0
     if resume_ckpt is not None:
         model.load_state_dict(resume_ckpt["model"])
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         schedule.load_state_dict(resume_ckpt["schedule"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        if ema is not None and resume_ckpt.get("ema"):
-            ema.load_state_dict(resume_ckpt["ema"])
+        st.scaler.load_state_dict(resume_ckpt["scaler"])
+        if st.ema is not None and resume_ckpt.get("ema"):
+            st.ema.load_state_dict(resume_ckpt["ema"])
         start_epoch = resume_ckpt["epoch"]
         best, best_epoch = resume_ckpt["best_metric"], resume_ckpt["best_epoch"]
         best_source = resume_ckpt.get("best_source", "model")
-        set_rng_state(resume_ckpt["rng"])
-        say(f"resumed {cfg.resume} at epoch {start_epoch} (step {schedule.step})")
+        resume_batch = (resume_ckpt.get("partial") or {}).get("batch", 0)
+        say(f"resumed {cfg.resume} at epoch {start_epoch + 1}, batch {resume_batch} (step {schedule.step})")
 
     metrics_log = MetricsLog(out, enabled=info.is_main)
     say(f"{cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on {device}"
@@ -198,30 +241,56 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         f"{len(val_samples)} val images ({splits.layout}), amp={amp_dtype}, channels_last={cfg.channels_last}, "
         f"workers={workers}")
 
-    ddp_model = None
     frozen_state = None
     t_train = time.perf_counter()
     epochs_run = 0
     stopped_early = False
-    epoch = start_epoch
+    first_batch_seconds = first_step_seconds = None
+    found_bad: set[str] = set()   # paths that failed to decode during the run: kept out of the final report
     for epoch in range(start_epoch, cfg.epochs):
         frozen = cfg.freeze_backbone and (cfg.unfreeze_at is None or epoch < cfg.unfreeze_at)
         if frozen != frozen_state:
             set_backbone_trainable(model, spec, not frozen)
             frozen_state = frozen
             # DDP records which parameters need gradients when it is built: rebuild on change.
-            ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+            st.net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
                 if info.enabled else model
-        seed_everything(cfg.seed + 1000 * epoch + info.rank)
-        train_sampler.set_epoch(epoch)
-        stats = _train_one_epoch(ddp_model, model, train_loader, optimizer, schedule, scaler, ema, mixer,
-                                 normalize, class_weights, cfg, device, amp_dtype, memory_format, info,
-                                 epoch, quiet, len(classes), distiller)
-        val = _validate(model, val_loader, normalize, device, amp_dtype, memory_format, info, class_weights)
+            if cfg.compile:
+                st.net = torch.compile(st.net)
+        st.start_epoch(epoch)
+        if resume_batch and epoch == start_epoch:
+            # mid-epoch: the sampler skips what was trained; the RNG continues where it stopped
+            part = resume_ckpt["partial"]
+            st.batch, st.elapsed = resume_batch, part["elapsed"]
+            st.totals = part["totals"].to(device)
+            set_rng_state(resume_ckpt["rng"])
+            train_sampler.set_epoch(epoch, skip=resume_batch * cfg.batch_size)
+        else:
+            seed_everything(mix_seed(cfg.seed, epoch, info.rank))
+            train_sampler.set_epoch(epoch)
+        stats = train_epoch(st, train_loader, say, quiet)
+        if first_step_seconds is None and st.first_step_at is not None:
+            first_batch_seconds = round(st.first_batch_at - t_start, 3)
+            first_step_seconds = round(st.first_step_at - t_start, 3)
+        bad = _bad_in_epoch(st.bad, train_samples, info)
+        if not stats.pop("complete"):
+            if info.is_main:
+                ckpt = _checkpoint(cfg, st, epoch, best, best_epoch, best_source, classes, pre, None, splits.layout)
+                ckpt["partial"] = {"batch": st.batch, "totals": st.totals.cpu(), "elapsed": st.elapsed}
+                atomic_save(ckpt, out / "last.pt")
+            say(f"stopped at step {schedule.step} (--max-steps), batch {st.batch} of epoch {epoch + 1}; "
+                f"--resume {out} continues from there")
+            barrier(info)
+            _raise_if_bad(bad, cfg, out, say, info)
+            break
+        val = validate(model, val_loader, st, st.class_weights)
+        bad += _bad_in_epoch(val.pop("bad"), val_samples, info)
+        found_bad.update(b.split(": ", 1)[0] for b in bad)
         record = {"epoch": epoch + 1, **stats, **{f"val_{k}": v for k, v in val.items()}}
         candidates = {"model": val["top1"]}
-        if ema is not None:
-            ema_val = _validate(ema.module, val_loader, normalize, device, amp_dtype, memory_format, info, None)
+        if st.ema is not None:
+            ema_val = validate(st.ema.module, val_loader, st, st.class_weights)
+            ema_val.pop("bad")
             record.update({f"ema_val_{k}": v for k, v in ema_val.items()})
             candidates["ema"] = ema_val["top1"]
         source, metric = max(candidates.items(), key=lambda kv: (kv[1], kv[0] == "model"))
@@ -231,14 +300,14 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
         record.update(best_top1=best, best_epoch=best_epoch, time=time.time())
         metrics_log.write(record)
         epochs_run += 1
-        say(EpochProgress.summary_line(record, cfg.epochs, ema is not None))
+        say(EpochProgress.summary_line(record, cfg.epochs, st.ema is not None))
         if info.is_main:
-            ckpt = _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch + 1, best, best_epoch,
-                               best_source, classes, pre, record, splits.layout, distiller)
+            ckpt = _checkpoint(cfg, st, epoch + 1, best, best_epoch, best_source, classes, pre, record, splits.layout)
             atomic_save(ckpt, out / "last.pt")
             if improved:
                 _link_or_copy(out / "last.pt", out / "best.pt")
         barrier(info)
+        _raise_if_bad(bad, cfg, out, say, info)
         if cfg.patience is not None and epoch + 1 - best_epoch >= cfg.patience:
             say(f"early stop: no better validation top-1 for {cfg.patience} epoch(s)")
             stopped_early = True
@@ -252,17 +321,31 @@ def _train(cfg: TrainConfig, device: torch.device, info: DistInfo, say, quiet: b
                "train_seconds": round(train_seconds, 2), "run_dir": str(out),
                "best_checkpoint": str(out / "best.pt"), "last_checkpoint": str(out / "last.pt"),
                "world_size": info.world_size, "device": str(device),
-               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none"}
-    if info.is_main and epochs_run:
+               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+               "first_batch_seconds": first_batch_seconds, "first_step_seconds": first_step_seconds}
+    if info.is_main and epochs_run and (out / "best.pt").exists():
         metrics_log.finish()
-        from ..evaluate_cli import evaluate_checkpoint
+        from ..evaluation import evaluate_checkpoint
 
-        report = evaluate_checkpoint(out / "best.pt", samples=val_samples, out_dir=out / "report",
+        report = evaluate_checkpoint(out / "best.pt", samples=[s for s in val_samples if s[0] not in found_bad],
+                                     out_dir=out / "report",
                                      device=device, batch_size=max(cfg.batch_size, 64), workers=workers)
         summary["report"] = {"top1": report["top1"], "top5": report["top5"], "macro_f1": report["macro_f1"],
                              "dir": str(out / "report")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def _raise_if_bad(bad: list[str], cfg: TrainConfig, out: Path, say, info: DistInfo) -> None:
+    """Images whose pixels failed to decode this epoch: listed (and, with 'error', training stops)."""
+    if not bad:
+        return
+    if cfg.on_bad_image == "error":
+        _report_bad(bad, out, lambda msg: None, info, "found")
+        raise DataError(f"{len(bad)} image(s) could not be decoded during the epoch (their headers were fine); the "
+                        f"epoch's checkpoint is saved:\n  " + "\n  ".join(bad) + "\nFix or delete them and continue "
+                        f"with --resume {out}, or add --on-bad-image skip to leave them out.")
+    _report_bad(bad, out, say, info, "left out")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -278,110 +361,31 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _checkpoint(cfg, model, optimizer, schedule, scaler, ema, epoch, best, best_epoch, best_source, classes,
-                pre, record, layout, distiller=None) -> dict:
+def _checkpoint(cfg: TrainConfig, st: LoopState, epoch: int, best: float, best_epoch: int, best_source: str,
+                classes: list[str], pre: PreprocessSpec, record: dict | None, layout: str) -> dict:
+    """``epoch``: epochs completed (a mid-epoch stop adds ``partial`` to the result)."""
     return {
-        "distill": distiller.describe() if distiller is not None else None,
+        "distill": st.distiller.describe() if st.distiller is not None else None,
         "format": CHECKPOINT_FORMAT,
         "arch": cfg.model,
         "num_classes": len(classes),
         "classes": list(classes),
         "preprocess": pre.to_dict(),
         "config": cfg.to_dict(),
-        "model": model.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
-        "scaler": scaler.state_dict(),
+        "model": st.model.state_dict(),
+        "ema": st.ema.state_dict() if st.ema is not None else None,
+        "optimizer": st.optimizer.state_dict(),
+        "schedule": st.schedule.state_dict(),
+        "scaler": st.scaler.state_dict(),
         "epoch": epoch,
-        "step": schedule.step,
+        "step": st.schedule.step,
         "best_metric": best,
         "best_epoch": best_epoch,
         "best_source": best_source,
         "metrics": record,
+        "partial": None,
         "data_layout": layout,
         "rng": rng_state(),
         "versions": _versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _train_one_epoch(ddp_model, model, loader, optimizer, schedule, scaler, ema, mixer, normalize,
-                     class_weights, cfg, device, amp_dtype, memory_format, info, epoch, quiet, num_classes,
-                     distiller=None):
-    ddp_model.train()
-    progress = EpochProgress(len(loader), epoch, cfg.epochs, enabled=not quiet)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    correct = seen = 0
-    t0 = time.perf_counter()
-    accum = cfg.accum_steps
-    optimizer.zero_grad(set_to_none=True)
-    n_batches = len(loader)
-    lr = schedule.apply(optimizer)
-    for i, (x, y) in enumerate(loader):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        x = normalize(x).contiguous(memory_format=memory_format)
-        targets = smooth_targets(y, num_classes, cfg.label_smoothing)
-        x, targets = mixer(x, targets)
-        last_in_step = (i + 1) % accum == 0 or i + 1 == n_batches
-        sync_ctx = ddp_model.no_sync() if (info.enabled and not last_in_step) else nullcontext()
-        with sync_ctx:
-            with autocast(device, amp_dtype):
-                logits = ddp_model(x)
-            if distiller is None:
-                loss = soft_cross_entropy(logits, targets, class_weights)
-            else:
-                loss = distiller.loss(logits, targets, x, class_weights)
-            scaler.scale(loss / accum).backward()
-        if last_in_step:
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            schedule.advance()
-            lr = schedule.apply(optimizer)
-        with torch.no_grad():
-            loss_sum += loss.detach().double().cpu() * y.shape[0]
-            correct += int((logits.argmax(1) == y).sum())
-            seen += y.shape[0]
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}, batch {i + 1}; lower --lr "
-                                     "or enable --clip-grad")
-        progress.update(y.shape[0], float(loss.detach()), correct / max(seen, 1), lr)
-        if cfg.max_steps and schedule.step >= cfg.max_steps:
-            break
-    elapsed = time.perf_counter() - t0
-    totals = all_reduce_sum(torch.tensor([float(loss_sum), correct, seen], dtype=torch.float64), info)
-    progress.close()
-    return {"train_loss": float(totals[0] / max(totals[2], 1)), "train_top1": float(totals[1] / max(totals[2], 1)),
-            "lr": lr, "images_per_sec": float(totals[2]) / elapsed, "epoch_seconds": elapsed}
-
-
-@torch.no_grad()
-def _validate(model, loader, normalize, device, amp_dtype, memory_format, info, class_weights) -> dict:
-    model.eval()
-    loss_sum = 0.0
-    c1 = c5 = n = 0
-    k = None
-    for x, y in loader:
-        x = normalize(x.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-        y = torch.as_tensor(y).to(device)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
-        k = logits.shape[1]
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        c1 += topk_correct(logits, y, 1)
-        c5 += topk_correct(logits, y, 5)
-        n += y.shape[0]
-    totals = all_reduce_sum(torch.tensor([loss_sum, c1, c5, n], dtype=torch.float64), info)
-    count = max(float(totals[3]), 1.0)
-    out = {"loss": float(totals[0]) / count, "top1": float(totals[1]) / count, "count": int(totals[3])}
-    if k is not None and k > 5:
-        out["top5"] = float(totals[2]) / count
-    return out

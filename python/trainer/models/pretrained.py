@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import MissingFileError
 from .registry import ModelSpec, head_prefix
 from .weights import WeightsError, is_weights_name, resolve_weights
 
@@ -32,8 +33,8 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict from a plain ``torch.save(state_dict)`` file or one of our checkpoints."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights '{path}' not found; give a local file, or a weights name "
-                                "such as 'imagenet' (downloaded once into the library's cache)")
+        raise MissingFileError(f"pretrained weights '{path}' not found; give a local file, or a weights name "
+                               "such as 'imagenet' (downloaded once into the library's cache)")
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..errors import UnknownNameError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -51,9 +53,9 @@ def get_spec(name: str) -> ModelSpec:
     for prefix, factory in _PREFIXES.items():
         if name.startswith(prefix):
             return register_model(factory(name))
-    raise KeyError(f"unknown model {name!r}; 'python -m trainer models' lists the "
-                   f"{len(_REGISTRY)} available: {', '.join(sorted(_REGISTRY))}"
-                   + "".join(f"; or any {p}<name>" for p in _PREFIXES))
+    raise UnknownNameError(f"unknown model {name!r}; 'python -m trainer models' lists the "
+                           f"{len(_REGISTRY)} available: {', '.join(sorted(_REGISTRY))}"
+                           + "".join(f"; or any {p}<name>" for p in _PREFIXES))
 
 
 def list_models() -> list[ModelSpec]:

@@ -12,6 +12,7 @@ from functools import partial
 
 from torch import nn
 
+from ..errors import UnknownNameError
 from .registry import ModelSpec
 
 TIMM_PREFIX = "timm/"
@@ -22,7 +23,7 @@ def import_timm():
     try:
         import timm
     except ImportError:
-        raise KeyError(f"timm models need the timm package: {INSTALL_HINT}") from None
+        raise UnknownNameError(f"timm models need the timm package: {INSTALL_HINT}") from None
     return timm
 
 
@@ -38,7 +39,7 @@ def pretrained_cfg(name: str) -> dict:
     arch, tag = split_model_name_tag(timm_name(name))
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0][:6]}*")[:12]
-        raise KeyError(f"unknown timm model {arch!r}; similar names: {', '.join(close) or '-'} "
+        raise UnknownNameError(f"unknown timm model {arch!r}; similar names: {', '.join(close) or '-'} "
                        "(timm.list_models() lists them all)")
     try:
         cfg = get_pretrained_cfg(f"{arch}.{tag}" if tag else arch, allow_unregistered=False)
@@ -46,7 +47,7 @@ def pretrained_cfg(name: str) -> dict:
         cfg = None
     if cfg is None:
         tags = timm.list_pretrained(f"{arch}.*")
-        raise KeyError(f"timm model {arch!r} has no weights tagged {tag!r}; known: {', '.join(tags) or 'none'}")
+        raise UnknownNameError(f"timm model {arch!r} has no weights tagged {tag!r}; known: {', '.join(tags) or 'none'}")
     return {**cfg.to_dict(), "name": f"{arch}.{cfg.tag}" if cfg.tag else arch}
 
 
@@ -60,7 +61,7 @@ def timm_spec(name: str) -> ModelSpec:
     cfg = pretrained_cfg(name)
     head = cfg.get("classifier")
     if not isinstance(head, str):  # e.g. distilled models with two heads
-        raise KeyError(f"{name}: timm reports classifier {head!r}; only models with one linear head are supported")
+        raise UnknownNameError(f"{name}: timm reports classifier {head!r}; only models with one linear head are supported")
     fixed = bool(cfg.get("fixed_input_size"))
     multiple = 1
     if fixed:  # the patch size, read from a model on the meta device (no memory, no init cost)

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from ..errors import UserError
 from .registry import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,7 +31,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Pretrained weights that cannot be used (base of the mismatch and unavailable errors)."""
 
 
