@@ -68,7 +68,10 @@ def test_bytes_array_and_files_agree(native, bundle_a, eval_images):
     same_size = [p for p in eval_images if decode_image(p).shape == decode_image(eval_images[0]).shape]
     arr = np.stack([decode_image(p) for p in same_size])  # (N, H, W, 3)
     by_array = np.stack([r["probs"] for r in rt.predict_array(arr)])
-    assert np.array_equal(by_array, by_file[:len(same_size)])
+    # the same pixels (decoding is compared exactly above and in test_preprocess.py), but a batch of
+    # len(same_size) rows instead of all of them: the convolution kernels may block the rows differently,
+    # which moves probabilities by ~1e-11 here; anything near TOL would be a real difference
+    assert np.abs(by_array - by_file[:len(same_size)]).max() <= 1e-7
 
 
 def test_one_bad_image_does_not_spoil_the_batch(native, bundle_a, eval_images, tmp_path):

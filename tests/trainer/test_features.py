@@ -12,7 +12,8 @@ from trainer.features import (FeaturesError, build_pipeline, extract_features, p
 from trainer.models import create_model, get_spec, list_models, num_features
 
 ONE_PER_FAMILY = ["resnet18", "resnext50_32x4d", "densenet121", "mobilenet_v2", "mobilenet_v3_small",
-                  "efficientnet_b0", "efficientnet-b0"]
+                  "efficientnet_b0", "efficientnet-b0", "efficientnet_v2_s", "regnet_y_400mf", "convnext_tiny",
+                  "swin_t", "vit_b_16"]
 
 
 @pytest.fixture(scope="module")
