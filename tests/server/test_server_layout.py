@@ -32,8 +32,8 @@ def test_split_when_side_by_side_single_thread_calls_are_faster():
 
 
 def test_split_within_the_margin_and_pooled_below_it():
-    assert values(choose_layout(AUTO, 4, timings(split=96, pooled=100))) == (4, 1, 4, 8)
-    assert values(choose_layout(AUTO, 4, timings(split=90, pooled=100))) == (1, 4, 0, 32)
+    assert values(choose_layout(AUTO, 4, timings(split=81, pooled=100))) == (4, 1, 4, 8)
+    assert values(choose_layout(AUTO, 4, timings(split=79, pooled=100))) == (1, 4, 0, 32)
 
 
 def test_no_solo_session_when_every_core_is_no_faster_at_batch_1():
