@@ -18,7 +18,7 @@ import server.worker
 from server.batching import Job
 from server.redis_front import redact_url
 from server.redisq import GROUP, LEAVE_SCRIPT, Keys, bundle_checksum, encode_job, stream_id_key
-from server_fixtures import free_port, make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
+from server_fixtures import digits_bundle, free_port, make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
 from test_server_redis import Workers, fake_heartbeat, front, want
 
 KEYS = Keys()
@@ -299,3 +299,15 @@ def test_consumers_are_removed_only_when_they_hold_nothing(redis_url, redis_proc
         assert "holder" in names()
     finally:
         w.close()
+
+
+def test_the_front_start_up_line_hides_the_password(digits_bundle, capsys, monkeypatch):
+    import server.serving
+    from server.__main__ import config_from_args
+
+    monkeypatch.setattr(server.serving, "one_torch_thread", lambda: None)   # process-wide settings: not here
+    monkeypatch.setattr(server.serving, "setup_logging", lambda *a: None)
+    cfg, a = config_from_args(["--bundle", str(digits_bundle), "--redis-url", "redis://:s3cret@127.0.0.1:1/0"])
+    server.serving.build_app(cfg, a)   # a Redis front connects lazily: nothing listens there, nothing is asked
+    out = capsys.readouterr().out
+    assert "(redis redis://:***@127.0.0.1:1/0)" in out and "s3cret" not in out
