@@ -38,7 +38,12 @@ def _spec_from_manifest(manifest: dict, root: Path) -> PreprocessSpec:
 
     if manifest.get("kind") != "ensemble":
         return preprocess_spec(manifest)
-    specs = [_spec_from_manifest(_manifest(root / m["path"]), root / m["path"]) for m in manifest["members"]]
+    members = [(_manifest(root / m["path"]), root / m["path"]) for m in manifest["members"]]
+    for member, where in members:   # the Redis front reads only manifests: the same refusal as load_bundle
+        if member["kind"] != "model":
+            raise ModelLoadError(f"{where}: an ensemble member is itself an ensemble; nested ensembles are not "
+                                 "supported: list the inner ensemble's members in the outer one")
+    specs = [preprocess_spec(member) for member, _ in members]
     if not specs:
         raise ModelLoadError(f"{root}: ensemble bundle lists no members")
     if any(s.to_dict() != specs[0].to_dict() for s in specs[1:]):

@@ -311,6 +311,9 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
             if want and manifest_path(sub).is_file() and file_sha256(manifest_path(sub)) != want:
                 raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
                                   "was modified: rebuild the ensemble")
+            if read_manifest(sub)["kind"] != "model":
+                raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
+                                  "supported: list the inner ensemble's members in the outer one")
             member = load_bundle(sub, backend, tta, threads, device)
             if member.classes != manifest["classes"]:
                 raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from trainer.engine.checkpoint import file_sha256  # noqa: F401 - one implementation, re-exported for readers
 
@@ -75,12 +75,25 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def member_path_ok(path) -> bool:
+    """An ensemble member's folder: a relative path inside the ensemble bundle. An absolute path or
+    one with '..' would read outside it, and '.' or '' is the ensemble itself (endless recursion)."""
+    if not isinstance(path, str) or "\\" in path:
+        return False
+    p = PurePosixPath(path)
+    parts = [x for x in p.parts if x != "."]
+    return not p.is_absolute() and bool(parts) and ".." not in parts
+
+
 def manifest_path(bundle: str | os.PathLike) -> Path:
     p = Path(bundle)
     return p if p.name == MANIFEST_NAME and p.is_file() else p / MANIFEST_NAME
 
 
 def _require(d: dict, keys, where: str) -> None:
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}; the manifest was edited by "
+                          "hand or written by another tool: re-export it with 'python -m export'")
     missing = [k for k in keys if k not in d]
     if missing:
         raise BundleError(f"{where}: missing required key(s) {missing}; the bundle is incomplete or was written "
@@ -111,12 +124,22 @@ def validate_manifest(m: dict, where: str = MANIFEST_NAME) -> dict:
     if kind == "ensemble":
         if m["fusion"] not in FUSIONS:
             raise BundleError(f"{where}: unknown fusion {m['fusion']!r}; use one of {FUSIONS}")
-        if not m["members"]:
-            raise BundleError(f"{where}: an ensemble needs at least one member")
+        if not isinstance(m["members"], list) or not m["members"]:
+            raise BundleError(f"{where}: an ensemble needs a non-empty list of members")
         for i, mem in enumerate(m["members"]):
             _require(mem, ("name", "path", "weight"), f"{where}: members[{i}]")
+            if not member_path_ok(mem["path"]):
+                raise BundleError(f"{where}: members[{i}].path must be a relative folder inside the ensemble "
+                                  f"bundle (not absolute, no '..', not the bundle itself), got {mem['path']!r}; "
+                                  "rebuild it with 'python -m export ensemble'")
+            weight = mem["weight"]
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+                raise BundleError(f"{where}: members[{i}].weight must be a non-negative number, got {weight!r}")
         return m
     _require(m["preprocessing"], PREPROCESSING_KEYS, f"{where}: preprocessing")
+    _require(m["output"], (), f"{where}: output")
+    if not isinstance(m["artifacts"], dict):
+        raise BundleError(f"{where}: 'artifacts' must be an object of artifact entries by key")
     if not isinstance(m["max_batch"], int) or m["max_batch"] < 1:
         raise BundleError(f"{where}: max_batch must be a positive integer")
     if m["output"].get("shape", [None, None])[-1] != len(classes):

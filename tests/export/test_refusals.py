@@ -177,3 +177,67 @@ def test_parity_failure_aborts_and_leaves_nothing(small, tmp_path, monkeypatch, 
 def test_tta_and_classes_of_small_bundle(small):
     bundle = export.load_bundle(small[1], backend="onnxruntime", tta="five-crop")
     assert bundle.classes == TINY_CLASSES and len(bundle.views) == 5
+
+
+@pytest.fixture
+def ensemble_copy(small, bundle_copy, tmp_path) -> Path:
+    code, _ = export_cli("ensemble", "--members", small[1], bundle_copy, "--out", tmp_path / "ens")
+    assert code == 0
+    return tmp_path / "ens"
+
+
+def _edit_member(ensemble: Path, **changes) -> None:
+    m = json.loads((ensemble / "manifest.json").read_text())
+    m["members"][0].update(changes)
+    m["members"][0].pop("manifest_sha256", None)
+    (ensemble / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("path", [".", "", "./", "/etc", "../copy", "members/../..", "members\\a", 7])
+def test_an_ensemble_member_path_outside_the_bundle_is_refused(ensemble_copy, path):
+    # '.' recursed until RecursionError; absolute and '..' paths read outside the bundle
+    _edit_member(ensemble_copy, path=path)
+    with pytest.raises(export.BundleError, match="must be a relative folder inside the ensemble bundle"):
+        export.load_bundle(ensemble_copy)
+
+
+def test_a_nested_ensemble_is_refused_by_the_loader_and_the_server(ensemble_copy, tmp_path):
+    from server.models import load_served_model
+
+    inner = ensemble_copy / "members" / "nested"
+    shutil.copytree(ensemble_copy, tmp_path / "inner")
+    shutil.move(tmp_path / "inner", inner)
+    _edit_member(ensemble_copy, path="members/nested")
+    with pytest.raises(export.BundleError, match="nested ensembles are not supported"):
+        export.load_bundle(ensemble_copy)
+    with pytest.raises(ValueError, match="nested ensembles are not supported"):   # a Redis front reads manifests only
+        load_served_model(ensemble_copy, with_weights=False)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"artifacts": ["model.ts"]}, "'artifacts' must be an object"),
+    ({"preprocessing": [224]}, "preprocessing: expected a JSON object, got list"),
+    ({"output": "probs"}, "output: expected a JSON object, got str"),
+])
+def test_wrong_value_types_are_a_bundle_error_not_a_crash(bundle_copy, change, words):
+    # these raised AttributeError / TypeError before
+    _edit_manifest(bundle_copy, **change)
+    with pytest.raises(export.BundleError, match=words):
+        export.load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("members, words", [
+    ("members", "non-empty list of members"),
+    ([["a", "b"]], r"members\[0\]: expected a JSON object"),
+])
+def test_wrong_member_types_are_a_bundle_error(ensemble_copy, members, words):
+    _edit_manifest(ensemble_copy, members=members)
+    with pytest.raises(export.BundleError, match=words):
+        export.load_bundle(ensemble_copy)
+
+
+@pytest.mark.parametrize("weight", ["heavy", -1, True, float("inf")])
+def test_a_member_weight_that_is_not_a_non_negative_number_is_refused(ensemble_copy, weight):
+    _edit_member(ensemble_copy, weight=weight)
+    with pytest.raises(export.BundleError, match="weight must be a non-negative number"):
+        export.load_bundle(ensemble_copy)
