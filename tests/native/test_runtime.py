@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,3 +175,35 @@ def test_tta_merge_rules_match_python(native, bundle_a, eval_images, tmp_path, m
     rt = native.Runtime(str(copy), format="torchscript", tta="five-crop", threads=1)
     assert rt.merge == merge
     assert np.abs(native_probs(rt, eval_images[:6]) - ref.probs).max() <= TOL
+
+
+def _ensemble_with_member(ensembles, tmp_path, **changes) -> Path:
+    ens = tmp_path / "ens"
+    shutil.copytree(ensembles["mean"], ens)
+    m = json.loads((ens / "manifest.json").read_text())
+    m["members"][0].update(changes)
+    m["members"][0].pop("manifest_sha256", None)
+    (ens / "manifest.json").write_text(json.dumps(m))
+    return ens
+
+
+# the same refusals as the Python loader (tests/export/test_refusals.py): '.' overflowed the stack
+@pytest.mark.parametrize("path", [".", "", "/etc", "../x", "members/../..", "members\\a"])
+def test_an_ensemble_member_path_outside_the_bundle_is_refused(native, ensembles, tmp_path, path):
+    ens = _ensemble_with_member(ensembles, tmp_path, path=path)
+    with pytest.raises(native.BundleError, match="relative folder inside the ensemble bundle"):
+        native.Runtime(str(ens), threads=1)
+
+
+def test_a_nested_ensemble_is_refused(native, ensembles, tmp_path):
+    ens = _ensemble_with_member(ensembles, tmp_path, path="members/nested")
+    shutil.copytree(ensembles["vote"], ens / "members" / "nested")
+    with pytest.raises(native.BundleError, match="nested ensembles are not supported"):
+        native.Runtime(str(ens), threads=1)
+
+
+@pytest.mark.parametrize("weight", ["heavy", -1, True])
+def test_a_member_weight_that_is_not_a_non_negative_number_is_refused(native, ensembles, tmp_path, weight):
+    ens = _ensemble_with_member(ensembles, tmp_path, weight=weight)
+    with pytest.raises(native.BundleError, match="weight"):
+        native.Runtime(str(ens), threads=1)

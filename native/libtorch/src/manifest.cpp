@@ -1,6 +1,7 @@
 // manifest.json reader (schema_version 1, docs/BUNDLE.md; python/export/manifest.py is the Python
 // twin) and artifact checksums (OpenSSL's SHA-256).
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -35,6 +36,22 @@ T get(const json& obj, const char* key, const std::string& where) {
   } catch (const json::exception& e) {
     fail(where, std::string("key '") + key + "' has the wrong type (" + e.what() + ")");
   }
+}
+
+// An ensemble member's folder: a relative path inside the ensemble bundle (export.manifest.member_path_ok
+// is the same rule). An absolute path or one with '..' would read outside it, and '.' or '' is the
+// ensemble itself: read_bundle would recurse until the stack overflows.
+bool member_path_ok(const std::string& p) {
+  if (p.find('\\') != std::string::npos) return false;
+  const fs::path path(p);
+  if (path.is_absolute()) return false;
+  bool named = false;
+  for (const fs::path& part : path) {
+    const std::string s = part.string();
+    if (s == "..") return false;
+    if (!s.empty() && s != ".") named = true;
+  }
+  return named;
 }
 
 std::vector<View> parse_views(const json& tta, const std::string& where) {
@@ -131,8 +148,15 @@ Bundle read_bundle(const std::string& dir_in) {
     for (const json& mem : members) {
       Member member;
       member.name = get<std::string>(mem, "name", where);
+      if (!need(mem, "weight", where).is_number() || !(get<double>(mem, "weight", where) >= 0) ||
+          std::isinf(get<double>(mem, "weight", where)))
+        fail(where, "member weight must be a non-negative number");
       member.weight = get<double>(mem, "weight", where);
-      std::string sub = (dir / get<std::string>(mem, "path", where)).string();
+      const std::string rel = get<std::string>(mem, "path", where);
+      if (!member_path_ok(rel))
+        fail(where, "member path must be a relative folder inside the ensemble bundle (not absolute, no '..', "
+                    "not the bundle itself), got '" + rel + "'; rebuild it with 'python -m export ensemble'");
+      std::string sub = (dir / rel).string();
       if (mem.contains("manifest_sha256") && mem["manifest_sha256"].is_string()) {
         std::string sub_manifest = sub + "/manifest.json";
         if (fs::is_regular_file(sub_manifest) && file_sha256(sub_manifest) != mem["manifest_sha256"].get<std::string>())
@@ -140,6 +164,9 @@ Bundle read_bundle(const std::string& dir_in) {
                             "rebuild the ensemble with 'python -m export ensemble'");
       }
       member.bundle = read_bundle(sub);
+      if (member.bundle.kind != "model")
+        throw BundleError(member.bundle.manifest_path + ": an ensemble member is itself an ensemble; nested ensembles "
+                          "are not supported: list the inner ensemble's members in the outer one");
       if (member.bundle.classes != b.classes)
         throw BundleError(member.bundle.manifest_path + ": member '" + member.name +
                           "' has different classes from the ensemble; ensemble only models trained on the same classes");
