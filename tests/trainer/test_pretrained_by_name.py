@@ -162,19 +162,26 @@ def test_vit_position_embeddings_resampled_to_the_input_size(hub):
     assert report.skipped == ["heads.head.bias", "heads.head.weight"]
 
 
-def test_timm_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
+def hf_cache(tmp_path, monkeypatch, download):
+    """A Hugging Face hub cache in tmp_path/hf, with ``download`` standing in for hf_hub_download."""
     pytest.importorskip("timm")
     import huggingface_hub
     from huggingface_hub import constants
-    from safetensors.torch import save_file
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    return tmp_path / "hf"
+
+
+def test_timm_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
     def no_download(*a, **k):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    cache = hf_cache(tmp_path, monkeypatch, no_download)
+    from safetensors.torch import save_file
+
     src = create_model("timm/test_vit", 1000, 160)  # the weights' own size: 10x10 patches
-    repo = tmp_path / "hf" / "models--timm--test_vit.r160_in1k"
+    repo = cache / "models--timm--test_vit.r160_in1k"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0123abc")
     (repo / "snapshots" / "0123abc").mkdir(parents=True)
@@ -189,15 +196,10 @@ def test_timm_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
 
 
 def test_timm_weights_missing_offline_name_the_url(tmp_path, monkeypatch):
-    pytest.importorskip("timm")
-    import huggingface_hub
-    from huggingface_hub import constants
-
     def unreachable(*a, **k):
         raise OSError("offline")
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    hf_cache(tmp_path, monkeypatch, unreachable)
     with pytest.raises(WeightsUnavailableError, match="https://huggingface.co/timm/test_vit.r160_in1k/resolve/main/"
                        "model.safetensors"):
         load_pretrained(create_model("timm/test_vit", 3, 32), get_spec("timm/test_vit"), "imagenet")
