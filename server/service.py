@@ -31,6 +31,7 @@ class EmbeddedDispatcher:
                                     cfg.max_queue, combine=m.combine, runners=layouts[m.name].runners,
                                     solo=m.predict_solo, max_queue_rows=cfg.max_queue_rows)
             for m in models}
+        self._execution = {m.name: m.execution() for m in models}
 
     def infer(self, job: Job) -> BatchResult:
         return self.batchers[job.model].infer(job)
@@ -46,7 +47,8 @@ class EmbeddedDispatcher:
         return self.batchers[model].depth()
 
     def execution(self, model: str) -> dict[str, dict]:
-        return {}   # embedded models run in this process: InferenceService.execution reports them
+        """Where and how the model runs: here, in this process (a Redis front lists its workers)."""
+        return {"this process": self._execution[model]}
 
     def ready(self, model: str) -> tuple[bool, str]:
         ok = self.batchers[model].alive()
@@ -77,9 +79,7 @@ class InferenceService:
     def execution(self, model: ServedModel) -> dict[str, dict]:
         """Where and how a model runs: {"this process": ...} in embedded mode, else each live
         worker's (device, backend, provider)."""
-        if self.cfg.redis_url:
-            return self.dispatcher.execution(model.name)
-        return {"this process": model.execution()}
+        return self.dispatcher.execution(model.name)
 
     def run_job(self, model: ServedModel, pixels: np.ndarray, n_images: int, n_views: int,
                 deadline: Deadline | None = None) -> BatchResult:
