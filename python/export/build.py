@@ -28,6 +28,7 @@ from .graph import example_batch, probability_model
 from .devices import check_available_providers, parse_device, require_cuda
 from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, PRECISIONS, SCHEMA_VERSION, BundleError, file_sha256,
                        preprocessing_dict, utc_now, utc_version, write_manifest)
+from .onnx_metadata import embed_onnx_metadata
 from .samples import calibration_images, validation_images
 from .verify import check_parity, top1
 
@@ -206,6 +207,8 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
             else:
                 program = program or fmt.export_program(net, example, opts.max_batch)
                 extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx" else fmt.write_pt2(program, path, tuple(opts.pt2_static_batches)))
+            if kind == "onnx":
+                embed_onnx_metadata(path, manifest)  # before hashing: the sha256 covers it
             seconds = time.perf_counter() - t0
             art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size, **extra}
             if extra.get("data_files"):
@@ -245,6 +248,7 @@ def _int8(opts, tmp: Path, manifest: dict, spec, eager, val, say) -> dict:
     say(f"quantize int8: calibrating on {len(cal)} images from {cal.source} ...")
     t0 = time.perf_counter()
     quant = quantize_int8(tmp / manifest["artifacts"]["onnx"]["file"], path, cal.images)
+    embed_onnx_metadata(path, manifest)
     seconds = time.perf_counter() - t0
     run = fmt.open_runtime(path, kind)
     quant.update(calibration_source=cal.source, validation_source=val.source, validation_images=len(val))

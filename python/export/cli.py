@@ -6,6 +6,8 @@
     python -m export --checkpoint runs/digits/best.pt --format onnx --quantize int8 \
         --calibration data/digits/train --data data/digits --out bundles/digits-int8
     python -m export ensemble --members bundles/a bundles/b --fusion mean --out bundles/ab
+    python -m export triton bundles/digits --out models        # Triton model repository: models/digits/
+    python -m export --checkpoint runs/digits/best.pt --format triton --triton-repo models --out bundles/digits
     python -m export inspect bundles/digits
     python -m export verify bundles/digits [--data data/digits]
 
@@ -20,15 +22,17 @@ import logging
 import sys
 import warnings
 
-COMMANDS = ("ensemble", "inspect", "verify")
+COMMANDS = ("ensemble", "inspect", "triton", "verify")
 
 
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export", description="Build a verified bundle from a checkpoint. "
-                                "Other commands: python -m export {ensemble,inspect,verify} --help")
+                                "Other commands: python -m export {ensemble,inspect,triton,verify} --help")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (RUN/best.pt or a run directory)")
     p.add_argument("--out", required=True, help="bundle folder to create")
-    p.add_argument("--format", nargs="+", default=["all"], help="torchscript, onnx, pt2 or all (several allowed)")
+    p.add_argument("--format", nargs="+", default=["all"],
+                   help="torchscript, onnx, pt2 or all (several allowed); triton: also write a Triton model from "
+                        "model.onnx into --triton-repo")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the artifacts accept (>= 2)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (default: whichever validated best)")
@@ -60,24 +64,88 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--half-tolerance", type=float, default=None,
                    help="the same for fp16/bf16 variants (default fp16 1e-2, bf16 5e-2); their top-1 on the "
                         "validation images is checked too")
+    p.add_argument("--triton-repo", metavar="REPO",
+                   help="with --format triton: the Triton model repository to add the model to (REPO/NAME/); "
+                        "--device cuda makes it a KIND_GPU model. 'python -m export triton --help' has the tuning "
+                        "flags")
     return p
 
 
 def _cmd_export(argv) -> int:
     from .build import ExportOptions, build_bundle
+    from .manifest import BundleError
 
     a = _export_parser().parse_args(argv)
     weights = a.weights or ("ema" if a.ema else "auto")
-    opts = ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=a.format, opset=a.opset,
+    triton = _triton_target(a)
+    formats = [f for f in a.format if f != "triton"]
+    opts = ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=formats, opset=a.opset,
                          max_batch=a.max_batch, weights=weights, verify=a.verify, quantize=a.quantize,
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
                          name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
                          pt2_static_batches=sorted(set(a.pt2_static_batches)), device=a.device,
                          precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,
                          half_tolerance=a.half_tolerance)
-    _, manifest = build_bundle(opts)
+    out, manifest = build_bundle(opts)
+    if triton:
+        from .triton_repo import write_triton_model
+
+        triton.bundle = str(out)
+        try:
+            write_triton_model(triton)
+        except BundleError as exc:
+            raise BundleError(f"the bundle {out} was written, but not the Triton model: {exc}") from None
     if a.json:
         print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def _triton_target(a):
+    """TritonOptions for --format triton, checked before the export starts (a taken --name fails fast)."""
+    from .manifest import BundleError
+
+    if "triton" not in a.format:
+        if a.triton_repo:
+            raise BundleError("--triton-repo is only used with --format triton (e.g. --format all triton)")
+        return None
+    from .triton_repo import TritonOptions, model_folder
+
+    if not a.triton_repo:
+        raise BundleError("--format triton needs --triton-repo REPO: the Triton model repository to write the model "
+                          "into (or run 'python -m export triton BUNDLE --out REPO' on an existing bundle)")
+    if "onnx" not in a.format and "all" not in a.format:
+        a.format.append("onnx")  # Triton serves model.onnx
+    opts = TritonOptions(bundle=a.out, repository=a.triton_repo, name=a.name, device=a.device, force=a.force)
+    if a.name:  # otherwise the name comes from the checkpoint, known only once the export has read it
+        model_folder(opts, {"name": a.name})
+    return opts
+
+
+def _cmd_triton(argv) -> int:
+    from .triton_repo import DEFAULT_QUEUE_DELAY_US, TritonOptions, write_triton_model
+
+    p = argparse.ArgumentParser(prog="python -m export triton", description="Write a Triton Inference Server model "
+                                "repository entry (REPO/NAME/config.pbtxt, 1/model.onnx, labels.txt) from a bundle; "
+                                "serve it with: tritonserver --model-repository=REPO")
+    p.add_argument("bundle", help="a model bundle with model.onnx (ensembles are refused: add each member)")
+    p.add_argument("--out", required=True, metavar="REPO", help="model repository folder (created if missing; other "
+                   "models in it are left alone)")
+    p.add_argument("--name", help="Triton model name (default: the bundle's name)")
+    p.add_argument("--int8", action="store_true", help="serve model.int8.onnx instead of model.onnx")
+    p.add_argument("--device", default="cpu", help="cpu (KIND_CPU), cuda (KIND_GPU on every GPU) or cuda:N (GPU N); "
+                   "no GPU is needed to write the repository")
+    p.add_argument("--instances", type=int, default=1, help="model instances (per GPU with cuda)")
+    p.add_argument("--preferred-batch-sizes", type=int, nargs="*", default=None, metavar="N",
+                   help="dynamic batching's preferred sizes (default: 4, 8, 16, ... up to the bundle's max_batch; "
+                        "give no value to leave them out)")
+    p.add_argument("--max-queue-delay-us", type=int, default=DEFAULT_QUEUE_DELAY_US,
+                   help="longest wait for a batch to fill, microseconds")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads per instance (default: Triton's)")
+    p.add_argument("--force", action="store_true", help="replace an existing model folder of that name")
+    a = p.parse_args(argv)
+    write_triton_model(TritonOptions(bundle=a.bundle, repository=a.out, name=a.name, int8=a.int8, device=a.device,
+                                     instances=a.instances, preferred_batch_sizes=a.preferred_batch_sizes,
+                                     max_queue_delay_us=a.max_queue_delay_us, threads=a.threads, force=a.force))
     return 0
 
 
@@ -135,7 +203,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", module="onnxscript")  # exporter chatter, not about our graph
-    cmd = {"ensemble": _cmd_ensemble, "inspect": _cmd_inspect, "verify": _cmd_verify}.get(argv[0] if argv else "")
+    commands = {"ensemble": _cmd_ensemble, "inspect": _cmd_inspect, "triton": _cmd_triton, "verify": _cmd_verify}
+    cmd = commands.get(argv[0] if argv else "")
     try:
         return cmd(argv[1:]) if cmd else _cmd_export(argv)
     except (BundleError, CheckpointError, DataError, TTAError) as exc:
