@@ -3,6 +3,8 @@ the CLI, the loader on every backend, TTA and ensembles."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from export_testlib import export_cli, write_checkpoint
 
 import export
 from export.manifest import file_sha256, read_manifest
+from export.onnx_metadata import read_onnx_metadata
 
 pytestmark = pytest.mark.slow
 BACKENDS = ["onnxruntime", "torchscript", "pt2", "eager"]
@@ -28,11 +31,12 @@ def digits_checkpoint(tiny_digits, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def digits_bundle(digits_checkpoint, tiny_digits, tmp_path_factory) -> Path:
-    """Every format plus int8, through the real command line, verified on the validation split."""
+    """Every format plus int8, through the real command line, verified on the validation split; and a
+    Triton model of it in the repository next to it (triton/digits-resnet18/)."""
     out = tmp_path_factory.mktemp("bundles") / "digits"
-    res = run_cli("--checkpoint", str(digits_checkpoint), "--format", "all", "--out", str(out), "--data",
+    res = run_cli("--checkpoint", str(digits_checkpoint), "--format", "all", "triton", "--out", str(out), "--data",
                   str(tiny_digits), "--max-batch", "16", "--tta", "hflip", "--quantize", "int8", "--calibration",
-                  str(tiny_digits / "train"), module="export")
+                  str(tiny_digits / "train"), "--triton-repo", str(out.parent / "triton"), module="export")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Warning" not in res.stderr, res.stderr  # deprecation chatter is handled, not spammed
     return out
@@ -177,3 +181,150 @@ def test_ensemble_fuses_member_probabilities(digits_bundle, second_bundle, val_p
     assert ens.classes == ["0", "1", "7"]
     if fusion == "mean":  # re-checks both members' checksums and parity: once is enough
         assert export_cli("verify", tmp_path / "ens")[0] == 0
+
+
+# -- metadata where other tools look: ONNX metadata_props, a Triton model repository -------------------
+def test_onnx_files_carry_the_manifest_identity(digits_bundle):
+    import onnx
+    import onnxruntime as ort
+
+    m = read_manifest(digits_bundle)
+    for key in ("onnx", "onnx_int8"):
+        path = digits_bundle / m["artifacts"][key]["file"]
+        assert file_sha256(path) == m["artifacts"][key]["sha256"]  # written before hashing
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+        for found in (props, meta):
+            assert json.loads(found["classes"]) == m["classes"], key
+            assert json.loads(found["preprocessing"]) == m["preprocessing"], key
+            assert (found["name"], found["version"], found["architecture"]) == (m["name"], m["version"],
+                                                                                 m["architecture"]), key
+            assert found["bundle_schema_version"] == str(m["schema_version"]), key
+        assert read_onnx_metadata(path)["classes"] == m["classes"]
+
+
+def _triton_config(model_dir: Path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return mc, text_format.Parse((model_dir / "config.pbtxt").read_text(), mc.ModelConfig())
+
+
+def _check_triton_model(model_dir: Path, bundle: Path, key: str, paths: list[str]) -> None:
+    """labels.txt and 1/model.onnx of a Triton model agree with the bundle (probabilities on real images)."""
+    import onnxruntime as ort
+    from trainer.data import decode_image, eval_transform
+    from export.manifest import preprocess_spec
+
+    m = read_manifest(bundle)
+    assert (model_dir / "labels.txt").read_text().splitlines() == m["classes"]
+    art = m["artifacts"][key]
+    assert file_sha256(model_dir / "1" / "model.onnx") == art["sha256"]
+    for name in art.get("data_files", []):
+        assert file_sha256(model_dir / "1" / name) == art["data_sha256"][name]
+    # what a client does: preprocess as the copied manifest says, send uint8 (N, 3, H, W)
+    spec = preprocess_spec(read_manifest(model_dir / "manifest.json"))
+    x = torch.stack([eval_transform(decode_image(p), spec) for p in paths])
+    got = ort.InferenceSession(str(model_dir / "1" / "model.onnx")).run(["probs"], {"images": x.numpy()})[0]
+    backend = "onnxruntime-int8" if key == "onnx_int8" else "onnxruntime"
+    want = export.load_bundle(bundle, backend=backend, tta="none").predict(paths).probs
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_format_triton_writes_a_model_repository(digits_bundle, val_paths):
+    m = read_manifest(digits_bundle)
+    model_dir = digits_bundle.parent / "triton" / m["name"]
+    mc, cfg = _triton_config(model_dir)
+    assert (cfg.name, cfg.platform, cfg.max_batch_size) == (m["name"], "onnxruntime_onnx", 16)
+    assert cfg.version_policy.WhichOneof("policy_choice") == "latest" and cfg.version_policy.latest.num_versions == 1
+    [inp], [out] = cfg.input, cfg.output
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("images", mc.TYPE_UINT8, [3, 32, 32])
+    assert (out.name, out.data_type, list(out.dims), out.label_filename) == ("probs", mc.TYPE_FP32, [3], "labels.txt")
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    [group] = cfg.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (mc.ModelInstanceGroup.KIND_CPU, 1, [])
+    [warmup] = cfg.model_warmup
+    assert warmup.batch_size == 1 and list(warmup.inputs["images"].dims) == [3, 32, 32]
+    assert warmup.inputs["images"].zero_data and warmup.inputs["images"].data_type == mc.TYPE_UINT8
+    assert not cfg.parameters
+    assert sorted(p.name for p in model_dir.parent.iterdir()) == [m["name"]]  # no temporary folder left
+    _check_triton_model(model_dir, digits_bundle, "onnx", val_paths)
+
+
+def test_triton_command_options_int8_gpu(digits_bundle, val_paths, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    code, err = export_cli("triton", digits_bundle, "--out", repo, "--name", "digits_int8", "--int8", "--device",
+                           "cuda:1", "--instances", "2", "--preferred-batch-sizes", "8", "2", "--max-queue-delay-us",
+                           "500", "--threads", "3", capsys=capsys)
+    assert code == 0, err
+    mc, cfg = _triton_config(repo / "digits_int8")
+    assert cfg.name == "digits_int8" and list(cfg.dynamic_batching.preferred_batch_size) == [2, 8]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    [group] = cfg.instance_group
+    assert (group.kind, group.count, list(group.gpus)) == (mc.ModelInstanceGroup.KIND_GPU, 2, [1])
+    assert cfg.parameters["intra_op_thread_count"].string_value == "3"
+    _check_triton_model(repo / "digits_int8", digits_bundle, "onnx_int8", val_paths[:6])
+    # plain cuda: every GPU (no gpus list); no preferred sizes when none are given
+    code, err = export_cli("triton", digits_bundle, "--out", repo, "--device", "cuda", "--preferred-batch-sizes",
+                           capsys=capsys)
+    assert code == 0, err
+    mc, cfg = _triton_config(repo / read_manifest(digits_bundle)["name"])
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and not cfg.instance_group[0].gpus
+    assert not cfg.dynamic_batching.preferred_batch_size and cfg.HasField("dynamic_batching")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--name", "a/b"], "Triton model name 'a/b'"),
+    (["--preferred-batch-sizes", "17"], "--preferred-batch-sizes [17]: each must be between 1 and the bundle's "
+                                        "max_batch 16"),
+    (["--instances", "0"], "--instances must be at least 1"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["ENSEMBLE"], "is an ensemble bundle; a Triton repository serves single ONNX models"),
+])
+def test_triton_refusals(digits_bundle, second_bundle, tmp_path, capsys, args, words):
+    bundle = digits_bundle
+    if args == ["ENSEMBLE"]:
+        bundle = tmp_path / "ens"
+        assert export_cli("ensemble", "--members", second_bundle, second_bundle, "--out", bundle)[0] == 0
+    code, err = export_cli("triton", bundle, "--out", tmp_path / "repo", *(a for a in args if a != "ENSEMBLE"),
+                           capsys=capsys)
+    assert code == 2 and words in err, err
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_triton_replaces_only_with_force_and_checks_the_copied_bytes(digits_bundle, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert export_cli("triton", digits_bundle, "--out", repo, "--name", "d")[0] == 0
+    code, err = export_cli("triton", digits_bundle, "--out", repo, "--name", "d", capsys=capsys)
+    assert code == 2 and "already exists in the repository; pass --force" in err
+    (repo / "d" / "labels.txt").write_text("stale\n")
+    assert export_cli("triton", digits_bundle, "--out", repo, "--name", "d", "--force")[0] == 0
+    assert (repo / "d" / "labels.txt").read_text().split() == ["0", "1", "7"]
+    (repo / "other").mkdir()  # not a Triton model: never replaced
+    code, err = export_cli("triton", digits_bundle, "--out", repo, "--name", "other", "--force", capsys=capsys)
+    assert code == 2 and "is not a Triton model folder" in err
+    # a bundle whose model.onnx changed after export: refused, nothing written
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    m = read_manifest(digits_bundle)
+    for name in ["manifest.json", *(f for f in os.listdir(digits_bundle) if f.startswith("model.onnx"))]:
+        shutil.copy(digits_bundle / name, bad / name)
+    with open(bad / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    code, err = export_cli("triton", bad, "--out", repo, "--name", "bad", capsys=capsys)
+    assert code == 2 and "sha256" in err and m["artifacts"]["onnx"]["sha256"][:16] in err
+    assert not (repo / "bad").exists() and not [p for p in repo.iterdir() if p.name.startswith(".")]
+
+
+def test_format_triton_flags_are_checked_before_the_export(tmp_path, capsys):
+    code, err = export_cli("--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "b", "--format", "triton",
+                           capsys=capsys)
+    assert code == 2 and "--format triton needs --triton-repo REPO" in err
+    code, err = export_cli("--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "b", "--triton-repo",
+                           tmp_path / "r", capsys=capsys)
+    assert code == 2 and "--triton-repo is only used with --format triton" in err
+    (tmp_path / "r" / "taken").mkdir(parents=True)
+    code, err = export_cli("--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "b", "--format", "triton",
+                           "--triton-repo", tmp_path / "r", "--name", "taken", capsys=capsys)
+    assert code == 2 and "already exists in the repository" in err  # not the missing checkpoint: checked first
