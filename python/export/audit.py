@@ -1,12 +1,13 @@
 """``python -m export inspect BUNDLE`` and ``python -m export verify BUNDLE``.
 
 inspect prints what a bundle holds; verify re-checks an existing bundle: the sha256 of every file,
-then parity of every artifact against a reference, at batch sizes 1, 2 and an odd size. The
-reference is eager PyTorch rebuilt from the source checkpoint when the manifest's checkpoint is
-still on this machine with the same sha256, otherwise the bundle's first fp32 artifact (torchscript,
-onnx, pt2 in that order), so that every format is at least checked against the others. Artifacts
-compiled for CUDA run on the GPU when there is one (within the tolerance recorded at export), and are
-reported as not run otherwise: their sha256 is still checked.
+the ONNX files' metadata against the manifest (export.onnx_metadata), then parity of every artifact
+against a reference, at batch sizes 1, 2 and an odd size. The reference is eager PyTorch rebuilt
+from the source checkpoint when the manifest's checkpoint is still on this machine with the same
+sha256, otherwise the bundle's first fp32 artifact (torchscript, onnx, pt2 in that order), so that
+every format is at least checked against the others. Artifacts compiled for CUDA run on the GPU when
+there is one (within the tolerance recorded at export), and are reported as not run otherwise: their
+sha256 is still checked.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .formats import open_runtime
 from .devices import cuda_device_count
 from .manifest import (BundleError, artifact_device, artifact_precision, manifest_path, preprocess_spec, read_manifest,
                        verify_checksums)
+from .onnx_metadata import metadata_mismatches
 from .samples import validation_images
 from .verify import ParityError, check_parity
 
@@ -70,6 +72,7 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
     say(f"{folder}: sha256 ok for {len(checked)} artifact(s)")
     if manifest["kind"] == "ensemble":
         return {m["name"]: verify_bundle(str(folder / m["path"]), data, tol, say) for m in manifest["members"]}
+    _check_onnx_metadata(folder, manifest)
     spec = preprocess_spec(manifest)
     images = validation_images(spec, manifest["classes"], data, None, limit=8)
     try:
@@ -97,6 +100,15 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
         say(f"  {key}: max abs diff {res['max_abs_diff']:.2g} vs {ref_name}, top-1 "
             f"{'agrees' if res['top1_agree'] else 'DIFFERS'} (batch sizes {res['batch_sizes']})")
     return report
+
+
+def _check_onnx_metadata(folder: Path, manifest: dict) -> None:
+    for key, art in manifest["artifacts"].items():
+        if art["format"] == "onnx":
+            bad = metadata_mismatches(folder / art["file"], manifest)
+            if bad:
+                raise BundleError(f"{folder}/{art['file']}: its metadata {bad} differ from {folder}/manifest.json; the "
+                                  "manifest was edited after export: restore it or re-export the bundle")
 
 
 def _verify_cuda(reference, folder: Path, key: str, art: dict, images, max_batch: int, tol: float) -> dict:

@@ -2,6 +2,7 @@
 
     embed_onnx_metadata("model.onnx", manifest)   # at export, before the file is hashed
     read_onnx_metadata("model.onnx")              # {"name": ..., "classes": [...], "preprocessing": {...}, ...}
+    metadata_mismatches("model.onnx", manifest)   # [] or the keys that differ (python -m export verify)
     onnxruntime.InferenceSession("model.onnx").get_modelmeta().custom_metadata_map   # the same, as strings
 
 A model.onnx copied out of its bundle (into a Triton repository, a notebook, Netron) still says which
@@ -61,3 +62,12 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict:
     if "bundle_schema_version" in out:
         out["bundle_schema_version"] = int(out["bundle_schema_version"])
     return out
+
+
+def metadata_mismatches(path: str | os.PathLike, manifest: dict) -> list[str]:
+    """Keys whose value in ``path`` differs from the manifest's: a manifest edited after export (its own
+    bytes are not hashed, so a renamed class would otherwise go unnoticed). [] for files without them."""
+    want = {"name": manifest["name"], "version": manifest["version"], "architecture": manifest["architecture"],
+            "classes": manifest["classes"], "preprocessing": manifest["preprocessing"],
+            "bundle_schema_version": manifest["schema_version"]}
+    return [k for k, v in read_onnx_metadata(path).items() if v != want[k]]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .devices import parse_device
 from .manifest import BundleError, check_artifact, manifest_path, read_manifest
+from .onnx_metadata import metadata_mismatches
 
 MODEL_VERSION = "1"
 LABELS_FILE = "labels.txt"
@@ -212,6 +213,10 @@ def write_triton_model(opts: TritonOptions, say=print) -> Path:
         # the copies are what Triton will load: check their sha256, not the originals'
         check_artifact(version, {"artifacts": {key: {**art, "file": "model.onnx"}}}, key)
         _check_onnx_signature(version / "model.onnx", manifest)
+        bad = metadata_mismatches(version / "model.onnx", manifest)
+        if bad:  # labels.txt and the clients' preprocessing come from the manifest: it must be the exported one
+            raise BundleError(f"{src / art['file']}: its metadata {bad} differ from {manifest_path(src)}; the manifest "
+                              "was edited after export: restore it or re-export the bundle")
         (tmp / LABELS_FILE).write_text("".join(f"{c}\n" for c in manifest["classes"]), encoding="utf-8")
         shutil.copyfile(manifest_path(src), tmp / "manifest.json")
         (tmp / "config.pbtxt").write_text(config_pbtxt(manifest, folder.name, opts, art), encoding="utf-8")

@@ -328,3 +328,16 @@ def test_format_triton_flags_are_checked_before_the_export(tmp_path, capsys):
     code, err = export_cli("--checkpoint", tmp_path / "missing.pt", "--out", tmp_path / "b", "--format", "triton",
                            "--triton-repo", tmp_path / "r", "--name", "taken", capsys=capsys)
     assert code == 2 and "already exists in the repository" in err  # not the missing checkpoint: checked first
+
+
+def test_a_manifest_edited_after_export_disagrees_with_the_onnx_metadata(second_bundle, tmp_path, capsys):
+    bundle = tmp_path / "edited"
+    shutil.copytree(second_bundle, bundle)
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["classes"] = ["0", "1", "seven"]  # sha256 of the artifacts still match: only the metadata can tell
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    code, err = export_cli("verify", bundle, capsys=capsys)
+    assert code == 2 and "metadata ['classes'] differ" in err and "edited after export" in err, err
+    code, err = export_cli("triton", bundle, "--out", tmp_path / "repo", capsys=capsys)
+    assert code == 2 and "metadata ['classes'] differ" in err, err
+    assert not (tmp_path / "repo" / m["name"]).exists()
