@@ -134,7 +134,9 @@ def _check_onnx_signature(path: Path, manifest: dict) -> None:
 def config_pbtxt(manifest: dict, name: str, opts: TritonOptions, artifact: dict) -> str:
     """Triton ModelConfig in protobuf text format (the config.pbtxt of model_config.proto)."""
     inp, out = manifest["input"], manifest["output"]
-    dims = lambda shape: ", ".join(str(d) for d in shape[1:])  # noqa: E731 - batch dimension is max_batch_size's
+    def dims(shape: list[int]) -> str:  # without the batch dimension: max_batch_size stands for it
+        return ", ".join(str(d) for d in shape[1:])
+
     device = parse_device(opts.device)
     group = [f"    count: {opts.instances}", f"    kind: {'KIND_GPU' if device.is_cuda else 'KIND_CPU'}"]
     if device.is_cuda and ":" in opts.device:
@@ -204,10 +206,14 @@ def write_triton_model(opts: TritonOptions, say=print) -> Path:
     sizes = preferred_sizes(opts, manifest["max_batch"])  # refused before anything is copied
     src = manifest_path(opts.bundle).parent
     art = manifest["artifacts"][key]
+    files = [art["file"], *art.get("data_files", [])]
+    missing = [f for f in files if not (src / f).is_file()]
+    if missing:
+        raise BundleError(f"{src}: {missing} missing; the bundle is incomplete: copy it again or re-export it")
     with staged_bundle(folder) as tmp:
         version = tmp / MODEL_VERSION
         version.mkdir()
-        for f in [art["file"], *art.get("data_files", [])]:
+        for f in files:
             # Triton's onnxruntime backend opens 1/model.onnx; the external data keeps its name next to it
             shutil.copyfile(src / f, version / ("model.onnx" if f == art["file"] else f))
         # the copies are what Triton will load: check their sha256, not the originals'
