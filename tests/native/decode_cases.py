@@ -1,9 +1,11 @@
 """Image cases where C++ and Python once decoded differently (issue 14): CMYK JPEGs with and without
-an Adobe marker, 16-bit grey PNGs of full and small range, EXIF orientation in PNG chunks.
+an Adobe marker, 16-bit grey PNGs of full and small range, orientation in PNG chunks (eXIf, the
+"Raw profile type exif" text chunk) and in XMP.
 
 ``DECODE_CASES`` is a list of ``(file name, writer)``; ``writer(path)`` writes the image file. The
 conformance suite (tests/conformance/image_cases.py) has the same shape and joins this list.
-``KNOWN_COLOURS`` gives, per case, pixels whose decoded RGB the documented rule fixes exactly.
+``KNOWN_COLOURS`` gives, per case, pixels whose decoded RGB the documented rule fixes exactly;
+``ORIENTATIONS`` the orientation each orientation case must be turned by.
 """
 from __future__ import annotations
 
@@ -76,6 +78,17 @@ def cmyk_photo_jpeg(adobe: bool) -> bytes:
     return data if adobe else strip_adobe_marker(data)
 
 
+def ycck_jpeg() -> bytes:
+    """An Adobe YCCK JPEG (transform 2): PIL cannot write one, so write the photo's four channels
+    as CMYK and flip the APP14 transform byte from 0 (none) to 2 (YCCK); libjpeg then converts
+    YCC back to CMYK in both readers, and the marker makes both take the result as inverted."""
+    data = bytearray(cmyk_photo_jpeg(True))
+    at = data.index(b"Adobe")
+    assert data[at - 4:at - 2] == b"\xff\xee" and data[at + 11] == 0
+    data[at + 11] = 2
+    return bytes(data)
+
+
 def gray16_png(high: int, seed: int) -> bytes:
     """A 16-bit grey PNG with values in 0..high (both ends present)."""
     arr = np.random.default_rng(seed).integers(0, high + 1, (19, 27), dtype=np.uint16)
@@ -127,6 +140,37 @@ def png_exif(orientation: int, where: str, second: int | None = None) -> bytes:
     return buf.getvalue()
 
 
+def png_xmp_orientation(orientation: int, exif_without_orientation: bool = False) -> bytes:
+    """Orientation only in an XMP packet (PIL's getexif falls back to it when EXIF has no tag)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>')
+    kw: dict = {}
+    if exif_without_orientation:
+        exif = Image.Exif()
+        exif[0x010F] = "camera maker"  # Make: an EXIF block, but no orientation tag in it
+        kw["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    _odd_rgb().save(buf, "PNG", pnginfo=info, **kw)
+    return buf.getvalue()
+
+
+def jpeg_xmp_orientation(orientation: int) -> bytes:
+    """A JPEG whose only orientation is XMP's <tiff:Orientation>N</...> element form."""
+    buf = io.BytesIO()
+    _odd_rgb().save(buf, "JPEG", quality=90,
+                    xmp=f"<x:xmpmeta><tiff:Orientation>{orientation}</tiff:Orientation></x:xmpmeta>".encode())
+    return buf.getvalue()
+
+
+def png_malformed_raw_profile() -> bytes:
+    """A "Raw profile type exif" chunk that is not hex: ignored (no orientation), not an error."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", "\nexif\n      12\nnot hex at all\n")
+    buf = io.BytesIO()
+    _odd_rgb().save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 def _writer(make: Callable[[], bytes]) -> Callable[[Path], None]:
     return lambda path: Path(path).write_bytes(make())
 
@@ -136,6 +180,7 @@ DECODE_CASES: list[tuple[str, Callable[[Path], None]]] = [
     ("cmyk_no_adobe.jpg", _writer(cmyk_plain_jpeg)),
     ("cmyk_photo_adobe.jpg", _writer(lambda: cmyk_photo_jpeg(True))),
     ("cmyk_photo_no_adobe.jpg", _writer(lambda: cmyk_photo_jpeg(False))),
+    ("ycck_adobe.jpg", _writer(ycck_jpeg)),
     ("gray16_full.png", _writer(lambda: gray16_png(65535, 1))),
     ("gray16_12bit.png", _writer(lambda: gray16_png(4095, 2))),
     ("gray16_under256.png", _writer(lambda: gray16_png(255, 3))),
@@ -144,7 +189,18 @@ DECODE_CASES: list[tuple[str, Callable[[Path], None]]] = [
     ("exif8_raw_profile_ztxt.png", _writer(lambda: png_exif(8, "zTXt"))),
     ("exif5_raw_profile_itxt.png", _writer(lambda: png_exif(5, "iTXt"))),
     ("exif3_chunk_wins_over_text.png", _writer(lambda: png_exif(6, "tEXt", second=3))),
+    ("xmp8_only.png", _writer(lambda: png_xmp_orientation(8))),
+    ("xmp6_after_exif_without_tag.png", _writer(lambda: png_xmp_orientation(6, exif_without_orientation=True))),
+    ("xmp7_only.jpg", _writer(lambda: jpeg_xmp_orientation(7))),
+    ("raw_profile_not_hex.png", _writer(png_malformed_raw_profile)),
 ]
+
+# name -> the EXIF orientation each case must come out with (PIL's exif_transpose numbering)
+ORIENTATIONS: dict[str, int] = {
+    "exif6_exif_chunk.png": 6, "exif6_raw_profile_text.png": 6, "exif8_raw_profile_ztxt.png": 8,
+    "exif5_raw_profile_itxt.png": 5, "exif3_chunk_wins_over_text.png": 3, "xmp8_only.png": 8,
+    "xmp6_after_exif_without_tag.png": 6, "xmp7_only.jpg": 7, "raw_profile_not_hex.png": 1,
+}
 
 # name -> [((y, x), (r, g, b))]: centre pixels of the CMYK blocks, exact by the rule in docs/native.md
 KNOWN_COLOURS: dict[str, list[tuple[tuple[int, int], tuple[int, int, int]]]] = {
