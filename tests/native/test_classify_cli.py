@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 
@@ -92,6 +93,21 @@ def test_bench_prints_percentiles(classify_bin, bundle_a):
     for key in ("end_to_end_ms", "model_ms"):
         assert 0 < out[key]["min"] <= out[key]["p50"] <= out[key]["p90"] <= out[key]["p99"]
     assert np.isfinite(out["end_to_end_ms"]["mean"])
+
+
+def test_bench_runs_inside_the_error_handling(classify_bin, ensembles, bundle_a, eval_images, tmp_path):
+    # An ensemble of different input sizes has no single preprocessed batch: the old --bench threw
+    # outside any handler and aborted; now model-only timing is null and end to end still runs.
+    res = classify(classify_bin, "--bundle", ensembles["mean"], "--bench", 1, "--batch", 2, "--threads", 1)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["model_ms"] is None and out["end_to_end_ms"]["min"] > 0
+    for args, message in [(("--bundle", tmp_path / "nowhere", "--bench", 1), "is not a bundle"),
+                          (("--bundle", bundle_a, "--bench", 1, eval_images[0]), "--bench .* takes no images"),
+                          (("--bundle", bundle_a, "--bench", 1, "--tta", "multiscale:20"), "smaller than the")]:
+        res = classify(classify_bin, *args)
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        assert re.search(f"^classify: error: .*{message}", res.stderr), res.stderr
 
 
 def test_ensemble_bundle_from_the_command_line(classify_bin, ensembles, eval_images):

@@ -14,6 +14,30 @@ namespace {
 
 using U8Array = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
 
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// Pixels in: only uint8 is taken (a C-contiguous copy is made when strided). Anything else is
+// refused, never cast: float images in 0..1 would silently become black, and values above 255
+// would wrap. `layout` is e.g. "(N, H, W, 3)", `channel_axis` the axis that must hold 3.
+U8Array uint8_pixels(const py::array& a, const char* what, const char* layout, py::ssize_t ndim,
+                     py::ssize_t channel_axis) {
+  if (a.dtype().kind() != 'u' || a.itemsize() != 1)
+    throw py::type_error(std::string(what) + " takes a uint8 " + layout + " RGB array (pixel values 0..255), got dtype " +
+                         std::string(py::str(a.dtype())) + "; convert explicitly, e.g. "
+                         "np.clip(a * 255, 0, 255).round().astype(np.uint8) for floats in 0..1, or "
+                         "np.clip(a, 0, 255).astype(np.uint8) for values in 0..255");
+  if (a.ndim() != ndim || a.shape(channel_axis) != 3)
+    throw classify::OptionError(std::string(what) + " takes a uint8 " + layout + " RGB array, got shape " + shape_of(a) +
+                                (a.ndim() == ndim ? "; axis " + std::to_string(channel_axis) +
+                                                        " must hold the 3 RGB channels (drop alpha, repeat grey)"
+                                                  : std::string()));
+  return U8Array::ensure(a);
+}
+
 py::array_t<uint8_t> image_to_numpy(classify::Image img) {
   py::array_t<uint8_t> out({img.height, img.width, 3});
   std::memcpy(out.mutable_data(), img.pixels.data(), img.pixels.size());
@@ -21,7 +45,7 @@ py::array_t<uint8_t> image_to_numpy(classify::Image img) {
 }
 
 classify::Image numpy_to_image(const U8Array& a) {
-  if (a.ndim() != 3 || a.shape(2) != 3) throw classify::OptionError("expected an (H, W, 3) uint8 RGB array");
+  if (a.shape(0) == 0 || a.shape(1) == 0) throw classify::OptionError("empty image of shape " + shape_of(a));
   classify::Image img{static_cast<int>(a.shape(0)), static_cast<int>(a.shape(1)), {}};
   img.pixels.assign(a.data(), a.data() + a.size());
   return img;
@@ -110,8 +134,9 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("data"), py::arg("name") = "<bytes>", "Decode encoded JPEG/PNG bytes to (H, W, 3) uint8 RGB.");
   m.def("parse_tta_policy", [](const std::string& name) { return views_to_list(classify::parse_tta_policy(name)); },
         py::arg("name"));
-  m.def("preprocess", [](const U8Array& image, std::pair<int, int> crop_size, int resize_size,
+  m.def("preprocess", [](const py::array& image_in, std::pair<int, int> crop_size, int resize_size,
                          const std::string& interpolation, const py::object& views, const std::string& kernel) {
+    const U8Array image = uint8_pixels(image_in, "preprocess", "(H, W, 3)", 3, 2);
     classify::Preprocessing pre;
     pre.crop_h = crop_size.first;
     pre.crop_w = crop_size.second;
@@ -181,10 +206,8 @@ PYBIND11_MODULE(_core, m) {
         }
         return results_to_list(rt, r, topk);
       }, py::arg("blobs"), py::arg("topk") = 5)
-      .def("predict_array", [](Runtime& rt, const U8Array& images, int topk) {
-        if (images.ndim() != 4 || images.shape(3) != 3)
-          throw classify::OptionError("predict_array needs an (N, H, W, 3) uint8 RGB array, got ndim " +
-                                      std::to_string(images.ndim()));
+      .def("predict_array", [](Runtime& rt, const py::array& images_in, int topk) {
+        const U8Array images = uint8_pixels(images_in, "predict_array", "(N, H, W, 3)", 4, 3);
         std::vector<Result> r;
         {
           py::gil_scoped_release nogil;
@@ -193,12 +216,13 @@ PYBIND11_MODULE(_core, m) {
         }
         return results_to_list(rt, r, topk);
       }, py::arg("images"), py::arg("topk") = 5)
-      .def("run_preprocessed", [](Runtime& rt, const U8Array& rows) {
-        if (rows.ndim() != 4 || rows.shape(1) != 3) throw classify::OptionError("run_preprocessed needs (N, 3, H, W) uint8");
+      .def("run_preprocessed", [](Runtime& rt, const py::array& rows_in) {
+        const U8Array rows = uint8_pixels(rows_in, "run_preprocessed", "(N, 3, H, W)", 4, 1);
         const auto& p = rt.preprocessing();
         if (rows.shape(2) != p.crop_h || rows.shape(3) != p.crop_w)
           throw classify::OptionError("run_preprocessed: expected (N, 3, " + std::to_string(p.crop_h) + ", " +
-                                      std::to_string(p.crop_w) + ")");
+                                      std::to_string(p.crop_w) + "), got " + shape_of(rows) +
+                                      "; preprocess with the bundle's crop size first");
         std::vector<float> out;
         const int n = static_cast<int>(rows.shape(0));
         {
@@ -206,6 +230,11 @@ PYBIND11_MODULE(_core, m) {
           out = rt.run_preprocessed(rows.data(), n);
         }
         const py::ssize_t k = static_cast<py::ssize_t>(rt.classes().size());
+        // The runtime checked the width at load; this guards the copy whatever happens upstream.
+        if (out.size() != static_cast<size_t>(n) * static_cast<size_t>(k))
+          throw classify::BundleError("run_preprocessed: the model returned " + std::to_string(out.size()) +
+                                      " values for " + std::to_string(n) + " images of " + std::to_string(k) +
+                                      " classes; the bundle's class list does not match its model");
         py::array_t<float> arr({static_cast<py::ssize_t>(n), k});
         std::memcpy(arr.mutable_data(), out.data(), out.size() * sizeof(float));
         return arr;

@@ -1,17 +1,22 @@
 // JPEG (libjpeg-turbo) and PNG (libpng) decoding to RGB uint8, matching
 // trainer.data.images.decode_image (PIL) pixel for pixel:
 // - JPEG: libjpeg's defaults, which are PIL's (ISLOW DCT, fancy upsampling); gray replicated;
-//   Adobe CMYK/YCCK converted with PIL's cmyk2rgb; a truncated file is an error (PIL refuses it).
+//   CMYK/YCCK converted with PIL's cmyk2rgb, the ink values taken as inverted (Photoshop's
+//   convention) when an Adobe APP14 marker is present and as plain CMYK when not (PIL inverts
+//   both; decode_image undoes that for the marker-less case); a truncated file is an error.
 // - PNG: palette expanded, low-bit gray scaled (x85 / x17 / x255), alpha dropped, 16-bit gray
 //   as round(v/257) (PIL's I;16 path in decode_image), 16-bit colour or gray+alpha as the high
 //   byte (PIL's RGB;16B / LA;16B raw modes).
-// - EXIF orientation (JPEG APP1, PNG eXIf) applied as PIL's ImageOps.exif_transpose.
+// - Orientation where PIL's getexif finds it (JPEG: the first APP1 Exif block, else the XMP
+//   packet; PNG: eXIf, else the "Raw profile type exif" text chunk, else XMP), applied as
+//   ImageOps.exif_transpose.
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <iterator>
 #include <memory>
+#include <optional>
 
 #include <jpeglib.h>
 #include <jerror.h>
@@ -51,12 +56,32 @@ void jpeg_emit(j_common_ptr cinfo, int level) {
   if (level < 0 && cinfo->err->msg_code == JWRN_JPEG_EOF) reinterpret_cast<JpegErr*>(cinfo->err)->truncated = true;
 }
 
-int exif_orientation_from_jpeg(jpeg_decompress_struct& cinfo) {
+bool starts_with(jpeg_saved_marker_ptr m, const char* prefix, size_t n) {
+  return m->data_length >= n && std::memcmp(m->data, prefix, n) == 0;
+}
+
+int orientation_from_jpeg(jpeg_decompress_struct& cinfo) {
+  static const char kXmp[] = "http://ns.adobe.com/xap/1.0/";  // + NUL, as PIL's prefix
+  const uint8_t* exif = nullptr;
+  size_t exif_size = 0;
+  std::string xmp;
   for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next) {
-    if (m->marker == JPEG_APP0 + 1 && m->data_length > 6 && std::memcmp(m->data, "Exif\0\0", 6) == 0)
-      return exif_orientation(m->data + 6, m->data_length - 6);  // the first Exif block, as PIL
+    if (m->marker != JPEG_APP0 + 1) continue;
+    if (!exif && starts_with(m, "Exif\0\0", 6)) {  // the first Exif block, as PIL
+      exif = m->data;
+      exif_size = m->data_length;
+    } else if (starts_with(m, kXmp, sizeof(kXmp))) {  // the last XMP packet, as PIL
+      xmp.assign(reinterpret_cast<const char*>(m->data) + sizeof(kXmp), m->data_length - sizeof(kXmp));
+    }
   }
-  return 1;
+  return image_orientation(exif, exif_size, xmp);
+}
+
+// An APP14 segment that starts "Adobe" (PIL's test; libjpeg also reads its colour transform).
+bool has_adobe_marker(jpeg_decompress_struct& cinfo) {
+  for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next)
+    if (m->marker == JPEG_APP0 + 14 && starts_with(m, "Adobe", 5)) return true;
+  return false;
 }
 
 uint8_t clip8(int v) { return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v)); }
@@ -93,19 +118,20 @@ Image decode_jpeg(const uint8_t* data, size_t size, const std::string& label) {
   jpeg_create_decompress(&cinfo);
   jpeg_mem_src(&cinfo, data, static_cast<unsigned long>(size));
   jpeg_save_markers(&cinfo, JPEG_APP0 + 1, 0xFFFF);
+  jpeg_save_markers(&cinfo, JPEG_APP0 + 14, 16);
   jpeg_read_header(&cinfo, TRUE);
   if (static_cast<long long>(cinfo.image_width) * cinfo.image_height > kMaxPixels) {
     jpeg_destroy_decompress(&cinfo);
     check_size(cinfo.image_height, cinfo.image_width, label);
   }
   bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
-  // PIL reads Adobe-marked CMYK as "CMYK;I" (inverted), which is what Photoshop writes.
-  bool inverted = cmyk && cinfo.saw_Adobe_marker;
+  // Adobe marker: inverted ink values (what Photoshop and PIL write); none: plain CMYK.
+  bool inverted = cmyk && has_adobe_marker(cinfo);
   cinfo.out_color_space = cmyk ? JCS_CMYK : (cinfo.jpeg_color_space == JCS_GRAYSCALE ? JCS_GRAYSCALE : JCS_RGB);
   // Defaults spelled out: these are the settings PIL decodes with.
   cinfo.dct_method = JDCT_ISLOW;
   cinfo.do_fancy_upsampling = TRUE;
-  int orientation = exif_orientation_from_jpeg(cinfo);
+  int orientation = orientation_from_jpeg(cinfo);
   jpeg_start_decompress(&cinfo);
   const int w = static_cast<int>(cinfo.output_width), h = static_cast<int>(cinfo.output_height);
   img.height = h;
@@ -154,6 +180,27 @@ void png_on_error(png_structp png, png_const_charp msg) {
 }
 void png_on_warning(png_structp, png_const_charp) {}
 
+// eXIf (a bare TIFF block; some writers keep the "Exif\0\0" prefix, which is skipped), else the
+// last "Raw profile type exif" text chunk (tEXt, zTXt or iTXt: ImageMagick's hex dump), else the
+// XMP packet's tiff:Orientation: PIL's order.
+int orientation_from_png(png_structp png, png_infop info) {
+  png_bytep exif = nullptr;
+  png_uint_32 exif_len = 0;
+  std::optional<std::vector<uint8_t>> raw;
+  std::string xmp;
+  png_textp text = nullptr;
+  int num_text = 0;
+  png_get_text(png, info, &text, &num_text);
+  for (int i = 0; i < num_text; ++i) {
+    const size_t n = text[i].compression >= PNG_ITXT_COMPRESSION_NONE ? text[i].itxt_length : text[i].text_length;
+    if (std::strcmp(text[i].key, "Raw profile type exif") == 0) raw = raw_profile_bytes(text[i].text, n);
+    else if (std::strcmp(text[i].key, "XML:com.adobe.xmp") == 0) xmp.assign(text[i].text, n);
+  }
+  if (png_get_eXIf_1(png, info, &exif_len, &exif) && exif && exif_len > 0) return image_orientation(exif, exif_len, xmp);
+  if (raw) return image_orientation(raw->data(), raw->size(), xmp);
+  return image_orientation(nullptr, 0, xmp);
+}
+
 Image decode_png(const uint8_t* data, size_t size, const std::string& label) {
   PngReader reader{data, size, 0, {}};
   png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &reader, png_on_error, png_on_warning);
@@ -191,15 +238,7 @@ Image decode_png(const uint8_t* data, size_t size, const std::string& label) {
   for (png_uint_32 y = 0; y < h; ++y) rows[y] = raw.data() + y * rowbytes;
   png_read_image(png, rows.data());
   png_read_end(png, info);
-  png_bytep exif = nullptr;
-  png_uint_32 exif_len = 0;
-  if (png_get_eXIf_1(png, info, &exif_len, &exif) && exif && exif_len > 0) {
-    // eXIf holds a bare TIFF block; some writers keep the "Exif\0\0" prefix, which PIL strips too.
-    const uint8_t* e = exif;
-    size_t n = exif_len;
-    if (n > 6 && std::memcmp(e, "Exif\0\0", 6) == 0) e += 6, n -= 6;
-    orientation = exif_orientation(e, n);
-  }
+  orientation = orientation_from_png(png, info);
   png_destroy_read_struct(&png, &info, nullptr);
 
   img.height = static_cast<int>(h);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -14,8 +15,17 @@
 
 namespace classify {
 
-// EXIF orientation (1..8) from a TIFF block ("II*\0" / "MM\0*" header); 1 when absent or malformed.
+// EXIF orientation (1..8) from a TIFF block ("II*\0" / "MM\0*" header); 0 when the block has no
+// orientation tag or is malformed (PIL then looks at XMP).
 int exif_orientation(const uint8_t* tiff, size_t size);
+// XMP's tiff:Orientation digit (0..9, PIL's regex); 0 when absent.
+int xmp_orientation(const char* xmp, size_t size);
+// ImageMagick's "Raw profile type exif" PNG text (name, length, hex lines) as bytes; nullopt when
+// the hex is malformed (the profile is then ignored, as trainer.data.images does).
+std::optional<std::vector<uint8_t>> raw_profile_bytes(const char* text, size_t size);
+// PIL's Image.getexif orientation: the EXIF block (null: none; an "Exif\0\0" prefix is skipped),
+// and when that has no orientation tag, the XMP packet's.
+int image_orientation(const uint8_t* exif, size_t exif_size, const std::string& xmp);
 // Apply orientation as PIL's ImageOps.exif_transpose does (2..8; anything else is a no-op).
 Image apply_orientation(Image img, int orientation);
 

@@ -49,6 +49,27 @@ torch::Device parse_device(const std::string& s) {
   throw OptionError("unknown device '" + s + "'; use cpu, cuda or cuda:N");
 }
 
+// One warm-up call at load time: a model whose output width is not the manifest's class count
+// would give scores without names (and callers size buffers from the class list), so such a
+// bundle is refused here rather than at the first image.
+void check_output_width(Model& model, const Bundle& b, const Artifact& art, const torch::Device& device) {
+  torch::Tensor out;
+  try {
+    c10::InferenceMode guard;
+    out = model.run(torch::zeros({1, 3, b.pre.crop_h, b.pre.crop_w}, torch::kUInt8).to(device));
+  } catch (const std::exception& e) {
+    throw BundleError(b.dir + "/" + art.file + ": the model fails on a (1, 3, " + std::to_string(b.pre.crop_h) +
+                      ", " + std::to_string(b.pre.crop_w) + ") uint8 warm-up batch (" +
+                      std::string(e.what()).substr(0, 300) + "); re-export the bundle");
+  }
+  const int64_t k = static_cast<int64_t>(b.classes.size());
+  if (out.dim() != 2 || out.size(0) != 1 || out.size(1) != k)
+    throw BundleError(b.manifest_path + ": the manifest lists " + std::to_string(k) + " classes but the model " +
+                      art.file + " outputs " + (out.dim() == 2 ? std::to_string(out.size(1)) + " scores per image"
+                                                               : "a tensor of shape " + c10::str(out.sizes())) +
+                      "; the class list must match the model's output: re-export the bundle");
+}
+
 }  // namespace
 
 struct Runtime::Impl {
@@ -91,6 +112,7 @@ struct Runtime::Impl {
     const std::string fmt = art.format == "aotinductor" ? "pt2" : art.format;
     std::string path = checked_artifact_path(b, art.key);
     LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, art, device)};
+    check_output_width(*m.model, b, art, device);
     models.push_back(std::move(m));
     if (format.empty()) format = fmt;
     else if (format != fmt) format = "mixed";
@@ -157,6 +179,10 @@ std::string Runtime::format() const { return impl_->format; }
 std::string Runtime::device() const { return impl_->device.str(); }
 const std::vector<View>& Runtime::views() const { return impl_->views; }
 std::string Runtime::merge() const { return impl_->merge; }
+bool Runtime::uniform_input() const {
+  const auto& ms = impl_->models;
+  return std::all_of(ms.begin(), ms.end(), [&](const LoadedModel& m) { return same_pre(m.pre, ms.front().pre); });
+}
 
 std::vector<Result> Runtime::predict_images(std::vector<Image> images, std::vector<std::string> sources,
                                             std::vector<std::string> errors) {

@@ -88,6 +88,8 @@ Args parse_args(int argc, char** argv) {
   }
   if (a.bundle.empty()) throw classify::OptionError("--bundle DIR is required (see --help)");
   if (a.images.empty() && a.bench == 0) throw classify::OptionError("no images given (see --help)");
+  if (!a.images.empty() && a.bench > 0)
+    throw classify::OptionError("--bench times a synthetic batch and takes no images; drop the image paths or --bench");
   return a;
 }
 
@@ -121,8 +123,15 @@ int bench(classify::Runtime& rt, const Args& a) {
     }
     return percentiles(ms);
   };
+  // A synthetic image the runtime cannot take (e.g. TTA views larger than it) fails the whole run.
+  for (const classify::Result& r : rt.predict_pixels(pixels.data(), n, h, w))
+    if (!r.ok()) throw classify::ImageError("--bench: the synthetic " + std::to_string(h) + "x" + std::to_string(w) +
+                                            " image fails (" + r.error + ")");
   nlohmann::json e2e = time([&] { rt.predict_pixels(pixels.data(), n, h, w); });
-  nlohmann::json model = time([&] { rt.run_preprocessed(rows.data(), n); });
+  // Model-only timing feeds one preprocessed batch to every model: not defined for an ensemble
+  // whose members take different input sizes (null there; end to end still covers it).
+  nlohmann::json model = nullptr;
+  if (rt.uniform_input()) model = time([&] { rt.run_preprocessed(rows.data(), n); });
   nlohmann::json out = {{"batch", n}, {"iterations", a.bench}, {"image", {h, w}}, {"format", rt.format()}, {"device", rt.device()},
                         {"views", rt.views().size()}, {"threads", a.options.threads},
                         {"end_to_end_ms", e2e}, {"model_ms", model}};
@@ -130,41 +139,42 @@ int bench(classify::Runtime& rt, const Args& a) {
   return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  Args args;
-  std::unique_ptr<classify::Runtime> rt;
-  try {
-    args = parse_args(argc, argv);
-    rt = std::make_unique<classify::Runtime>(args.bundle, args.options);
-  } catch (const std::exception& e) {
-    std::cerr << "classify: error: " << e.what() << std::endl;
-    return 2;
-  }
-  if (args.bench > 0) return bench(*rt, args);
+int classify_images(classify::Runtime& rt, const Args& args) {
   int failed = 0;
-  try {
-    for (size_t s = 0; s < args.images.size(); s += static_cast<size_t>(args.options.batch)) {
-      std::vector<std::string> chunk(args.images.begin() + s,
-                                     args.images.begin() + std::min(args.images.size(), s + args.options.batch));
-      for (const classify::Result& r : rt->predict_files(chunk)) {
-        nlohmann::ordered_json line = {{"path", r.source}, {"topk", nlohmann::ordered_json::array()}, {"error", nullptr}};
-        if (r.ok()) {
-          for (const auto& t : rt->topk(r.probs, args.topk))
-            line["topk"].push_back(nlohmann::ordered_json{{"index", t.index}, {"label", t.label}, {"prob", t.prob}});
-        } else {
-          line["error"] = r.error;
-          ++failed;
-        }
-        std::cout << line.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
+  for (size_t s = 0; s < args.images.size(); s += static_cast<size_t>(args.options.batch)) {
+    std::vector<std::string> chunk(args.images.begin() + s,
+                                   args.images.begin() + std::min(args.images.size(), s + args.options.batch));
+    for (const classify::Result& r : rt.predict_files(chunk)) {
+      nlohmann::ordered_json line = {{"path", r.source}, {"topk", nlohmann::ordered_json::array()}, {"error", nullptr}};
+      if (r.ok()) {
+        for (const auto& t : rt.topk(r.probs, args.topk))
+          line["topk"].push_back(nlohmann::ordered_json{{"index", t.index}, {"label", t.label}, {"prob", t.prob}});
+      } else {
+        line["error"] = r.error;
+        ++failed;
       }
-      std::cout.flush();
+      std::cout << line.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace) << "\n";
     }
-  } catch (const std::exception& e) {
-    std::cerr << "classify: error: " << e.what() << std::endl;
-    return 2;
+    std::cout.flush();
   }
   if (failed) std::cerr << "classify: " << failed << " of " << args.images.size() << " images failed" << std::endl;
   return failed ? 1 : 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Every path, --bench included, runs inside this one handler: a bad bundle, option or image
+  // ends with one "classify: error: ..." line and exit status 2, never an uncaught exception.
+  try {
+    const Args args = parse_args(argc, argv);
+    classify::Runtime rt(args.bundle, args.options);
+    if (args.bench > 0) return bench(rt, args);
+    return classify_images(rt, args);
+  } catch (const std::exception& e) {
+    std::cerr << "classify: error: " << e.what() << std::endl;
+  } catch (...) {
+    std::cerr << "classify: error: unknown failure (not a std::exception)" << std::endl;
+  }
+  return 2;
 }

@@ -5,8 +5,13 @@ to reproduce outside Python (the C++ runtime follows them):
 
 - EXIF orientation is applied.
 - Palette, grayscale, CMYK and 1-bit images are converted to RGB by PIL's standard conversions.
+- CMYK JPEG: stored inverted (Photoshop's convention) when an Adobe APP14 marker is present, plain
+  CMYK when not. PIL assumes inverted for every CMYK JPEG, so a marker-less one is re-inverted here.
 - Alpha is dropped (not composited): RGBA -> RGB keeps the colour channels as stored.
-- 16-bit images are scaled to 8 bits by rounding ``v / 257``.
+- 16-bit grey is scaled to 8 bits by rounding ``v / 257`` (PNG: whatever the values' range); 16-bit
+  colour keeps the high byte (PIL's only way to read it).
+- EXIF orientation comes from JPEG APP1, PNG eXIf or, failing that, ImageMagick's
+  "Raw profile type exif" PNG text chunk (all as PIL's ``getexif``).
 - Animated GIF/WebP: the first frame.
 
 JPEGs in YCbCr/RGB or grayscale are decoded by libjpeg-turbo through simplejpeg when it is
@@ -47,11 +52,22 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _plain_cmyk(img: Image.Image) -> Image.Image:
+    """A JPEG's CMYK as stored: PIL inverts every 4-component JPEG (its "CMYK;I" raw mode), which is
+    right only with an Adobe APP14 marker (Photoshop's inverted convention); without one the data
+    is plain CMYK, so undo PIL's inversion. The C++ decoder applies the same rule."""
+    if img.mode == "CMYK" and img.format == "JPEG" and "adobe" not in img.info:
+        return Image.fromarray(255 - np.asarray(img), "CMYK")
+    return img
+
+
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8 from any PIL mode."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img).astype(np.float64)
-        if img.mode == "I" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
+        # 32-bit "I" holding 8-bit values (e.g. some TIFFs) is taken as is; a 16-bit PNG never is,
+        # whatever its range (older PIL opened it as "I"): round(v/257), as the C++ decoder.
+        if img.mode == "I" and img.format != "PNG" and arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
             gray = arr.astype(np.uint8)
         else:
             gray = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
@@ -61,6 +77,7 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
     if img.mode == "P":
         img = img.convert("RGBA")
+    img = _plain_cmyk(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8)  # writable (np.asarray's is not): torch can view it without a copy
@@ -76,6 +93,17 @@ _ORIENT = {
     7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),   # transverse
     8: lambda a: np.rot90(a, 1),                  # rotate 90 counter-clockwise
 }
+
+
+def _drop_malformed_raw_profile(img: Image.Image) -> None:
+    """Ignore a PNG "Raw profile type exif" text chunk that is not hex (PIL's getexif would raise
+    and make the whole image unreadable); the C++ decoder ignores it too."""
+    text = img.info.get("Raw profile type exif")
+    if isinstance(text, str):
+        try:
+            bytes.fromhex("".join(text.split("\n")[3:]))
+        except ValueError:
+            del img.info["Raw profile type exif"]
 
 
 def _decode_jpeg_fast(img: Image.Image, data: bytes) -> np.ndarray | None:
@@ -111,6 +139,7 @@ def decode_image(source: str | os.PathLike | bytes, name: str | None = None) -> 
             if arr is None:
                 img.seek(0)
                 img.load()
+                _drop_malformed_raw_profile(img)
                 ImageOps.exif_transpose(img, in_place=True)   # no copy of the pixels when upright
                 arr = _to_rgb_array(img)
     except Image.DecompressionBombError as exc:

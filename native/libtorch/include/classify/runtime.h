@@ -120,6 +120,9 @@ class Runtime {
   // Raw model call on preprocessed (N, 3, crop_h, crop_w) uint8 -> (N, K) fused probabilities
   // (no TTA; ensembles fuse members). For benchmarks.
   std::vector<float> run_preprocessed(const uint8_t* n3hw, int n);
+  // Whether every model takes the same preprocessing (false: an ensemble of different input
+  // sizes, where run_preprocessed throws OptionError).
+  bool uniform_input() const;
 
   std::vector<TopK> topk(const std::vector<float>& probs, int k) const;
 
