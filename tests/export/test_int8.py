@@ -10,8 +10,9 @@ import torch
 from export_testlib import export_cli, write_checkpoint
 from torch import nn
 
-from export import formats
+from export import formats, load_bundle
 from export.graph import example_batch, probability_model
+from export.manifest import read_manifest
 from export.quantize import CALIBRATION_METHODS, AccuracyError, int8_accuracy, quantize_int8
 from export.samples import ImageSet
 from trainer.data import PreprocessSpec
@@ -132,6 +133,23 @@ def test_int8_over_the_accuracy_limit_fails_and_leaves_no_bundle(tiny_ckpt, tiny
                            capsys=capsys)
     assert code == 1 and "more than --max-accuracy-drop -100" in err and "No bundle was written" in err, err
     assert not _leftovers(tmp_path)
+
+
+def test_int8_export_records_method_limit_and_counts(tiny_ckpt, tiny_digits, tmp_path, capsys):
+    out = tmp_path / "b"
+    code, err = export_cli("--checkpoint", tiny_ckpt, "--format", "onnx", "--quantize", "int8", "--calibration",
+                           tiny_digits / "train", "--calibration-count", "16", "--data", tiny_digits,
+                           "--calibration-method", "percentile", "--max-accuracy-drop", "100", "--out", out,
+                           capsys=capsys)
+    assert code == 0, err
+    q = read_manifest(out)["artifacts"]["onnx_int8"]["quantization"]
+    assert (q["calibrate_method"], q["max_accuracy_drop"], q["calibration_images"]) == ("Percentile", 100, 16)
+    assert q["validation_images"] == 24 and q["validation_source"] == f"validation split of {tiny_digits}"
+    assert q["top1_drop"] == pytest.approx(100 * (q["correct_fp32"] - q["correct_int8"]) / 24)
+    assert q["top1_int8"] == q["correct_int8"] / 24 and q["float_op_types"] == ["Softmax"]
+    probs = np.asarray(load_bundle(out, backend="onnxruntime-int8").predict_tensor(example_batch(
+        PreprocessSpec.for_size(32, crop_pct=1.0), 16)))
+    assert _on_grid(probs, 1 / 256) < 0.2
 
 
 @pytest.mark.parametrize("args, message", [(["--calibration-method", "kl"], "invalid choice: 'kl'"),
