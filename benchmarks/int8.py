@@ -5,13 +5,14 @@
 
 The checkpoint is exported once to a verified fp32 ONNX bundle with ``python -m export``'s library;
 then for every calibration method (minmax, entropy, percentile) and every choice of what stays in
-float (``all-int8``: onnxruntime's default op list, the Softmax quantized too, as before;
-``softmax``: the export's default; ``softmax+head``: the final Gemm/MatMul in float as well) the
+float (``none``: onnxruntime's default op list, the Softmax quantized too, as before; ``softmax``;
+``softmax+head``, the export's default: the classifier layer feeding the Softmax in float too) the
 fp32 ONNX is quantized with ``export.quantize.quantize_int8`` on the same calibration images and
 scored with ``export.quantize.int8_accuracy`` on the labelled validation split. Per row: top-1
 fp32 / int8 and the points lost, top-1 agreement with fp32, images whose two best probabilities tie
-exactly, the size of the model file and the median ONNX Runtime latency (``--threads``) at batch 1
-and ``--batch``, as ratios to fp32. Writes int8.json and int8.md under --out; the last stdout line is JSON.
+exactly, the share of probabilities on a 1/256 grid, the largest probability difference to fp32,
+the size of the model file and the median ONNX Runtime latency (``--threads``) at batch 1 and
+``--batch``, as ratios to fp32. Writes int8.json and int8.md under --out; the last stdout line is JSON.
 """
 from __future__ import annotations
 
@@ -32,11 +33,9 @@ from backends import time_call  # noqa: E402
 from export.build import ExportOptions, build_bundle  # noqa: E402
 from export.formats import open_runtime  # noqa: E402
 from export.manifest import preprocess_spec  # noqa: E402
-from export.quantize import CALIBRATION_METHODS, int8_accuracy, quantize_int8  # noqa: E402
+from export.quantize import CALIBRATION_METHODS, KEEP_FLOAT, int8_accuracy, quantize_int8  # noqa: E402
 from export.samples import calibration_images, validation_images  # noqa: E402
 from export.verify import run_chunked  # noqa: E402
-
-KEEP_FLOAT = {"all-int8": (), "softmax": ("Softmax",), "softmax+head": ("Softmax", "Gemm", "MatMul")}
 
 
 def model_bytes(path: Path) -> int:
@@ -46,6 +45,16 @@ def model_bytes(path: Path) -> int:
 def ties(probs: torch.Tensor) -> int:
     top2 = probs.topk(2, dim=-1).values
     return int((top2[:, 0] == top2[:, 1]).sum())
+
+
+def on_grid(probs: torch.Tensor, step: float = 1 / 256) -> float:
+    """Fraction of the probabilities that are whole multiples of ``step``: ~1 when the Softmax output is uint8."""
+    return float(((probs / step - (probs / step).round()).abs() < 1e-3).double().mean())
+
+
+def probability_figures(fp32_probs: torch.Tensor, probs: torch.Tensor) -> dict:
+    return {"ties": ties(probs), "on_grid_1_256": on_grid(probs),
+            "max_abs_diff": float((probs - fp32_probs).abs().max())}
 
 
 def measure(args) -> dict:
@@ -59,16 +68,16 @@ def measure(args) -> dict:
     x1, xb = val.images[:1], val.images[:args.batch]
     base = {"bytes": model_bytes(fp32_path), "ms_batch1": 1e3 * time_call(fp32, x1, 3, args.repeats, 1.0),
             f"ms_batch{args.batch}": 1e3 * time_call(fp32, xb, 2, args.repeats, 1.0),
-            "ties": ties(run_chunked(fp32, val.images, 64))}
+            "ties": ties(fp32_probs := run_chunked(fp32, val.images, 64)), "on_grid_1_256": on_grid(fp32_probs)}
     rows = []
     for method in args.methods:
         for keep in args.keep_float:
             out = work / f"{method}-{keep}.int8.onnx"
-            q = quantize_int8(fp32_path, out, cal.images, method, keep_float=KEEP_FLOAT[keep])
+            q = quantize_int8(fp32_path, out, cal.images, method, keep_float=keep)
             run = open_runtime(out, "onnx", threads=args.threads)
             acc = int8_accuracy(fp32, run, val, 64, float("inf"))
             row = {"method": method, "float": keep, "float_nodes": q["float_nodes"], **acc,
-                   "ties": ties(run_chunked(run, val.images, 64)), "bytes": model_bytes(out),
+                   **probability_figures(fp32_probs, run_chunked(run, val.images, 64)), "bytes": model_bytes(out),
                    "ms_batch1": 1e3 * time_call(run, x1, 3, args.repeats, 1.0),
                    f"ms_batch{args.batch}": 1e3 * time_call(run, xb, 2, args.repeats, 1.0)}
             for k in ("bytes", "ms_batch1", f"ms_batch{args.batch}"):
@@ -88,11 +97,13 @@ def markdown(r: dict) -> str:
              f"{r['calibration_images']} calibration images, {r['threads']} threads; fp32 {r['fp32']['bytes'] / 1e6:.1f} MB, "
              f"{r['fp32']['ms_batch1']:.2f} ms at batch 1, {r['fp32'][f'ms_batch{b}']:.2f} ms at batch {b}, "
              f"{r['fp32']['ties']} top-2 ties", "",
-             f"| calibration | in float | top-1 fp32 | top-1 int8 | points lost | agreement | top-2 ties | size | "
-             f"speed-up batch 1 | speed-up batch {b} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| calibration | in float | top-1 fp32 | top-1 int8 | points lost | agreement | top-2 ties | "
+             f"probs on 1/256 grid | max abs prob diff | size | speed-up batch 1 | speed-up batch {b} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in r["rows"]:
         lines.append(f"| {row['method']} | {row['float']} | {row['top1_fp32']:.4f} | {row['top1_int8']:.4f} | "
-                     f"{row['top1_drop']:+.2f} | {row['top1_agreement']:.4f} | {row['ties']} | "
+                     f"{row['top1_drop']:+.2f} | {row['top1_agreement']:.4f} | {row['ties']} | {row['on_grid_1_256']:.2f} | "
+                     f"{row['max_abs_diff']:.3f} | "
                      f"{row['bytes_ratio']:.2f}x | {1 / row['ms_batch1_ratio']:.2f}x | "
                      f"{1 / row[f'ms_batch{b}_ratio']:.2f}x |")
     return "\n".join(lines) + "\n"
@@ -106,7 +117,7 @@ def main(argv=None) -> None:
     p.add_argument("--calibration-count", type=int, default=256)
     p.add_argument("--validation-limit", type=int, default=2000)
     p.add_argument("--methods", nargs="+", default=list(CALIBRATION_METHODS), choices=list(CALIBRATION_METHODS))
-    p.add_argument("--keep-float", nargs="+", default=list(KEEP_FLOAT), choices=list(KEEP_FLOAT))
+    p.add_argument("--keep-float", nargs="+", default=list(KEEP_FLOAT), choices=KEEP_FLOAT)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8, help="the second batch size timed (besides 1)")
     p.add_argument("--repeats", type=int, default=30)

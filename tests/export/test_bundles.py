@@ -137,7 +137,7 @@ def test_predict_tensor_chunks_by_max_batch_and_checks_input(digits_bundle):
 def test_int8_records_accuracy_before_and_after(digits_bundle, val_paths):
     q = read_manifest(digits_bundle)["artifacts"]["onnx_int8"]["quantization"]
     assert q["calibration_images"] == 72 and q["validation_images"] == 24
-    assert q["calibrate_method"] == "Percentile" and q["float_op_types"] == ["Softmax"] and q["max_accuracy_drop"] == 10
+    assert q["calibrate_method"] == "Percentile" and q["keep_float"] == "softmax+head" and q["max_accuracy_drop"] == 10
     assert q["top1_drop"] == pytest.approx(100 * (q["correct_fp32"] - q["correct_int8"]) / 24)
     assert q["top1_drop"] <= 10 and q["correct_int8"] == round(24 * q["top1_int8"])
     labels = np.array([["0", "1", "7"].index(Path(p).parent.name) for p in val_paths])

@@ -37,24 +37,32 @@ def _on_grid(p: np.ndarray, step: float) -> float:
     return float((np.abs(p / step - np.round(p / step)) < 1e-3).mean())
 
 
-def test_softmax_stays_float(fp32_onnx, tmp_path):
+def test_softmax_and_head_stay_float(fp32_onnx, tmp_path):
     import onnx
 
     src, images = fp32_onnx
     q = quantize_int8(src, tmp_path / "int8.onnx", images)
-    assert q["float_op_types"] == ["Softmax"] and len(q["float_nodes"]) == 1
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    softmax = [n for n in graph.node if n.op_type == "Softmax"]
-    assert len(softmax) == 1 and softmax[0].output[0] == graph.output[0].name  # the output is no DequantizeLinear
+    by_name = {n.name: n for n in graph.node}
+    assert q["keep_float"] == "softmax+head" and sorted(by_name[n].op_type for n in q["float_nodes"]) == ["Gemm",
+                                                                                                         "Softmax"]
+    producer = {o: n for n in graph.node for o in n.output}
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    assert softmax.output[0] == graph.output[0].name  # the output is no DequantizeLinear
+    assert producer[softmax.input[0]].op_type == "Gemm"  # logits straight from a float Gemm, not a DQ of uint8
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # the rest of the graph is still int8
     probs = np.asarray(formats.open_runtime(tmp_path / "int8.onnx", "onnx")(images))
-    scale = [n for n in graph.node if n.op_type == "QuantizeLinear"]
-    assert scale, "the rest of the graph is still quantized"
     assert _on_grid(probs, 1 / 256) < 0.2 and len(np.unique(probs)) > probs.size // 2
 
     # what the default op list did before: the Softmax output quantized to uint8, probabilities on a 1/256-ish grid
-    quantize_int8(src, tmp_path / "all.onnx", images, keep_float=())
+    quantize_int8(src, tmp_path / "all.onnx", images, keep_float="none")
     coarse = np.asarray(formats.open_runtime(tmp_path / "all.onnx", "onnx")(images))
     assert len(np.unique(coarse)) < 256
+    # "softmax" alone: the Softmax float, its input dequantized from the int8 head
+    q = quantize_int8(src, tmp_path / "softmax.onnx", images, keep_float="softmax")
+    graph = onnx.load(str(tmp_path / "softmax.onnx")).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    assert producer[next(n for n in graph.node if n.op_type == "Softmax").input[0]].op_type == "DequantizeLinear"
 
 
 @pytest.mark.parametrize("method", list(CALIBRATION_METHODS))
@@ -146,7 +154,7 @@ def test_int8_export_records_method_limit_and_counts(tiny_ckpt, tiny_digits, tmp
     assert (q["calibrate_method"], q["max_accuracy_drop"], q["calibration_images"]) == ("Percentile", 100, 16)
     assert q["validation_images"] == 24 and q["validation_source"] == f"validation split of {tiny_digits}"
     assert q["top1_drop"] == pytest.approx(100 * (q["correct_fp32"] - q["correct_int8"]) / 24)
-    assert q["top1_int8"] == q["correct_int8"] / 24 and q["float_op_types"] == ["Softmax"]
+    assert q["top1_int8"] == q["correct_int8"] / 24 and q["keep_float"] == "softmax+head"
     probs = np.asarray(load_bundle(out, backend="onnxruntime-int8").predict_tensor(example_batch(
         PreprocessSpec.for_size(32, crop_pct=1.0), 16)))
     assert _on_grid(probs, 1 / 256) < 0.2
