@@ -30,6 +30,7 @@ from .verify import ParityError, run_chunked
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 KEEP_FLOAT = ("softmax+head", "softmax", "none")
 HEAD_OP_TYPES = ("Gemm", "MatMul")
+ENTROPY_BINS = 2048
 
 
 def _reader(images: torch.Tensor, batch: int):
@@ -71,6 +72,25 @@ def float_nodes(model_path: str | os.PathLike, keep_float: str = "softmax+head")
     return names
 
 
+def _entropy_ranges(model: Path, reader, tmp: Path) -> Path:
+    """Entropy calibration with 2048 histogram bins, saved as a calibration cache for quantize_static.
+
+    quantize_static cannot set the bin count, and with onnxruntime's default (128 bins for 128
+    quantized bins) the KL search has one candidate, the full range: the model came out byte for
+    byte identical to MinMax's (measured on the digits and textures models). 2048 bins for 128 is
+    the split TensorRT's entropy calibrator uses."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(model, None, augmented_model_path=str(tmp / "augmented.onnx"),
+                                   calibrate_method=CalibrationMethod.Entropy, providers=["CPUExecutionProvider"],
+                                   extra_options={"num_bins": ENTROPY_BINS, "num_quantized_bins": 128})
+    calibrator.collect_data(reader)
+    cache = tmp / "entropy_ranges.json"
+    save_tensors_data(calibrator.compute_data(), cache)
+    return cache
+
+
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, calibration: torch.Tensor,
                   method: str = "minmax", batch: int = 16, keep_float: str = "softmax+head") -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -87,13 +107,18 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         excluded = float_nodes(prepped, keep_float)
         if keep_float != "none" and not excluded:  # every bundle graph ends in a Softmax: else a new exporter
             raise ValueError(f"no Softmax node in {fp32_path}; cannot keep the probabilities in float")
-        quantize_static(str(prepped), str(out_path), _reader(calibration, batch), quant_format=QuantFormat.QDQ,
+        calibrate_method = getattr(CalibrationMethod, CALIBRATION_METHODS[method])
+        reader, cache = _reader(calibration, batch), None
+        if method == "entropy":
+            cache, reader = _entropy_ranges(prepped, reader, Path(tmp)), None
+        quantize_static(str(prepped), str(out_path), reader, quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+                        calibrate_method=calibrate_method, calibration_cache_path=cache,
                         nodes_to_exclude=excluded, use_external_data_format=False,
                         calibration_providers=["CPUExecutionProvider"])  # onnxruntime-gpu: calibrate on CPU
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "per_channel": True,
             "activations": "uint8", "weights": "int8", "calibrate_method": CALIBRATION_METHODS[method],
+            **({"histogram_bins": ENTROPY_BINS} if method == "entropy" else {}),
             "keep_float": keep_float, "float_nodes": excluded,
             "calibration_images": int(calibration.shape[0])}
 

@@ -75,6 +75,16 @@ def test_every_calibration_method_runs_and_is_recorded(fp32_onnx, tmp_path, meth
     assert float((torch.as_tensor(ref) - torch.as_tensor(got)).abs().max()) < 0.2  # a real int8 model, not noise
 
 
+def test_entropy_calibration_is_not_minmax(fp32_onnx, tmp_path):
+    # onnxruntime's default 128 histogram bins give the entropy search one candidate, the full range,
+    # and so MinMax's model byte for byte; with 2048 bins it clips
+    src, images = fp32_onnx
+    q = quantize_int8(src, tmp_path / "entropy.onnx", images, method="entropy")
+    quantize_int8(src, tmp_path / "minmax.onnx", images, method="minmax")
+    assert q["histogram_bins"] == 2048
+    assert (tmp_path / "entropy.onnx").read_bytes() != (tmp_path / "minmax.onnx").read_bytes()
+
+
 def test_unknown_calibration_method(fp32_onnx, tmp_path):
     with pytest.raises(ValueError, match="unknown calibration method 'kl'"):
         quantize_int8(fp32_onnx[0], tmp_path / "int8.onnx", fp32_onnx[1], method="kl")
