@@ -54,8 +54,11 @@ def describe(manifest: dict) -> str:
                          f"{art['parity_cuda']['max_abs_diff']:.2g}")
         q = art.get("quantization")
         if q and "top1_fp32" in q:
+            gate = (f", {q['top1_drop']:.2f} points lost (allowed {q['max_accuracy_drop']:g})"
+                    if "top1_drop" in q else "")  # bundles made before the gate existed
             lines.append(f"  {'':12s} int8 top-1 {q['top1_int8']:.4f} vs fp32 {q['top1_fp32']:.4f} on "
-                         f"{q['validation_images']} images ({q['validation_source']})")
+                         f"{q['validation_images']} images ({q['validation_source']}){gate}; calibration "
+                         f"{q.get('calibrate_method', 'MinMax')} on {q['calibration_images']} images")
     prov, met = manifest["provenance"], manifest.get("metrics") or {}
     lines.append(f"provenance: torch {prov.get('torch')}, checkpoint {prov.get('checkpoint')} "
                  f"({prov.get('weights')} weights), created {prov.get('created')}")

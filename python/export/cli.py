@@ -11,7 +11,8 @@
     python -m export inspect bundles/digits
     python -m export verify bundles/digits [--data data/digits]
 
-Exit codes: 0 success, 1 an artifact failed its parity check (nothing written), 2 a user error
+Exit codes: 0 success, 1 an artifact failed its parity check or int8 lost more top-1 than
+--max-accuracy-drop (nothing written), 2 a user error
 (missing or corrupt checkpoint, unknown format, tampered bundle, ...), printed without a traceback.
 """
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["int8"], default=None, help="also write model.int8.onnx")
     p.add_argument("--calibration", help="folder of calibration images for --quantize (e.g. DATA/train)")
     p.add_argument("--calibration-count", type=int, default=256, help="calibration images to use")
+    p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                   help="how --quantize int8 picks activation ranges (onnxruntime CalibrationMethod)")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
+                   help="--quantize int8 fails (exit 1, no bundle) when int8 top-1 on the labelled validation "
+                        "images is more than this many percentage points below fp32")
     p.add_argument("--data", help="dataset whose validation split verifies the bundle and scores int8")
     p.add_argument("--name", help="bundle name (default: <dataset>-<architecture>)")
     p.add_argument("--tta", default="none", help="default TTA policy written into the manifest")
@@ -82,6 +88,7 @@ def _cmd_export(argv) -> int:
     opts = ExportOptions(checkpoint=a.checkpoint, out=a.out, formats=formats, opset=a.opset,
                          max_batch=a.max_batch, weights=weights, verify=a.verify, quantize=a.quantize,
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
+                         calibration_method=a.calibration_method, max_accuracy_drop=a.max_accuracy_drop,
                          name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
                          pt2_static_batches=sorted(set(a.pt2_static_batches)), device=a.device,
                          precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,

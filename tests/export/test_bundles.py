@@ -36,7 +36,9 @@ def digits_bundle(digits_checkpoint, tiny_digits, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "digits"
     res = run_cli("--checkpoint", str(digits_checkpoint), "--format", "all", "triton", "--out", str(out), "--data",
                   str(tiny_digits), "--max-batch", "16", "--tta", "hflip", "--quantize", "int8", "--calibration",
-                  str(tiny_digits / "train"), "--triton-repo", str(out.parent / "triton"), module="export")
+                  str(tiny_digits / "train"), "--calibration-method", "percentile",
+                  # 24 validation images: one flipped image is 4.2 points, over the default limit of 1
+                  "--max-accuracy-drop", "10", "--triton-repo", str(out.parent / "triton"), module="export")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Warning" not in res.stderr, res.stderr  # deprecation chatter is handled, not spammed
     return out
@@ -139,6 +141,9 @@ def test_predict_tensor_chunks_by_max_batch_and_checks_input(digits_bundle):
 def test_int8_records_accuracy_before_and_after(digits_bundle, val_paths):
     q = read_manifest(digits_bundle)["artifacts"]["onnx_int8"]["quantization"]
     assert q["calibration_images"] == 72 and q["validation_images"] == 24
+    assert q["calibrate_method"] == "Percentile" and q["keep_float"] == "softmax+head" and q["max_accuracy_drop"] == 10
+    assert q["top1_drop"] == pytest.approx(100 * (q["correct_fp32"] - q["correct_int8"]) / 24)
+    assert q["top1_drop"] <= 10 and q["correct_int8"] == round(24 * q["top1_int8"])
     labels = np.array([["0", "1", "7"].index(Path(p).parent.name) for p in val_paths])
     for backend, key in (("onnxruntime-int8", "top1_int8"), ("eager", "top1_fp32")):
         probs = export.load_bundle(digits_bundle, backend=backend, tta="none").predict(val_paths).probs
