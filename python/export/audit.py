@@ -48,6 +48,10 @@ def describe(manifest: dict) -> str:
             f"{(art.get('compiled_for') or {}).get('gpu', '?')}]"
         lines.append(f"  {key:12s} {art['file']:16s} {art['bytes'] / 1e6:8.2f} MB  sha256 {art['sha256'][:12]}  "
                      f"{check}  export {art.get('export_seconds', '?')}s{where}")
+        cpu = art.get("compiled_for") or {}
+        if "cpu_isa" in cpu:
+            lines.append(f"  {'':12s} compiled for {cpu['cpu_isa']} CPUs (-march={cpu.get('march')}), torch "
+                         f"{cpu.get('torch')}" + (f", recompiled {art['recompiled']}" if art.get("recompiled") else ""))
         if art.get("parity_cuda"):
             lines.append(f"  {'':12s} on the CUDA execution provider: max abs diff "
                          f"{art['parity_cuda']['max_abs_diff']:.2g}")
