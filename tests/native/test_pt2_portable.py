@@ -178,3 +178,13 @@ def test_isa_levels_this_cpu_lacks_are_refused(monkeypatch):
         portable.resolve_isa("avx2")
     with pytest.raises(export.BundleError, match="--pt2-isa 'sse9': use one of auto, native, default, avx2, avx512"):
         portable.resolve_isa("sse9")
+
+
+def test_the_server_loads_the_fallback_and_refuses_an_explicit_pt2(newer_cpu, caplog):
+    from server.models import load_served_model
+
+    with caplog.at_level(logging.WARNING, logger="export.loader"):
+        served = load_served_model(newer_cpu, backend="auto", threads=1)
+    assert served.backend == "torchscript" and f"lacks {FAKE_FEATURE}" in caplog.text
+    with pytest.raises(export.BundleError, match=rf"lacks {FAKE_FEATURE}.*python -m export recompile"):
+        load_served_model(newer_cpu, backend="pt2", threads=1)
