@@ -25,7 +25,7 @@ import torch
 from . import formats as fmt
 from .build import staged_bundle
 from .manifest import (MANIFEST_NAME, BundleError, check_artifact, file_sha256, manifest_path, preprocess_spec, read_manifest,
-                       utc_now, write_manifest)
+                       utc_now, verify_checksums, write_manifest)
 from .portable import compiled_for, resolve_isa
 from .samples import validation_images
 from .verify import check_parity
@@ -117,6 +117,7 @@ def recompile_bundle(opts: RecompileOptions, say=print) -> dict:
     folder = manifest_path(opts.bundle).parent.resolve()
     manifest = read_manifest(folder)
     isa = resolve_isa(opts.isa)
+    verify_checksums(folder, manifest)  # rewriting checksums must not bless a file changed since the export
     with staged_bundle(folder) as tmp:
         shutil.copytree(folder, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
         if manifest["kind"] == "model":

@@ -148,19 +148,28 @@ def test_recompile_rebuilds_the_pt2_for_this_machine(newer_cpu, bundle_a):
     assert not [p for p in newer_cpu.parent.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 
-def test_a_failed_recompile_leaves_the_bundle_untouched(newer_cpu, tmp_path):
+def test_a_failed_recompile_leaves_the_bundle_untouched(newer_cpu, monkeypatch):
     def snapshot():
         return {p.name: p.read_bytes() for p in newer_cpu.iterdir()}
 
+    def compiled(program, path, static_batches, isa):  # stands in for the compile (tested above): same package
+        shutil.copyfile(newer_cpu / "model.pt2", path)
+        return {"static_batch_models": {str(n): f"batch{n}" for n in static_batches}}
+
     before = snapshot()
-    with pytest.raises(ParityError, match="pt2 \\(recompiled\\)"):  # tolerance < 0: the check after compiling fails
-        recompile_bundle(RecompileOptions(str(newer_cpu), tolerance=-1.0), say=lambda *a: None)
+    with monkeypatch.context() as patch:
+        patch.setattr(export.formats, "write_pt2", compiled)
+        with pytest.raises(ParityError, match="pt2 \\(recompiled\\)"):  # tolerance < 0: fails after the new .pt2
+            recompile_bundle(RecompileOptions(str(newer_cpu), tolerance=-1.0), say=lambda *a: None)
     assert snapshot() == before
     prog = newer_cpu / "model.program.pt2"
     prog.write_bytes(prog.read_bytes() + b"x")
     with pytest.raises(export.BundleError, match="model.program.pt2: missing, or its sha256 differs"):
         recompile_bundle(RecompileOptions(str(newer_cpu)), say=lambda *a: None)
     assert not [p for p in newer_cpu.parent.iterdir() if p.name.startswith(".")]
+    (newer_cpu / "model.ts").write_bytes(b"tampered")  # a checksum it would rewrite must not hide another change
+    with pytest.raises(export.BundleError, match="model.ts: sha256 .* differs"):
+        recompile_bundle(RecompileOptions(str(newer_cpu)), say=lambda *a: None)
 
 
 def test_recompile_refuses_bundles_it_cannot_help(bundle_b, tmp_path, capsys):
@@ -188,3 +197,32 @@ def test_the_server_loads_the_fallback_and_refuses_an_explicit_pt2(newer_cpu, ca
     assert served.backend == "torchscript" and f"lacks {FAKE_FEATURE}" in caplog.text
     with pytest.raises(export.BundleError, match=rf"lacks {FAKE_FEATURE}.*python -m export recompile"):
         load_served_model(newer_cpu, backend="pt2", threads=1)
+
+
+def test_recompile_an_ensemble_updates_its_member_checksums(ensembles, tmp_path, monkeypatch):
+    ens = tmp_path / "ens"
+    shutil.copytree(ensembles["mean"], ens)
+    member = next(m for m in read_manifest(ens)["members"] if "pt2" in read_manifest(ens / m["path"])["artifacts"])
+    mdir = ens / member["path"]
+    m = read_manifest(mdir)
+    m["artifacts"]["pt2"]["compiled_for"]["cpu_features"].append(FAKE_FEATURE)
+    (mdir / "manifest.json").unlink()
+    write_manifest(mdir, m)
+    e = read_manifest(ens)  # re-hashed as a real (older) export would have it
+    next(x for x in e["members"] if x["name"] == member["name"])["manifest_sha256"] = file_sha256(mdir / "manifest.json")
+    (ens / "manifest.json").unlink()
+    write_manifest(ens, e)
+    member = next(x for x in e["members"] if x["name"] == member["name"])
+
+    def compiled(program, path, static_batches, isa):  # the real compile is tested above: reuse the package
+        shutil.copyfile(mdir / "model.pt2", path)
+        return {"static_batch_models": {str(n): f"batch{n}" for n in static_batches}}
+
+    monkeypatch.setattr(export.formats, "write_pt2", compiled)
+    recompile_bundle(RecompileOptions(str(ens)), say=lambda *a: None)
+    new = read_manifest(ens)
+    mem = next(m for m in new["members"] if m["name"] == member["name"])
+    assert mem["manifest_sha256"] == file_sha256(mdir / "manifest.json") != member["manifest_sha256"]
+    assert portable.pt2_problem(read_manifest(mdir)["artifacts"]["pt2"]) is None
+    verify_checksums(ens)
+    assert export.load_bundle(ens, backend="auto").backend  # the ensemble still opens
