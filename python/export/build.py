@@ -59,6 +59,7 @@ class ExportOptions:
     # .pt2 only: the x86-64 level the package is compiled for (export.portable: auto, native, default, avx2,
     # avx512); resolved by _check_options ("auto" -> avx2 where this CPU has it)
     pt2_isa: str = "auto"
+    pt2_program: bool = True  # ship the ExportedProgram (model.program.pt2, one more copy of the weights)
     # cuda[:N]: also write TorchScript and .pt2 compiled for that GPU, in each of ``precisions``
     device: str = "cpu"
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
@@ -212,7 +213,7 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
             else:
                 program = program or fmt.export_program(net, example, opts.max_batch)
                 extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx"
-                         else write_cpu_pt2(program, path, opts.pt2_static_batches, opts.pt2_isa))
+                         else write_cpu_pt2(program, path, opts.pt2_static_batches, opts.pt2_isa, opts.pt2_program))
             seconds = time.perf_counter() - t0
             art = {"file": file, "format": kind, "sha256": file_sha256(path), "bytes": path.stat().st_size, **extra}
             if extra.get("data_files"):
@@ -246,15 +247,16 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
 PROGRAM_FILE = "model.program.pt2"
 
 
-def write_cpu_pt2(program, path: Path, static_batches, isa: str) -> dict:
-    """model.pt2 compiled for ``isa`` plus the ExportedProgram next to it (model.program.pt2) for
-    'python -m export recompile'; returns the manifest fields both add to the pt2 entry."""
-    extra = fmt.write_pt2(program, path, tuple(static_batches), isa)
-    prog = path.parent / PROGRAM_FILE
-    fmt.write_program(program, prog)
-    return {**extra, "compiled_for": compiled_for(isa),
-            "program": {"file": PROGRAM_FILE, "format": "torch.export", "sha256": file_sha256(prog),
-                        "bytes": prog.stat().st_size}}
+def write_cpu_pt2(program, path: Path, static_batches, isa: str, with_program: bool = True) -> dict:
+    """model.pt2 compiled for ``isa`` plus (with_program) the ExportedProgram next to it, model.program.pt2,
+    for 'python -m export recompile'; returns the manifest fields both add to the pt2 entry."""
+    extra = {**fmt.write_pt2(program, path, tuple(static_batches), isa), "compiled_for": compiled_for(isa)}
+    if with_program:
+        prog = path.parent / PROGRAM_FILE
+        fmt.write_program(program, prog)
+        extra["program"] = {"file": PROGRAM_FILE, "format": "torch.export", "sha256": file_sha256(prog),
+                            "bytes": prog.stat().st_size}
+    return extra
 
 
 def _int8(opts, tmp: Path, manifest: dict, spec, eager, val, say) -> dict:

@@ -57,6 +57,9 @@ def _export_parser() -> argparse.ArgumentParser:
                         "(x86-64-v4), default (x86-64-v2, scalar kernels), native (only CPUs like this one; "
                         "inductor's default) or auto (avx2 where this CPU has it). Recorded in the manifest; "
                         "readers skip a .pt2 this CPU cannot run")
+    p.add_argument("--pt2-program", action=argparse.BooleanOptionalAction, default=True,
+                   help="ship the ExportedProgram next to the .pt2 (model.program.pt2, one more copy of the weights) "
+                        "so 'python -m export recompile' can rebuild it on another machine (default on)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N. cuda also writes TorchScript and .pt2 compiled for that GPU next to the "
                         "CPU artifacts, and checks model.onnx on the CUDA execution provider")
@@ -80,7 +83,8 @@ def _cmd_export(argv) -> int:
                          max_batch=a.max_batch, weights=weights, verify=a.verify, quantize=a.quantize,
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
                          name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
-                         pt2_static_batches=sorted(set(a.pt2_static_batches)), pt2_isa=a.pt2_isa, device=a.device,
+                         pt2_static_batches=sorted(set(a.pt2_static_batches)), pt2_isa=a.pt2_isa,
+                         pt2_program=a.pt2_program, device=a.device,
                          precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,
                          half_tolerance=a.half_tolerance)
     _, manifest = build_bundle(opts)

@@ -226,3 +226,22 @@ def test_recompile_an_ensemble_updates_its_member_checksums(ensembles, tmp_path,
     assert portable.pt2_problem(read_manifest(mdir)["artifacts"]["pt2"]) is None
     verify_checksums(ens)
     assert export.load_bundle(ens, backend="auto").backend  # the ensemble still opens
+
+
+def test_no_pt2_program_ships_only_the_package(tmp_path, monkeypatch):
+    from export import build
+
+    monkeypatch.setattr(export.formats, "write_pt2", lambda program, path, static, isa: {"static_batch_models": {}})
+    extra = build.write_cpu_pt2(None, tmp_path / "model.pt2", [], "avx2", with_program=False)
+    assert "program" not in extra and extra["compiled_for"]["cpu_isa"] == "avx2" and not list(tmp_path.iterdir())
+
+
+def test_export_refuses_a_level_this_cpu_lacks_before_any_work(tmp_path, monkeypatch, capsys):
+    from export.cli import main
+
+    monkeypatch.setattr(portable, "cpu_features", lambda: frozenset(portable.ISAS["avx2"][2]))
+    monkeypatch.setattr(portable, "_x86", lambda: True)
+    code = main(["--checkpoint", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "b"), "--format", "pt2",
+                 "--pt2-isa", "avx512"])
+    assert code == 2 and "--pt2-isa avx512: this CPU lacks avx512bw" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
