@@ -19,6 +19,7 @@ from .devices import cuda_device_count
 from .manifest import (BundleError, artifact_device, artifact_precision, manifest_path, preprocess_spec, read_manifest,
                        verify_checksums)
 from .onnx_metadata import metadata_mismatches
+from .portable import pt2_problem, pt2_refusal
 from .samples import validation_images
 from .verify import ParityError, check_parity
 
@@ -49,6 +50,10 @@ def describe(manifest: dict) -> str:
             f"{(art.get('compiled_for') or {}).get('gpu', '?')}]"
         lines.append(f"  {key:12s} {art['file']:16s} {art['bytes'] / 1e6:8.2f} MB  sha256 {art['sha256'][:12]}  "
                      f"{check}  export {art.get('export_seconds', '?')}s{where}")
+        cpu = art.get("compiled_for") or {}
+        if "cpu_isa" in cpu:
+            lines.append(f"  {'':12s} compiled for {cpu['cpu_isa']} CPUs (-march={cpu.get('march')}), torch "
+                         f"{cpu.get('torch')}" + (f", recompiled {art['recompiled']}" if art.get("recompiled") else ""))
         if art.get("parity_cuda"):
             lines.append(f"  {'':12s} on the CUDA execution provider: max abs diff "
                          f"{art['parity_cuda']['max_abs_diff']:.2g}")
@@ -81,7 +86,8 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
     try:
         reference, ref_name = loader.load_bundle(folder, "eager")._run, "eager (source checkpoint)"
     except BundleError:
-        key = next((k for k in FP32_ORDER if k in manifest["artifacts"]), None)
+        key = next((k for k in FP32_ORDER if k in manifest["artifacts"] and not pt2_problem(manifest["artifacts"][k])),
+                   None)
         if key is None:
             raise BundleError(f"{folder}: no fp32 artifact and no source checkpoint to compare against") from None
         art = manifest["artifacts"][key]
@@ -95,6 +101,10 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
                 continue
             report["artifacts"][key] = _verify_cuda(reference, folder, key, art, images, manifest["max_batch"], tol)
             say(f"  {key}: max abs diff {report['artifacts'][key]['max_abs_diff']:.2g} vs {ref_name} on cuda:0")
+            continue
+        reason = pt2_problem(art, str(folder))
+        if reason:
+            say(f"  {key}: not run ({pt2_refusal(reason, folder)}; its sha256 was checked)")
             continue
         run = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
         res = check_parity(reference, run, images.images, key, manifest["max_batch"],

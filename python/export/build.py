@@ -31,6 +31,7 @@ from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, PRECISIONS, SCHE
                        preprocessing_dict, utc_now, utc_version, write_manifest)
 from .onnx_metadata import embed_onnx_metadata
 from .quantize import CALIBRATION_METHODS
+from .portable import compiled_for, resolve_isa
 from .samples import calibration_images, validation_images
 from .verify import check_parity
 
@@ -60,6 +61,10 @@ class ExportOptions:
     force: bool = False
     # .pt2 only: batch sizes that also get a model compiled for exactly that size (prepacked weights)
     pt2_static_batches: list[int] = field(default_factory=lambda: [1])
+    # .pt2 only: the x86-64 level the package is compiled for (export.portable: auto, native, default, avx2,
+    # avx512); resolved by _check_options ("auto" -> avx2 where this CPU has it)
+    pt2_isa: str = "auto"
+    pt2_program: bool = True  # ship the ExportedProgram (model.program.pt2, one more copy of the weights)
     # cuda[:N]: also write TorchScript and .pt2 compiled for that GPU, in each of ``precisions``
     device: str = "cpu"
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
@@ -113,6 +118,8 @@ def _check_options(o: ExportOptions) -> None:
     bad = [n for n in o.pt2_static_batches if not 1 <= n <= o.max_batch]
     if bad:
         raise BundleError(f"--pt2-static-batches {bad}: each size must be between 1 and --max-batch {o.max_batch}")
+    if "pt2" in o.formats:
+        o.pt2_isa = resolve_isa(o.pt2_isa)
     if o.max_batch < 2:
         raise BundleError(f"--max-batch must be at least 2 (the batch dimension is dynamic), got {o.max_batch}")
     if o.tta_merge not in MERGES:
@@ -219,7 +226,8 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
                 extra = fmt.write_torchscript(net, example, path, embedded)
             else:
                 program = program or fmt.export_program(net, example, opts.max_batch)
-                extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx" else fmt.write_pt2(program, path, tuple(opts.pt2_static_batches)))
+                extra = (fmt.write_onnx(program, path, opts.opset) if key == "onnx"
+                         else write_cpu_pt2(program, path, opts.pt2_static_batches, opts.pt2_isa, opts.pt2_program))
             if kind == "onnx":
                 embed_onnx_metadata(path, manifest)  # before hashing: the sha256 covers it
             seconds = time.perf_counter() - t0
@@ -250,6 +258,21 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
         write_manifest(tmp, manifest)
     say(f"bundle: {out}")
     return out, manifest
+
+
+PROGRAM_FILE = "model.program.pt2"
+
+
+def write_cpu_pt2(program, path: Path, static_batches, isa: str, with_program: bool = True) -> dict:
+    """model.pt2 compiled for ``isa`` plus (with_program) the ExportedProgram next to it, model.program.pt2,
+    for 'python -m export recompile'; returns the manifest fields both add to the pt2 entry."""
+    extra = {**fmt.write_pt2(program, path, tuple(static_batches), isa), "compiled_for": compiled_for(isa)}
+    if with_program:
+        prog = path.parent / PROGRAM_FILE
+        fmt.write_program(program, prog)
+        extra["program"] = {"file": PROGRAM_FILE, "format": "torch.export", "sha256": file_sha256(prog),
+                            "bytes": prog.stat().st_size}
+    return extra
 
 
 def _int8(opts, tmp: Path, manifest: dict, spec, eager, val, say) -> dict:

@@ -10,6 +10,7 @@
     python -m export --checkpoint runs/digits/best.pt --format triton --triton-repo models --out bundles/digits
     python -m export inspect bundles/digits
     python -m export verify bundles/digits [--data data/digits]
+    python -m export recompile bundles/digits [--isa avx2]   # the .pt2 again, for this machine's CPU and torch
 
 Exit codes: 0 success, 1 an artifact failed its parity check or int8 lost more top-1 than
 --max-accuracy-drop (nothing written), 2 a user error
@@ -23,12 +24,14 @@ import logging
 import sys
 import warnings
 
-COMMANDS = ("ensemble", "inspect", "triton", "verify")
+COMMANDS = ("ensemble", "inspect", "triton", "verify", "recompile")
 
 
 def _export_parser() -> argparse.ArgumentParser:
+    from .portable import ISA_CHOICES
+
     p = argparse.ArgumentParser(prog="python -m export", description="Build a verified bundle from a checkpoint. "
-                                "Other commands: python -m export {ensemble,inspect,triton,verify} --help")
+                                "Other commands: python -m export {ensemble,inspect,triton,verify,recompile} --help")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (RUN/best.pt or a run directory)")
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--format", nargs="+", default=["all"],
@@ -59,6 +62,14 @@ def _export_parser() -> argparse.ArgumentParser:
                    help=".pt2 also holds a model compiled for exactly these batch sizes (weights prepacked: "
                         "resnet50 batch 1 on CPU 40 vs 58 ms; each adds the weights once more). Default 1; "
                         "give no value to compile only the dynamic-batch model")
+    p.add_argument("--pt2-isa", default="auto", choices=ISA_CHOICES,
+                   help="CPUs the .pt2 is compiled for: avx2 (x86-64-v3, Haswell/Zen 1 and later), avx512 "
+                        "(x86-64-v4), default (x86-64-v2, scalar kernels), native (only CPUs like this one; "
+                        "inductor's default) or auto (avx2 where this CPU has it). Recorded in the manifest; "
+                        "readers skip a .pt2 this CPU cannot run")
+    p.add_argument("--pt2-program", action=argparse.BooleanOptionalAction, default=True,
+                   help="ship the ExportedProgram next to the .pt2 (model.program.pt2, one more copy of the weights) "
+                        "so 'python -m export recompile' can rebuild it on another machine (default on)")
     p.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N. cuda also writes TorchScript and .pt2 compiled for that GPU next to the "
                         "CPU artifacts, and checks model.onnx on the CUDA execution provider")
@@ -90,7 +101,8 @@ def _cmd_export(argv) -> int:
                          calibration=a.calibration, calibration_count=a.calibration_count, data=a.data,
                          calibration_method=a.calibration_method, max_accuracy_drop=a.max_accuracy_drop,
                          name=a.name, tta=a.tta, tta_merge=a.tta_merge, tolerance=a.tolerance, force=a.force,
-                         pt2_static_batches=sorted(set(a.pt2_static_batches)), device=a.device,
+                         pt2_static_batches=sorted(set(a.pt2_static_batches)), pt2_isa=a.pt2_isa,
+                         pt2_program=a.pt2_program, device=a.device,
                          precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,
                          half_tolerance=a.half_tolerance)
     out, manifest = build_bundle(opts)
@@ -196,6 +208,22 @@ def _cmd_verify(argv) -> int:
     a = p.parse_args(argv)
     verify_bundle(a.bundle, a.data, a.tolerance)
     print("verify: ok")
+    return 0
+
+
+def _cmd_recompile(argv) -> int:
+    from .portable import ISA_CHOICES
+    from .recompile import RecompileOptions, recompile_bundle
+
+    p = argparse.ArgumentParser(prog="python -m export recompile",
+                                description="Compile the bundle's .pt2 again on this machine from the ExportedProgram "
+                                            "it ships, check it against the bundle's TorchScript/ONNX, replace it.")
+    p.add_argument("bundle")
+    p.add_argument("--isa", default="auto", choices=ISA_CHOICES, help="CPUs to compile for (as --pt2-isa of export)")
+    p.add_argument("--data", help="dataset whose validation images to compare on (default: synthetic batch)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs probability difference allowed")
+    a = p.parse_args(argv)
+    recompile_bundle(RecompileOptions(a.bundle, a.isa, a.data, a.tolerance))
     return 0
 
 

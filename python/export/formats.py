@@ -3,7 +3,8 @@
     write_torchscript(net, example, "model.ts", embedded_manifest)
     program = export_program(net, example, max_batch=64)   # torch.export, dynamic batch 1..64
     write_onnx(program, "model.onnx", opset=18)
-    write_pt2(program, "model.pt2")             # dynamic batch + a static batch-1 model
+    write_pt2(program, "model.pt2", isa="avx2") # dynamic batch + a static batch-1 model, for x86-64-v3 CPUs
+    write_program(program, "model.program.pt2") # the ExportedProgram, to recompile the .pt2 elsewhere
     run = open_runtime("model.onnx", "onnx", threads=2)   # run(uint8 NCHW tensor) -> probs tensor
     run = open_runtime("model.onnx", "onnx", device="cuda:0", keep_on_device=True)  # CUDA EP, IOBinding
 
@@ -12,6 +13,7 @@ least 2 images, so the dynamic batch dimension is never specialised to 1.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -76,13 +78,15 @@ PT2_DYNAMIC_MODEL = "model"
 
 
 def write_pt2(program: torch.export.ExportedProgram, path: str | os.PathLike,
-              static_batches: tuple[int, ...] = (1,)) -> dict:
+              static_batches: tuple[int, ...] = (1,), isa: str | None = None) -> dict:
     """AOTInductor package holding the dynamic-batch model plus one static model per size in static_batches.
 
     Why the static models: inductor prepacks convolution weights into oneDNN's blocked layout only when
     the input shape is fully known; with a symbolic batch every convolution reorders its weights on
     every call (resnet50, 2 threads: 58 ms at batch 1 vs 40 ms with a static batch-1 model). The
     runtimes pick the static model when the batch size matches and the dynamic one otherwise.
+    isa: a resolved ``export.portable`` level (default, avx2, avx512, native) for a CPU package: inductor
+    compiles for it with the thread count left to the runtime; None leaves inductor's defaults (CUDA).
     Returns {"static_batch_models": {"1": "batch1"}} for the manifest.
     """
     import logging
@@ -94,7 +98,9 @@ def write_pt2(program: torch.export.ExportedProgram, path: str | os.PathLike,
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     (example,), _ = program.example_inputs
     programs = {PT2_DYNAMIC_MODEL: program}
-    with torch.no_grad():
+    from .portable import inductor_options
+
+    with torch.no_grad(), (inductor_options(isa) if isa else contextlib.nullcontext()):
         for n in static_batches:
             graph = program.module(check_guards=False)
             programs[f"batch{n}"] = torch.export.export(graph, (example[:1].expand(n, *example.shape[1:]).clone(),))
@@ -106,6 +112,12 @@ def write_pt2(program: torch.export.ExportedProgram, path: str | os.PathLike,
                                                 options={"freezing": True, "aot_inductor.package": True})
         package_aoti(str(path), files)
     return {"static_batch_models": {str(n): f"batch{n}" for n in static_batches}}
+
+
+def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike) -> None:
+    """torch.export.save: the portable input of ``write_pt2`` (example inputs included), so a target
+    machine can compile its own .pt2 (python -m export recompile)."""
+    torch.export.save(program, str(path))
 
 
 def load_pt2(path: str | os.PathLike, static_batch_models: dict | None = None, device_index: int = -1):

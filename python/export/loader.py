@@ -21,6 +21,7 @@ bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ from .devices import Device, parse_device, require_cuda
 from .formats import Runtime, open_runtime
 from .manifest import (BundleError, artifact_key, check_artifact, file_sha256, manifest_path, preprocess_spec,
                        read_manifest)
+from .portable import pt2_problem, pt2_refusal
+
+log = logging.getLogger("export.loader")
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
@@ -90,8 +94,11 @@ def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
     def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
         dev = parse_device(device)
         name = compiled_artifact(manifest, key, dev, precision, folder) if key in ("pt2", "torchscript") else key
-        path = check_artifact(folder, manifest, name)
         art = manifest["artifacts"][name]
+        reason = pt2_problem(art, str(folder))
+        if reason:  # before opening it: loading a package built for a newer CPU kills the process
+            raise BundleError(pt2_refusal(reason, folder))
+        path = check_artifact(folder, manifest, name)
         _check_compiled_for(folder, art, dev)
         return open_runtime(path, art["format"], threads, str(dev), art.get("static_batch_models"))
 
@@ -288,8 +295,14 @@ def _pick_backend(manifest: dict, backend: str, folder: Path, device: Device) ->
                           "re-export it on a GPU machine with 'python -m export --checkpoint CKPT --out DIR --device "
                           "cuda' (or with --format onnx, which runs on the CUDA execution provider)")
     for name in AUTO_ORDER:
-        if _BACKEND_ARTIFACT[name] in manifest["artifacts"]:
-            return name
+        art = manifest["artifacts"].get(_BACKEND_ARTIFACT[name])
+        if art is None:
+            continue
+        reason = pt2_problem(art, str(folder))
+        if reason:
+            log.warning("skipping the .pt2: %s; falling back to the next artifact", pt2_refusal(reason, folder))
+            continue
+        return name
     raise BundleError(f"{folder}: no artifact that backend 'auto' can run; pass backend= explicitly")
 
 

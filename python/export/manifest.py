@@ -220,9 +220,16 @@ def verify_checksums(bundle: str | os.PathLike, manifest: dict | None = None) ->
                                   "was modified: rebuild the ensemble with 'python -m export ensemble'")
             checked += [f"{mem['name']}/{k}" for k in verify_checksums(sub)]
         return checked
-    for key in manifest["artifacts"]:
+    for key, art in manifest["artifacts"].items():
         check_artifact(folder, manifest, key)
         checked.append(key)
+        prog = art.get("program")  # a .pt2's ExportedProgram (python -m export recompile): not needed to load
+        if isinstance(prog, dict):
+            path = folder / Path(str(prog.get("file"))).name
+            if not path.is_file() or file_sha256(path) != prog.get("sha256"):
+                raise BundleError(f"{path}: missing, or its sha256 differs from the manifest's; the file was "
+                                  "modified or corrupted: copy the bundle again or re-export it")
+            checked.append(f"{key}.program")
     return checked
 
 

@@ -49,6 +49,11 @@ struct Artifact {
   std::string precision = "fp32";  // fp32 | fp16 | bf16 (weights and activations; input and output as always)
   // .pt2 only: batch size -> name of a model compiled for exactly that batch (weights prepacked).
   std::map<int64_t, std::string> static_batch_models;
+  // CPU .pt2 only ("compiled_for", export/portable.py): the x86-64 level, the CPU features its code may
+  // use (/proc/cpuinfo names), the machine and the torch version it was compiled with. Empty cpu_isa:
+  // a bundle from before these records, not checked.
+  std::string cpu_isa, march, machine, torch_version;
+  std::vector<std::string> cpu_features;
 };
 
 struct Member;
@@ -87,6 +92,9 @@ struct Member {
 Bundle read_bundle(const std::string& dir);
 // Path of the artifact after checking its sha256; throws BundleError when missing or tampered.
 std::string checked_artifact_path(const Bundle& b, const std::string& key);
+// Why this machine cannot load the CPU .pt2 `a` (its CPU lacks a recorded feature, another machine
+// type, another torch release), with the fix; empty when it can. export.portable.pt2_problem's twin.
+std::string pt2_problem(const Bundle& b, const Artifact& a);
 
 // ---- models (model.cpp) ---------------------------------------------------------------------
 class Model {

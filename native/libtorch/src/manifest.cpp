@@ -236,6 +236,18 @@ Bundle read_bundle(const std::string& dir_in) {
         a.static_batch_models[n] = s->get<std::string>();
       }
     }
+    if (a.format == "aotinductor" && a.device == "cpu" && it->contains("compiled_for")) {
+      const json& cf = (*it)["compiled_for"];
+      const std::string wc = w + ".compiled_for";
+      if (!cf.is_object()) fail(wc, "must be an object");
+      if (cf.contains("cpu_isa")) {
+        a.cpu_isa = get<std::string>(cf, "cpu_isa", wc);
+        a.cpu_features = get<std::vector<std::string>>(cf, "cpu_features", wc);
+        if (cf.contains("march")) a.march = get<std::string>(cf, "march", wc);
+        if (cf.contains("machine")) a.machine = get<std::string>(cf, "machine", wc);
+        if (cf.contains("torch")) a.torch_version = get<std::string>(cf, "torch", wc);
+      }
+    }
     b.artifacts.push_back(a);
   }
   return b;

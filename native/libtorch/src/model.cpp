@@ -1,13 +1,52 @@
 // The two artifact formats the native runtime runs: TorchScript (torch::jit::load) and
 // AOTInductor packages (.pt2, AOTIModelPackageLoader). Both take (N, 3, H, W) uint8 and return
 // (N, K) float32 probabilities: normalisation and softmax are folded into the graph.
+#include <sys/utsname.h>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <set>
+#include <sstream>
+
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/headeronly/version.h>
 #include <torch/script.h>
 
 #include "internal.h"
 
 namespace classify {
 namespace {
+
+// The running CPU's feature flags as /proc/cpuinfo names them (the names the manifest records);
+// nullptr where that file cannot be read.
+const std::set<std::string>* cpu_features() {
+  static const std::optional<std::set<std::string>> flags = []() -> std::optional<std::set<std::string>> {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+      const size_t colon = line.find(':');
+      if (line.rfind("flags", 0) != 0 || colon == std::string::npos) continue;
+      std::istringstream words(line.substr(colon + 1));
+      std::set<std::string> out;
+      for (std::string f; words >> f;) out.insert(f);
+      return out;
+    }
+    return std::nullopt;
+  }();
+  return flags ? &*flags : nullptr;
+}
+
+std::string machine() {
+  utsname u{};
+  return uname(&u) == 0 ? std::string(u.machine) : std::string();
+}
+
+std::string major_minor(const std::string& version) {  // "2.14.1+cu130" -> "2.14"
+  const std::string v = version.substr(0, version.find('+'));
+  const size_t first = v.find('.');
+  return first == std::string::npos ? v : v.substr(0, v.find('.', first + 1));
+}
 
 class TorchScriptModel : public Model {
  public:
@@ -60,6 +99,32 @@ class Pt2Model : public Model {
 };
 
 }  // namespace
+
+std::string pt2_problem(const Bundle& b, const Artifact& a) {
+  if (a.format != "aotinductor" || a.device != "cpu" || a.cpu_isa.empty()) return "";
+  const std::string name = (std::filesystem::path(b.dir) / a.file).string();
+  const std::string here = machine();
+  std::string reason;
+  if (!a.machine.empty() && !here.empty() && a.machine != here) {
+    reason = name + " was compiled for " + a.machine + " CPUs, this one is " + here;
+  } else if (const std::set<std::string>* have = cpu_features()) {
+    std::string missing;
+    std::set<std::string> wanted(a.cpu_features.begin(), a.cpu_features.end());
+    for (const std::string& f : wanted)
+      if (!have->count(f)) missing += (missing.empty() ? "" : ", ") + f;
+    if (!missing.empty())
+      reason = name + " was compiled for " + a.cpu_isa + " CPUs (-march=" + a.march + "); this CPU lacks " + missing +
+               " and would stop with an illegal instruction";
+  }
+  const std::string ours = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+  if (reason.empty() && !a.torch_version.empty() && major_minor(a.torch_version) != ours)
+    reason = name + " was compiled with torch " + a.torch_version + "; this runtime was built against torch " + ours +
+             "." + std::to_string(TORCH_VERSION_PATCH) +
+             ", and AOTInductor packages only load in the torch release that built them";
+  if (reason.empty()) return "";
+  return reason + "; recompile it on this machine with 'python -m export recompile " + b.dir +
+         "' (or use the TorchScript artifact: --format torchscript)";
+}
 
 std::unique_ptr<Model> load_model(const std::string& path, const Artifact& artifact, const torch::Device& device) {
   if (artifact.format == "torchscript") return std::make_unique<TorchScriptModel>(path, device);

@@ -2,6 +2,7 @@
 // view merge, ensemble fusion), with per-image errors.
 #include <algorithm>
 #include <filesystem>
+#include <iostream>
 #include <numeric>
 
 #include <ATen/Parallel.h>
@@ -86,13 +87,22 @@ struct Runtime::Impl {
   const Artifact& pick(const Bundle& b) const {
     const std::string dev = device.is_cuda() ? "cuda" : "cpu";
     std::string fmt = options.format;
-    if (fmt == "auto") {  // pt2 when the bundle has one for this device, else TorchScript
-      for (const char* f : {"pt2", "torchscript"})
-        if (const Artifact* a = b.find(f, dev, options.precision)) return *a;
+    std::string skipped;  // why the bundle's .pt2 cannot run here (auto falls back to TorchScript)
+    if (fmt == "auto") {  // pt2 when the bundle has one for this device that this CPU can run, else TorchScript
+      for (const char* f : {"pt2", "torchscript"}) {
+        const Artifact* a = b.find(f, dev, options.precision);
+        if (a && (skipped = pt2_problem(b, *a)).empty()) return *a;
+        if (a) std::cerr << "classify: skipping the .pt2: " << skipped << "; using TorchScript instead\n";
+      }
       fmt = "";
     } else if (const Artifact* a = b.find(fmt, dev, options.precision)) {
+      // Checked before opening: a package built for a newer CPU dies with SIGILL, not an exception.
+      if (std::string why = pt2_problem(b, *a); !why.empty()) throw BundleError(why);
       return *a;
     }
+    if (!skipped.empty())
+      throw BundleError(skipped + "; the bundle has no TorchScript artifact to fall back to (re-export it with "
+                                  "'python -m export ... --format torchscript pt2')");
     std::string have;
     for (const Artifact& x : b.artifacts)
       have += (have.empty() ? "" : ", ") + x.key + " (" + x.device + ", " + x.precision + ")";

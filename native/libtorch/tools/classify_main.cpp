@@ -21,7 +21,7 @@ Classify JPEG/PNG images with an exported bundle (docs/BUNDLE.md); prints one JS
 
 options:
   --bundle DIR        bundle folder (model or ensemble) written by 'python -m export'   (required)
-  --format F          pt2 | torchscript (default: pt2 when the bundle has it)
+  --format F          pt2 | torchscript (default: pt2 when the bundle has one this CPU can run)
   --tta POLICY        none | hflip | vflip | hvflip | five-crop | ten-crop | multiscale:S1,S2,...
                       (default: the bundle's own TTA views)
   --topk K            classes per image (default 5, capped at the number of classes)
