@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", module="onnxscript")  # exporter chatter, not about our graph
-    commands = {"ensemble": _cmd_ensemble, "inspect": _cmd_inspect, "triton": _cmd_triton, "verify": _cmd_verify}
+    commands = {"ensemble": _cmd_ensemble, "inspect": _cmd_inspect, "triton": _cmd_triton, "verify": _cmd_verify,
+                "recompile": _cmd_recompile}
     cmd = commands.get(argv[0] if argv else "")
     try:
         return cmd(argv[1:]) if cmd else _cmd_export(argv)
