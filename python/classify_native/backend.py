@@ -21,8 +21,13 @@ BACKEND_NAME = "native"
 
 
 def native_backend(folder: Path, manifest: dict, threads: int | None, device: str):
-    """export.loader BackendFactory: the C++ Runtime's raw model call."""
-    rt = Runtime(str(folder), format="auto", threads=threads or 0, device=device)
+    """export.loader BackendFactory: the C++ Runtime's raw model call. The C++ side reads the bundle
+    again; it must find the manifest bytes the loader checked (sha256, and signature when one is
+    required), else it refuses: the artifacts it then hashes are the ones that manifest names."""
+    from export.loader import loading_manifest_sha256
+
+    rt = Runtime(str(folder), format="auto", threads=threads or 0, device=device,
+                 expected_manifest_sha256=loading_manifest_sha256())
 
     def run(batch) -> np.ndarray:
         return rt.run_preprocessed(np.ascontiguousarray(np.asarray(batch), dtype=np.uint8))

@@ -26,6 +26,7 @@ bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 from dataclasses import dataclass
@@ -46,6 +47,14 @@ from .signing import check_signature, trust_policy
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
+# sha256 of the manifest.json bytes being loaded (the ones whose signature and hashes were checked), set
+# while a backend factory runs: a backend that reads the bundle again itself (the native one) compares.
+_MANIFEST_SHA256: contextvars.ContextVar[str] = contextvars.ContextVar("manifest_sha256", default="")
+
+
+def loading_manifest_sha256() -> str:
+    """Inside a BackendFactory: the sha256 of the manifest bytes the loader checked ("" outside one)."""
+    return _MANIFEST_SHA256.get()
 AUTO_ORDER = ("onnxruntime", "pt2", "torchscript")
 AUTO_ORDER_CUDA = ("pt2", "torchscript", "onnxruntime")  # compiled for the GPU first, ONNX on the CUDA EP last
 _BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "torchscript": "torchscript",
@@ -312,15 +321,20 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
     folder = manifest_path(path).parent
     manifest, raw = read_manifest_bytes(folder)
     signed_by = check_signature(folder, raw, policy)
-    return _load(folder, manifest, backend, tta, threads, dev, signed=signed_by is not None)
+    return _load(folder, manifest, raw, backend, tta, threads, dev, signed=signed_by is not None)
 
 
-def _load(folder: Path, manifest: dict, backend: str, tta, threads, dev: Device,
+def _load(folder: Path, manifest: dict, raw: bytes, backend: str, tta, threads, dev: Device,
           signed: bool) -> ModelBundle | EnsembleBundle:
     """``signed``: the manifest's signature was verified, so every member must be pinned by its sha256."""
     if manifest["kind"] == "model":
         name = _pick_backend(manifest, backend, folder, dev)
-        return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, str(dev)), name, tta)
+        token = _MANIFEST_SHA256.set(hashlib.sha256(raw).hexdigest())
+        try:
+            run = _BACKENDS[name](folder, manifest, threads, str(dev))
+        finally:
+            _MANIFEST_SHA256.reset(token)
+        return ModelBundle(folder, manifest, run, name, tta)
     members = []
     for mem in manifest["members"]:
         sub = folder / mem["path"]
@@ -335,7 +349,7 @@ def _load(folder: Path, manifest: dict, backend: str, tta, threads, dev: Device,
         if sub_manifest["kind"] != "model":
             raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
                               "supported: list the inner ensemble's members in the outer one")
-        member = _load(sub, sub_manifest, backend, tta, threads, dev, signed)
+        member = _load(sub, sub_manifest, raw, backend, tta, threads, dev, signed)
         if member.classes != manifest["classes"]:
             raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
         members.append(member)

@@ -133,7 +133,7 @@ def test_a_signed_ensemble_covers_its_members(signed_setup, bundle, tmp_path):
         export.load_bundle(tmp_path / "ens", "onnxruntime", trusted_keys=[pub], require_signature=True)
 
 
-def test_runtimes_load_the_checked_bytes_not_the_path(bundle, monkeypatch):
+def test_runtimes_load_the_checked_bytes_not_the_path(bundle):
     """The file may change between the sha256 check and the load: the runtime gets the checked bytes."""
     manifest = read_manifest(bundle)
     verified = {key: read_artifact(bundle, manifest, key) for key in ("onnx", "torchscript")}

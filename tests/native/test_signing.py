@@ -119,3 +119,21 @@ def test_each_bundle_file_is_opened_once(classify_bin, signed, keys, eval_images
     for name in (file, "manifest.json"):
         assert len(re.findall(rf'"{re.escape(str(signed))}/{re.escape(name)}"', opens)) == 1, name
     assert not list(tmp_path.glob("classify-*")), "the private copy of the .pt2 was not removed"
+
+
+def test_backend_native_loads_the_manifest_the_loader_checked(native, signed, keys, monkeypatch):
+    import export
+    from export import loader
+
+    bundle = export.load_bundle(signed, "native", trusted_keys=[keys[1]], require_signature=True)
+    assert bundle.predict_tensor(np.zeros((1, 3, 32, 32), np.uint8)).shape == (1, len(bundle.classes))
+    real = loader.check_signature
+
+    def check_then_swap(folder, raw, policy):   # the manifest is replaced after Python's check
+        out = real(folder, raw, policy)
+        _edit_manifest(folder)
+        return out
+
+    monkeypatch.setattr(loader, "check_signature", check_then_swap)
+    with pytest.raises(export.BundleError, match="changed after the caller checked it"):
+        export.load_bundle(signed, "native", trusted_keys=[keys[1]], require_signature=True)

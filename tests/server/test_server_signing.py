@@ -14,7 +14,7 @@ from export.signing import SignatureError, generate_keypair, sign_bundle
 from server.__main__ import main as server_main
 from server.app import create_app
 from server.config import ServerConfig
-from server_fixtures import (digit_images, digits_bundle, free_port, redis_proc, redis_url, start_worker,  # noqa: F401
+from server_fixtures import (digit_images, digits_bundle, redis_proc, redis_url, start_worker,  # noqa: F401
                              wait_ready)
 
 pytestmark = pytest.mark.slow

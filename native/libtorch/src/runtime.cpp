@@ -136,6 +136,10 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   d.device = parse_device(options.device);
   if (options.threads > 0) torch::set_num_threads(options.threads);
   d.bundle = read_bundle(bundle_dir);
+  if (!options.expected_manifest_sha256.empty() &&
+      sha256_hex(d.bundle.manifest_bytes) != options.expected_manifest_sha256)
+    throw BundleError(d.bundle.manifest_path + ": changed after the caller checked it (sha256 differs); something is "
+                      "rewriting the bundle while it loads: copy it again and load it from a folder nobody else writes");
   if (!check_signature(d.bundle, options.trusted_keys, options.require_signature).empty())
     for (const Member& m : d.bundle.members)  // the signature covers a member only through its manifest_sha256
       if (!m.pinned)

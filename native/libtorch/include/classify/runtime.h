@@ -83,6 +83,9 @@ struct Options {
   // must verify with one of them (docs/BUNDLE.md, Trust); require_signature refuses unsigned bundles too.
   std::vector<std::string> trusted_keys;
   bool require_signature = false;
+  // Non-empty: refuse unless manifest.json's bytes have this sha256 (the Python loader passes the
+  // manifest it checked, so its signature check covers what this runtime loads).
+  std::string expected_manifest_sha256;
 };
 
 struct Result {
