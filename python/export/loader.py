@@ -106,9 +106,9 @@ def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
     def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
         dev = parse_device(device)
         name = compiled_artifact(manifest, key, dev, precision, folder) if key in ("pt2", "torchscript") else key
-        art = manifest["artifacts"][name]
+        verified = read_artifact(folder, manifest, name)   # refuses an absent or changed artifact first
+        art = verified.entry
         _check_compiled_for(folder, art, dev)
-        verified = read_artifact(folder, manifest, name)
         return open_runtime(verified, art["format"], threads, str(dev), art.get("static_batch_models"))
 
     return factory
