@@ -1,6 +1,6 @@
 """`--trusted-key PUB --require-signature`: the embedded server, the Redis front and the Redis worker
-load only bundles signed by a trusted key (docs/BUNDLE.md, Trust); without the flags unsigned bundles
-still load."""
+load only bundles signed by a trusted key (docs/BUNDLE.md, Trust), and the front checks a signed
+ensemble's members against their pinned sha256; without the flags unsigned bundles still load."""
 from __future__ import annotations
 
 import shutil
@@ -14,8 +14,8 @@ from export.signing import SignatureError, generate_keypair, sign_bundle
 from server.__main__ import main as server_main
 from server.app import create_app
 from server.config import ServerConfig
-from server_fixtures import (digit_images, digits_bundle, redis_proc, redis_url, start_worker,  # noqa: F401
-                             wait_ready)
+from server_fixtures import (digit_images, digits_bundle, ensemble_bundle, redis_proc, redis_url,  # noqa: F401
+                             start_worker, wait_ready)
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +75,15 @@ def test_redis_worker_checks_signatures(redis_url, signed, keys):
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_the_redis_front_checks_a_signed_ensembles_members(ensemble_bundle, keys, tmp_path):
+    ens = tmp_path / "ens"
+    shutil.copytree(ensemble_bundle, ens)
+    sign_bundle(ens, keys[0])
+    cfg = ServerConfig(bundles=[str(ens)], redis_url="redis://127.0.0.1:1/0", trusted_keys=(str(keys[1]),),
+                       require_signature=True)
+    member = next((ens / "members").iterdir()) / "manifest.json"
+    member.write_bytes(member.read_bytes() + b"\n")   # the ensemble's signature still holds; the pin does not
+    with pytest.raises(ValueError, match="differs from the ensemble manifest's sha256"):
+        create_app(cfg)
