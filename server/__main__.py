@@ -82,21 +82,22 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argpa
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
                        max_tta_views=a.max_tta_views, max_tta_scale=a.max_tta_scale,
                        max_request_pixels=a.max_request_pixels, max_queue_rows=a.max_queue_rows,
-                       drain_timeout_s=a.drain_timeout,
+                       drain_timeout_s=a.drain_timeout, trusted_keys=tuple(a.trusted_keys),
+                       require_signature=a.require_signature,
                        api_keys=parse_api_keys(a.api_keys, os.environ.get(API_KEY_ENV)))
     return cfg, a
 
 
 def main(argv: list[str] | None = None) -> int:
-    from export.manifest import read_manifest   # here, not at import: server.wsgi imports this module
+    from .models import read_trusted_manifest   # here, not at import: server.wsgi imports this module
 
     try:
         cfg, a = config_from_args(argv)
         cfg.validate()
         if a.http_threads < 1:
             raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
-        for bundle in cfg.bundles:   # fail fast, in this process, on a missing or unreadable bundle
-            read_manifest(bundle)
+        for bundle in cfg.bundles:   # fail fast, in this process, on a missing, unreadable or unsigned bundle
+            read_trusted_manifest(bundle, cfg.trusted_keys, cfg.require_signature)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

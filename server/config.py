@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 from .layout import LayoutRequest
 
+
+def trust_policy(trusted_keys, require_signature: bool):
+    from export.signing import trust_policy as policy   # lazy: no export import when the config is only built
+
+    return policy(trusted_keys, require_signature)
+
 DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 
 
@@ -40,6 +46,8 @@ class ServerConfig:
     reply_ttl_s: int = 60
     device: str = "cpu"                   # embedded mode: where the models run (cpu, cuda, cuda:N)
     api_keys: tuple[str, ...] = ()        # accepted API keys (--api-key, SERVER_API_KEY); empty: no auth
+    trusted_keys: tuple[str, ...] = ()    # Ed25519 public key files: bundles' signatures are checked (--trusted-key)
+    require_signature: bool = False       # refuse unsigned bundles (--require-signature)
 
     def validate(self) -> "ServerConfig":
         if not self.bundles:
@@ -57,6 +65,7 @@ class ServerConfig:
             raise ValueError(f"--max-tta-scale must be >= 1 (1: no TTA resize above the bundle's), got {self.max_tta_scale}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
+        trust_policy(self.trusted_keys, self.require_signature)   # unreadable key, or required without one
         return self
 
     def layout_request(self) -> LayoutRequest:
@@ -81,6 +90,8 @@ class WorkerConfig:
     metrics_host: str = "127.0.0.1"       # where --metrics-port listens (0.0.0.0 for a scraper elsewhere)
     drain_timeout_s: float = 30.0         # SIGTERM: stop reading, finish and acknowledge the batch in hand
     device: str = "cpu"                   # where this worker's models run (cpu, cuda, cuda:N)
+    trusted_keys: tuple[str, ...] = ()    # as ServerConfig
+    require_signature: bool = False
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,5 +109,10 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="where the models run: cpu, cuda or cuda:N (one process per GPU; refused at start-up "
                         "when that device is not usable here, never a silent CPU fallback). python -m server: "
                         "embedded mode only (a Redis front holds no weights)")
+    p.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], metavar="PUB",
+                   help="Ed25519 public key (PEM, from 'python -m export keygen') whose bundle signatures are "
+                        "accepted; repeatable. A bundle's signature.json is then checked before it is loaded")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse (at start-up, exit 2) any bundle not signed by a --trusted-key (docs/BUNDLE.md, Trust)")
     p.add_argument("--prefix", default="srv", help="Redis key prefix")
     p.add_argument("--reply-ttl-s", type=int, default=60)

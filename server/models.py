@@ -33,12 +33,37 @@ def _manifest(root: Path) -> dict:
     return read_manifest(root)
 
 
+def _member_manifest(root: Path, member: dict) -> dict:
+    """A member's manifest, checked against the ensemble's manifest_sha256 (which a signature covers)."""
+    import hashlib
+
+    from export.manifest import read_manifest_bytes
+
+    manifest, raw = read_manifest_bytes(root / member["path"])
+    want = member.get("manifest_sha256")
+    if want and hashlib.sha256(raw).hexdigest() != want:
+        raise ModelLoadError(f"{root / member['path']}/manifest.json: differs from the ensemble manifest's sha256; the "
+                             "member was modified: rebuild the ensemble with 'python -m export ensemble'")
+    return manifest
+
+
+def read_trusted_manifest(root, trusted_keys=(), require_signature: bool = False) -> dict:
+    """The manifest, after its signature check (export.signing) when keys are given or one is required:
+    the Redis front reads only manifests, and must refuse what the workers would refuse."""
+    from export.manifest import read_manifest_bytes
+    from export.signing import check_signature, trust_policy
+
+    manifest, raw = read_manifest_bytes(root)
+    check_signature(Path(root), raw, trust_policy(trusted_keys, require_signature))
+    return manifest
+
+
 def _spec_from_manifest(manifest: dict, root: Path) -> PreprocessSpec:
     from export.manifest import preprocess_spec
 
     if manifest.get("kind") != "ensemble":
         return preprocess_spec(manifest)
-    members = [(_manifest(root / m["path"]), root / m["path"]) for m in manifest["members"]]
+    members = [(_member_manifest(root, m), root / m["path"]) for m in manifest["members"]]
     for member, where in members:   # the Redis front reads only manifests: the same refusal as load_bundle
         if member["kind"] != "model":
             raise ModelLoadError(f"{where}: an ensemble member is itself an ensemble; nested ensembles are not "
@@ -143,12 +168,12 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     return one_at_a_time, combine
 
 
-def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str = "cpu"):
+def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str = "cpu", trust=((), False)):
     """-> (bundle for the runners, solo bundle or None, layout). Auto: the every-core session is
     loaded first (one runner's, or the solo session's); a backend that takes concurrent calls also
     gets a single-thread session, both are timed, and the layout keeps the sessions it uses. On a
     CUDA device nothing is measured (server.layout.device_layout)."""
-    from export import load_bundle
+    load_bundle = _trusted_loader(trust)
 
     if device != "cpu":
         layout = device_layout(req, device)
@@ -178,15 +203,25 @@ def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str 
     return bundle, solo, layout
 
 
+def _trusted_loader(trust):
+    """export.load_bundle with the signature policy (trusted key files, require_signature) applied."""
+    import functools
+
+    from export import load_bundle
+
+    keys, required = trust
+    return functools.partial(load_bundle, trusted_keys=keys, require_signature=required)
+
+
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
                       with_weights: bool = True, solo_threads: int = 0,
-                      layout: LayoutRequest | None = None, device: str = "cpu") -> ServedModel:
+                      layout: LayoutRequest | None = None, device: str = "cpu", trust=((), False)) -> ServedModel:
     """``layout`` (embedded mode): the tuning flags; the rest is chosen here (server.layout) and
     ``threads``/``solo_threads`` are ignored. Without it, one session with ``threads`` and, if
     solo_threads > 0 and the backend allows concurrent calls (onnxruntime), a second one with that
     many threads (``predict_solo``; a second copy of the weights). ``device``: cpu, cuda or cuda:N;
     a device this machine cannot use is refused here (a BundleError naming it), never replaced by
-    the CPU."""
+    the CPU. ``trust``: (trusted public key files, require_signature), as export.load_bundle takes them."""
     root = Path(path)
     predict = combine = solo = chosen = None
     if with_weights:
@@ -194,21 +229,20 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
 
         device = str(parse_device(device))   # "cuda" -> "cuda:0"; a typo is a BundleError naming the choices
     if with_weights and layout is not None:
-        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout, device)
+        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout, device, trust)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
         solo = _bundle_predict(solo_bundle)[0] if solo_bundle is not None else None
         log.info("layout for %s: %s", manifest.get("name") or root.name, chosen.summary())
     elif with_weights:
-        from export import load_bundle  # the one bundle reader (checks sha256, schema, members)
-
+        load_bundle = _trusted_loader(trust)  # the one bundle reader (signature, sha256, schema, members)
         bundle = load_bundle(str(root), backend=backend, threads=threads, device=device)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
         if solo_threads > 0 and _concurrent_ok(bundle) and device == "cpu":
             solo, _ = _bundle_predict(load_bundle(str(root), backend=backend, threads=solo_threads))
     else:
-        manifest = _manifest(root)
+        manifest = read_trusted_manifest(root, *trust)
     spec = _spec_from_manifest(manifest, root)
     tta = manifest.get("tta") or {}
     default = tta.get("default", "none")

@@ -52,6 +52,9 @@ def build_app(cfg: ServerConfig, a: argparse.Namespace, drain: DrainState | None
     mode = f"redis {redact_url(cfg.redis_url)}" if cfg.redis_url else "embedded"
     names = ", ".join(m.name for m in app.extensions["inference"].models)
     auth = f", API keys: {len(cfg.api_keys)}" if cfg.api_keys else ""
+    if cfg.trusted_keys:
+        auth += f", bundle signatures {'required' if cfg.require_signature else 'checked'} " \
+                f"({len(cfg.trusted_keys)} trusted key(s))"
     print(f"serving {names} ({mode}) on http://{cfg.host}:{cfg.port}{auth}", flush=True)
     return app
 

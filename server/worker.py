@@ -312,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
-                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, device=args.device)
+                       metrics_port=args.metrics_port, metrics_host=args.metrics_host, device=args.device,
+                       trusted_keys=tuple(args.trusted_keys), require_signature=args.require_signature)
     if args.consumer:
         cfg.consumer = args.consumer
     cfg.drain_timeout_s = args.drain_timeout
     try:
         check_url(cfg.redis_url)
-        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device) for b in cfg.bundles]
+        trust = (cfg.trusted_keys, cfg.require_signature)
+        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device, trust=trust) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,14 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+from ._core import BundleError as NativeBundleError
 from ._core import Runtime
 
 BACKEND_NAME = "native"
 
 
 def native_backend(folder: Path, manifest: dict, threads: int | None, device: str):
-    """export.loader BackendFactory: the C++ Runtime's raw model call."""
-    rt = Runtime(str(folder), format="auto", threads=threads or 0, device=device)
+    """export.loader BackendFactory: the C++ Runtime's raw model call. The C++ side reads the bundle
+    again; it must find the manifest bytes the loader checked (sha256, and signature when one is
+    required), else it refuses: the artifacts it then hashes are the ones that manifest names."""
+    from export.loader import loading_manifest_sha256
+    from export.manifest import BundleError
+
+    try:
+        rt = Runtime(str(folder), format="auto", threads=threads or 0, device=device,
+                     expected_manifest_sha256=loading_manifest_sha256())
+    except NativeBundleError as exc:   # the loader's callers catch export.BundleError
+        raise BundleError(str(exc)) from None
 
     def run(batch) -> np.ndarray:
         return rt.run_preprocessed(np.asarray(batch))  # uint8 checked there, never cast

@@ -11,15 +11,14 @@ sha256 is still checked.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from . import loader
 from .formats import open_runtime
 from .devices import cuda_device_count
-from .manifest import (BundleError, artifact_device, artifact_precision, manifest_path, preprocess_spec, read_manifest,
-                       verify_checksums)
+from .manifest import (BundleError, artifact_device, artifact_precision, manifest_path, preprocess_spec, read_artifact,
+                       read_manifest_bytes, verify_checksums)
 from .onnx_metadata import metadata_mismatches
 from .portable import pt2_problem, pt2_refusal
+from .signing import check_signature, trust_policy
 from .samples import validation_images
 from .verify import ParityError, check_parity
 
@@ -72,10 +71,17 @@ def describe(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=print) -> dict:
-    """Checksums, then parity of every artifact; raises BundleError / ParityError on failure."""
+def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=print, trusted_keys=()) -> dict:
+    """Signature (when trusted_keys are given: then required), checksums, then parity of every artifact;
+    raises BundleError / ParityError on failure."""
     folder = manifest_path(bundle).parent
-    manifest = read_manifest(folder)
+    manifest, raw = read_manifest_bytes(folder)
+    if trusted_keys:
+        say(f"{folder}: signature ok (key {check_signature(folder, raw, trust_policy(trusted_keys, True))})")
+        unpinned = [m["name"] for m in manifest.get("members", []) if not m.get("manifest_sha256")]
+        if unpinned:
+            raise BundleError(f"{folder}: members {unpinned} have no manifest_sha256, so the signature does not "
+                              "cover them; rebuild the ensemble with 'python -m export ensemble' and sign it")
     checked = verify_checksums(folder, manifest)
     say(f"{folder}: sha256 ok for {len(checked)} artifact(s)")
     if manifest["kind"] == "ensemble":
@@ -91,7 +97,8 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
         if key is None:
             raise BundleError(f"{folder}: no fp32 artifact and no source checkpoint to compare against") from None
         art = manifest["artifacts"][key]
-        reference = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
+        reference = open_runtime(read_artifact(folder, manifest, key), art["format"],
+                                 static_batch_models=art.get("static_batch_models"))
         ref_name = key
     report = {"reference": ref_name, "images": images.source, "artifacts": {}}
     for key, art in manifest["artifacts"].items():
@@ -99,14 +106,16 @@ def verify_bundle(bundle: str, data: str | None = None, tol: float = 1e-4, say=p
             if not cuda_device_count():
                 say(f"  {key}: compiled for CUDA, not run (no GPU here; its sha256 was checked)")
                 continue
-            report["artifacts"][key] = _verify_cuda(reference, folder, key, art, images, manifest["max_batch"], tol)
+            report["artifacts"][key] = _verify_cuda(reference, read_artifact(folder, manifest, key), images,
+                                                    manifest["max_batch"], tol)
             say(f"  {key}: max abs diff {report['artifacts'][key]['max_abs_diff']:.2g} vs {ref_name} on cuda:0")
             continue
         reason = pt2_problem(art, str(folder))
         if reason:
             say(f"  {key}: not run ({pt2_refusal(reason, folder)}; its sha256 was checked)")
             continue
-        run = open_runtime(folder / art["file"], art["format"], static_batch_models=art.get("static_batch_models"))
+        run = open_runtime(read_artifact(folder, manifest, key), art["format"],
+                           static_batch_models=art.get("static_batch_models"))
         res = check_parity(reference, run, images.images, key, manifest["max_batch"],
                            None if key == "onnx_int8" else tol, images.source)
         report["artifacts"][key] = res
@@ -124,9 +133,10 @@ def _check_onnx_metadata(folder: Path, manifest: dict) -> None:
                                   "manifest was edited after export: restore it or re-export the bundle")
 
 
-def _verify_cuda(reference, folder: Path, key: str, art: dict, images, max_batch: int, tol: float) -> dict:
+def _verify_cuda(reference, verified, images, max_batch: int, tol: float) -> dict:
     """A CUDA artifact against the CPU reference, within the tolerance its export recorded (TF32, fp16)."""
-    run = open_runtime(folder / art["file"], art["format"], device="cuda:0",
+    key, art = verified.key, verified.entry
+    run = open_runtime(verified, art["format"], device="cuda:0",
                        static_batch_models=art.get("static_batch_models"))
     allowed = max(tol, (art.get("parity") or {}).get("tolerance", tol))
     res = check_parity(reference, run, images.images, key, max_batch, None, images.source)

@@ -9,8 +9,10 @@
     python -m export triton bundles/digits --out models        # Triton model repository: models/digits/
     python -m export --checkpoint runs/digits/best.pt --format triton --triton-repo models --out bundles/digits
     python -m export inspect bundles/digits
-    python -m export verify bundles/digits [--data data/digits]
+    python -m export verify bundles/digits [--data data/digits] [--trusted-key keys/bundle-signing.pub]
     python -m export recompile bundles/digits [--isa avx2]   # the .pt2 again, for this machine's CPU and torch
+    python -m export keygen --out keys/            # Ed25519 pair: bundle-signing.key (0600), bundle-signing.pub
+    python -m export sign bundles/digits --key keys/bundle-signing.key     # writes bundles/digits/signature.json
 
 Exit codes: 0 success, 1 an artifact failed its parity check or int8 lost more top-1 than
 --max-accuracy-drop (nothing written), 2 a user error
@@ -24,14 +26,14 @@ import logging
 import sys
 import warnings
 
-COMMANDS = ("ensemble", "inspect", "triton", "verify", "recompile")
+COMMANDS = ("ensemble", "inspect", "triton", "verify", "recompile", "keygen", "sign")
 
 
 def _export_parser() -> argparse.ArgumentParser:
     from .portable import ISA_CHOICES
 
     p = argparse.ArgumentParser(prog="python -m export", description="Build a verified bundle from a checkpoint. "
-                                "Other commands: python -m export {ensemble,inspect,triton,verify,recompile} --help")
+                                "Other commands: python -m export {ensemble,inspect,triton,verify,recompile,keygen,sign} --help")
     p.add_argument("--checkpoint", required=True, help="training checkpoint (RUN/best.pt or a run directory)")
     p.add_argument("--out", required=True, help="bundle folder to create")
     p.add_argument("--format", nargs="+", default=["all"],
@@ -205,8 +207,10 @@ def _cmd_verify(argv) -> int:
     p.add_argument("bundle")
     p.add_argument("--data", help="dataset whose validation images to compare on (default: synthetic batch)")
     p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--trusted-key", dest="trusted_keys", action="append", default=[], metavar="PUB",
+                   help="also require a signature by one of these Ed25519 public keys (PEM; repeatable)")
     a = p.parse_args(argv)
-    verify_bundle(a.bundle, a.data, a.tolerance)
+    verify_bundle(a.bundle, a.data, a.tolerance, trusted_keys=a.trusted_keys)
     print("verify: ok")
     return 0
 
@@ -227,6 +231,31 @@ def _cmd_recompile(argv) -> int:
     return 0
 
 
+def _cmd_keygen(argv) -> int:
+    from .signing import generate_keypair, key_id, load_public_key
+
+    p = argparse.ArgumentParser(prog="python -m export keygen", description="Make an Ed25519 key pair for signing "
+                                "bundles. Keep the private key off the serving machines; give them the .pub file.")
+    p.add_argument("--out", required=True, help="folder for bundle-signing.key (mode 0600) and bundle-signing.pub")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    a = p.parse_args(argv)
+    priv, pub = generate_keypair(a.out, a.force)
+    print(f"private key {priv} (keep it secret), public key {pub} (key id {key_id(load_public_key(pub))})")
+    return 0
+
+
+def _cmd_sign(argv) -> int:
+    from .signing import sign_bundle
+
+    p = argparse.ArgumentParser(prog="python -m export sign", description="Sign a bundle's manifest.json (Ed25519); "
+                                "writes signature.json next to it. Sign after every change to the bundle.")
+    p.add_argument("bundle")
+    p.add_argument("--key", required=True, help="private key file from 'python -m export keygen'")
+    a = p.parse_args(argv)
+    print(f"signed: {sign_bundle(a.bundle, a.key)}")
+    return 0
+
+
 def main(argv=None) -> int:
     from trainer.data import DataError
     from trainer.engine.checkpoint import CheckpointError
@@ -239,7 +268,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", module="onnxscript")  # exporter chatter, not about our graph
     commands = {"ensemble": _cmd_ensemble, "inspect": _cmd_inspect, "triton": _cmd_triton, "verify": _cmd_verify,
-                "recompile": _cmd_recompile}
+                "recompile": _cmd_recompile, "keygen": _cmd_keygen, "sign": _cmd_sign}
     cmd = commands.get(argv[0] if argv else "")
     try:
         return cmd(argv[1:]) if cmd else _cmd_export(argv)

@@ -7,6 +7,7 @@
     write_program(program, "model.program.pt2") # the ExportedProgram, to recompile the .pt2 elsewhere
     run = open_runtime("model.onnx", "onnx", threads=2)   # run(uint8 NCHW tensor) -> probs tensor
     run = open_runtime("model.onnx", "onnx", device="cuda:0", keep_on_device=True)  # CUDA EP, IOBinding
+    run = open_runtime(read_artifact("bundles/digits", manifest, "onnx"), "onnx")  # from the checked bytes
 
 Every writer takes the ProbabilityModel (uint8 in, probabilities out) and an example batch of at
 least 2 images, so the dynamic batch dimension is never specialised to 1.
@@ -14,6 +15,7 @@ least 2 images, so the dynamic batch dimension is never specialised to 1.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import warnings
@@ -26,9 +28,10 @@ from torch import nn
 
 from .devices import (check_available_providers, check_session_providers, ort_providers, parse_device,
                       preload_cuda_libraries, require_cuda)
-from .manifest import INPUT_NAME, OUTPUT_NAME, BundleError
+from .manifest import INPUT_NAME, OUTPUT_NAME, BundleError, VerifiedArtifact
 
 Runtime = Callable[[torch.Tensor], torch.Tensor]  # (N, 3, H, W) uint8 -> (N, K) float32
+Source = str | os.PathLike | VerifiedArtifact  # a file path, or an artifact's sha256-checked bytes
 
 
 def _batch_dim(max_batch: int):
@@ -120,13 +123,17 @@ def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike
     torch.export.save(program, str(path))
 
 
-def load_pt2(path: str | os.PathLike, static_batch_models: dict | None = None, device_index: int = -1):
-    """Open a .pt2 from write_pt2: returns run(x) that uses a static model when x's batch size has one."""
+def load_pt2(source: Source, static_batch_models: dict | None = None, device_index: int = -1):
+    """Open a .pt2 from write_pt2: returns run(x) that uses a static model when x's batch size has one.
+    From checked bytes, torch writes each model's package to a private (0600) temporary file to load it."""
     from torch._inductor.package import load_package
 
-    dynamic = load_package(str(path), PT2_DYNAMIC_MODEL, device_index=device_index)
-    static = {int(n): load_package(str(path), name, device_index=device_index)
-              for n, name in (static_batch_models or {}).items()}
+    def open_model(name: str):
+        src = io.BytesIO(source.model_bytes) if isinstance(source, VerifiedArtifact) else str(source)
+        return load_package(src, name, device_index=device_index)
+
+    dynamic = open_model(PT2_DYNAMIC_MODEL)
+    static = {int(n): open_model(name) for n, name in (static_batch_models or {}).items()}
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return static.get(x.shape[0], dynamic)(x)
@@ -134,9 +141,10 @@ def load_pt2(path: str | os.PathLike, static_batch_models: dict | None = None, d
     return run
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None, device: str = "cpu", tensorrt: bool = False):
+def ort_session(source: Source, threads: int | None = None, device: str = "cpu", tensorrt: bool = False):
     """An onnxruntime session on ``device`` (cpu, cuda, cuda:N); raises BundleError when CUDA (or
-    TensorRT, opt-in) was asked for and the session did not get it, never a silent CPU fallback."""
+    TensorRT, opt-in) was asked for and the session did not get it, never a silent CPU fallback.
+    From a VerifiedArtifact the model and its external data files are handed over as the checked bytes."""
     import onnxruntime as ort
 
     dev = parse_device(device)
@@ -148,8 +156,16 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, device: str
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=ort_providers(dev, tensorrt))
-    check_session_providers(session, dev, tensorrt, str(path))
+    model, where = str(source), str(source)
+    if isinstance(source, VerifiedArtifact):
+        model, where = source.model_bytes, str(source.path)
+        data = {name: np.frombuffer(blob, np.uint8) for name, blob in source.files.items()
+                if name != source.entry["file"]}
+        if data:   # the external-data file names the model refers to, served from memory
+            opts.add_external_initializers_from_files_in_memory(list(data), list(data.values()),
+                                                                [a.size for a in data.values()])
+    session = ort.InferenceSession(model, sess_options=opts, providers=ort_providers(dev, tensorrt))
+    check_session_providers(session, dev, tensorrt, where)
     return session
 
 
@@ -175,20 +191,21 @@ def _onnx_cuda_runner(session, index: int, keep_on_device: bool) -> Runtime:
     return run
 
 
-def open_runtime(path: str | os.PathLike, fmt: str, threads: int | None = None, device: str = "cpu",
+def open_runtime(source: Source, fmt: str, threads: int | None = None, device: str = "cpu",
                  static_batch_models: dict | None = None, keep_on_device: bool = False,
                  tensorrt: bool = False) -> Runtime:
     """Load an artifact with its own runtime and return a callable uint8 NCHW -> probabilities.
 
+    source: a file path (artifacts just written), or a VerifiedArtifact (export.manifest.read_artifact:
+    the bytes whose sha256 was checked; every bundle reader loads that way).
     static_batch_models: the .pt2 artifact's manifest entry of that name (batch size -> model name).
     device: cpu, cuda or cuda:N. ONNX runs anywhere (CUDA execution provider, IOBinding); TorchScript
     and .pt2 artifacts must have been compiled for that device (the manifest's "device"). Inputs may
     live on the CPU or the device; outputs come back on the CPU unless keep_on_device.
     """
-    path = str(path)
     dev = parse_device(device)
     if fmt == "onnx":
-        session = ort_session(path, threads, str(dev), tensorrt)
+        session = ort_session(source, threads, str(dev), tensorrt)
         if dev.is_cuda:
             return _onnx_cuda_runner(session, dev.index, keep_on_device)
 
@@ -204,9 +221,10 @@ def open_runtime(path: str | os.PathLike, fmt: str, threads: int | None = None, 
     if fmt == "torchscript":
         with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the format C++ loads
             warnings.filterwarnings("ignore", category=FutureWarning)
-            module = torch.jit.load(path, map_location=target).eval()
+            src = io.BytesIO(source.model_bytes) if isinstance(source, VerifiedArtifact) else str(source)
+            module = torch.jit.load(src, map_location=target).eval()
     elif fmt == "aotinductor":
-        module = load_pt2(path, static_batch_models, dev.index if dev.is_cuda else -1)
+        module = load_pt2(source, static_batch_models, dev.index if dev.is_cuda else -1)
     else:
         raise BundleError(f"unknown artifact format {fmt!r}")
 

@@ -11,7 +11,12 @@ Backends: ``onnxruntime`` (model.onnx), ``onnxruntime-int8`` (model.int8.onnx), 
 manifest records; only where that file still exists with the recorded sha256: a bundle copied to
 another machine has no eager backend) and ``auto`` (the first of onnxruntime, pt2, torchscript the
 bundle has). ``register_backend`` adds more (the native C++ module registers ``native``). Every
-backend checks the artifact's sha256 before loading it.
+backend reads the artifact once, checks the sha256 of those bytes and loads from them (never from the
+path again: manifest.read_artifact).
+
+Signatures (export.signing, docs/BUNDLE.md "Trust"): ``load_bundle(path, trusted_keys=["pub.pem"],
+require_signature=True)`` refuses a bundle whose signature.json is missing, made by another key, or
+does not match the manifest bytes that are then used.
 
 ``device="cuda[:N]"``: ``torchscript`` and ``pt2`` load the artifacts compiled for CUDA (manifest
 ``device: "cuda"``; ``pt2-fp16``, ``torchscript-bf16``, ... the reduced-precision variants),
@@ -21,6 +26,8 @@ bundle without CUDA artifacts says what to re-export.
 """
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -35,14 +42,23 @@ from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_po
 
 from .devices import Device, parse_device, require_cuda
 from .formats import Runtime, open_runtime
-from .manifest import (BundleError, artifact_key, check_artifact, file_sha256, manifest_path, preprocess_spec,
-                       read_manifest)
+from .manifest import (BundleError, artifact_key, file_sha256, manifest_path, preprocess_spec, read_artifact,
+                       read_manifest_bytes)
 from .portable import pt2_problem, pt2_refusal
+from .signing import check_signature, trust_policy
 
 log = logging.getLogger("export.loader")
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
+# sha256 of the manifest.json bytes being loaded (the ones whose signature and hashes were checked), set
+# while a backend factory runs: a backend that reads the bundle again itself (the native one) compares.
+_MANIFEST_SHA256: contextvars.ContextVar[str] = contextvars.ContextVar("manifest_sha256", default="")
+
+
+def loading_manifest_sha256() -> str:
+    """Inside a BackendFactory: the sha256 of the manifest bytes the loader checked ("" outside one)."""
+    return _MANIFEST_SHA256.get()
 AUTO_ORDER = ("onnxruntime", "pt2", "torchscript")
 AUTO_ORDER_CUDA = ("pt2", "torchscript", "onnxruntime")  # compiled for the GPU first, ONNX on the CUDA EP last
 _BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "torchscript": "torchscript",
@@ -94,13 +110,14 @@ def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
     def factory(folder: Path, manifest: dict, threads, device) -> Runtime:
         dev = parse_device(device)
         name = compiled_artifact(manifest, key, dev, precision, folder) if key in ("pt2", "torchscript") else key
-        art = manifest["artifacts"][name]
-        reason = pt2_problem(art, str(folder))
-        if reason:  # before opening it: loading a package built for a newer CPU kills the process
-            raise BundleError(pt2_refusal(reason, folder))
-        path = check_artifact(folder, manifest, name)
+        if name in manifest["artifacts"]:
+            reason = pt2_problem(manifest["artifacts"][name], str(folder))
+            if reason:  # before opening it: loading a package built for a newer CPU kills the process
+                raise BundleError(pt2_refusal(reason, folder))
+        verified = read_artifact(folder, manifest, name)   # refuses an absent or changed artifact first
+        art = verified.entry
         _check_compiled_for(folder, art, dev)
-        return open_runtime(path, art["format"], threads, str(dev), art.get("static_batch_models"))
+        return open_runtime(verified, art["format"], threads, str(dev), art.get("static_batch_models"))
 
     return factory
 
@@ -143,8 +160,7 @@ def _tensorrt_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
     dev = parse_device(device)
     if not dev.is_cuda:
         raise BundleError("backend 'onnxruntime-tensorrt' needs device='cuda[:N]'")
-    path = check_artifact(folder, manifest, "onnx")
-    return open_runtime(path, "onnx", threads, str(dev), tensorrt=True)
+    return open_runtime(read_artifact(folder, manifest, "onnx"), "onnx", threads, str(dev), tensorrt=True)
 
 
 register_backend("onnxruntime-tensorrt", _tensorrt_factory)
@@ -307,30 +323,48 @@ def _pick_backend(manifest: dict, backend: str, folder: Path, device: Device) ->
 
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, threads: int | None = None,
-                device: str = "cpu") -> ModelBundle | EnsembleBundle:
+                device: str = "cpu", trusted_keys=(), require_signature: bool = False) -> ModelBundle | EnsembleBundle:
     """Open a bundle folder (model or ensemble) with one backend; ``tta`` overrides the manifest's default.
 
-    device: cpu, cuda or cuda:N (refused at once where that device does not exist)."""
+    device: cpu, cuda or cuda:N (refused at once where that device does not exist).
+    trusted_keys: Ed25519 public key files (PEM, from 'python -m export keygen') or loaded keys; a
+    signature.json that is present is then checked. require_signature: refuse unsigned bundles too."""
     dev = parse_device(device)
     require_cuda(dev, "device")
-    device = str(dev)
+    policy = trust_policy(trusted_keys, require_signature)
     folder = manifest_path(path).parent
-    manifest = read_manifest(folder)
-    if manifest["kind"] == "ensemble":
-        members = []
-        for mem in manifest["members"]:
-            sub = folder / mem["path"]
-            want = mem.get("manifest_sha256")
-            if want and manifest_path(sub).is_file() and file_sha256(manifest_path(sub)) != want:
-                raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
-                                  "was modified: rebuild the ensemble")
-            if read_manifest(sub)["kind"] != "model":
-                raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
-                                  "supported: list the inner ensemble's members in the outer one")
-            member = load_bundle(sub, backend, tta, threads, device)
-            if member.classes != manifest["classes"]:
-                raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
-            members.append(member)
-        return EnsembleBundle(folder, manifest, members, tta)
-    name = _pick_backend(manifest, backend, folder, dev)
-    return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, device), name, tta)
+    manifest, raw = read_manifest_bytes(folder)
+    signed_by = check_signature(folder, raw, policy)
+    return _load(folder, manifest, raw, backend, tta, threads, dev, signed=signed_by is not None)
+
+
+def _load(folder: Path, manifest: dict, raw: bytes, backend: str, tta, threads, dev: Device,
+          signed: bool) -> ModelBundle | EnsembleBundle:
+    """``signed``: the manifest's signature was verified, so every member must be pinned by its sha256."""
+    if manifest["kind"] == "model":
+        name = _pick_backend(manifest, backend, folder, dev)
+        token = _MANIFEST_SHA256.set(hashlib.sha256(raw).hexdigest())
+        try:
+            run = _BACKENDS[name](folder, manifest, threads, str(dev))
+        finally:
+            _MANIFEST_SHA256.reset(token)
+        return ModelBundle(folder, manifest, run, name, tta)
+    members = []
+    for mem in manifest["members"]:
+        sub = folder / mem["path"]
+        sub_manifest, raw = read_manifest_bytes(sub)   # one read: the bytes hashed are the bytes used
+        want = mem.get("manifest_sha256")
+        if signed and not want:
+            raise BundleError(f"{folder}: member {mem['name']!r} has no manifest_sha256, so the ensemble's signature "
+                              "does not cover it; rebuild the ensemble with 'python -m export ensemble' and sign it")
+        if want and hashlib.sha256(raw).hexdigest() != want:
+            raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
+                              "was modified: rebuild the ensemble")
+        if sub_manifest["kind"] != "model":
+            raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
+                              "supported: list the inner ensemble's members in the outer one")
+        member = _load(sub, sub_manifest, raw, backend, tta, threads, dev, signed)
+        if member.classes != manifest["classes"]:
+            raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
+        members.append(member)
+    return EnsembleBundle(folder, manifest, members, tta)

@@ -9,8 +9,10 @@ tests reuse this reader; the C++ runtime reads the same file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
@@ -158,17 +160,29 @@ def validate_manifest(m: dict, where: str = MANIFEST_NAME) -> dict:
     return m
 
 
-def read_manifest(bundle: str | os.PathLike) -> dict:
-    """Load and validate BUNDLE/manifest.json (``bundle`` may be the folder or the file itself)."""
+def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict:
+    """manifest.json bytes -> validated manifest (BundleError naming ``where`` otherwise)."""
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{where}: not valid JSON ({exc}); the file is corrupt, re-export the bundle") from None
+    return validate_manifest(m, where)
+
+
+def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[dict, bytes]:
+    """(validated manifest, the exact bytes it was parsed from): the bytes a signature or an ensemble's
+    manifest_sha256 is checked against, so that what is checked is what is used (one read)."""
     path = manifest_path(bundle)
     if not path.is_file():
         raise BundleError(f"'{bundle}' is not a bundle: {path} not found (build one with "
                           "'python -m export --checkpoint RUN/best.pt --out DIR')")
-    try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc}); the file is corrupt, re-export the bundle") from None
-    return validate_manifest(m, str(path))
+    raw = path.read_bytes()
+    return parse_manifest(raw, str(path)), raw
+
+
+def read_manifest(bundle: str | os.PathLike) -> dict:
+    """Load and validate BUNDLE/manifest.json (``bundle`` may be the folder or the file itself)."""
+    return read_manifest_bytes(bundle)[0]
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
@@ -183,14 +197,35 @@ def artifact_files(manifest: dict, key: str) -> list[str]:
     return [art["file"], *art.get("data_files", [])]
 
 
-def check_artifact(bundle: str | os.PathLike, manifest: dict, key: str) -> Path:
-    """Path of artifact ``key`` after checking it exists and its sha256 (and its data files') match."""
-    folder = manifest_path(bundle).parent
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact's files, read once and checked against the manifest's sha256: runtimes load from
+    these bytes, never from the path again (a file swapped after the check is never run)."""
+    folder: Path
+    key: str
+    entry: dict                # the manifest's artifacts[key]
+    files: dict                # file name -> bytes (the model file and its data files)
+
+    @property
+    def model_bytes(self) -> bytes:
+        return self.files[self.entry["file"]]
+
+    @property
+    def path(self) -> Path:   # for messages only
+        return self.folder / self.entry["file"]
+
+
+def _artifact_entry(folder: Path, manifest: dict, key: str) -> dict:
     if key not in manifest.get("artifacts", {}):
         have = ", ".join(manifest.get("artifacts", {})) or "none"
         raise BundleError(f"{folder}: the bundle has no '{key}' artifact (it has: {have}); re-export with "
                           f"--format {key if key in ARTIFACT_FILES else 'all'} or pick another backend")
-    art = manifest["artifacts"][key]
+    return manifest["artifacts"][key]
+
+
+def _check_files(folder: Path, manifest: dict, key: str, digest) -> None:
+    """digest(path) -> sha256 hex of what will be used; refuses missing, unlisted or changed files."""
+    art = _artifact_entry(folder, manifest, key)
     expected = {art["file"]: art["sha256"], **art.get("data_sha256", {})}
     for name in artifact_files(manifest, key):
         path = folder / name
@@ -199,11 +234,31 @@ def check_artifact(bundle: str | os.PathLike, manifest: dict, key: str) -> Path:
         want = expected.get(name)
         if want is None:
             raise BundleError(f"{folder}/{MANIFEST_NAME}: no sha256 recorded for {name}")
-        got = file_sha256(path)
+        got = digest(path)
         if got != want:
             raise BundleError(f"{path}: sha256 {got[:16]}... differs from the manifest's {want[:16]}...; the file "
                               "was modified or corrupted: copy the bundle again or re-export it")
-    return folder / art["file"]
+
+
+def read_artifact(bundle: str | os.PathLike, manifest: dict, key: str) -> VerifiedArtifact:
+    """Read artifact ``key`` (and its data files) once, check the sha256 of those bytes, return them."""
+    folder = manifest_path(bundle).parent
+    files: dict[str, bytes] = {}
+
+    def digest(path: Path) -> str:
+        files[path.name] = path.read_bytes()
+        return hashlib.sha256(files[path.name]).hexdigest()
+
+    _check_files(folder, manifest, key, digest)
+    return VerifiedArtifact(folder, key, manifest["artifacts"][key], files)
+
+
+def check_artifact(bundle: str | os.PathLike, manifest: dict, key: str) -> Path:
+    """Path of artifact ``key`` after checking it exists and its sha256 (and its data files') match.
+    Only for checks (``export verify``): to load an artifact use read_artifact, which returns the checked bytes."""
+    folder = manifest_path(bundle).parent
+    _check_files(folder, manifest, key, file_sha256)
+    return folder / manifest["artifacts"][key]["file"]
 
 
 def verify_checksums(bundle: str | os.PathLike, manifest: dict | None = None) -> list[str]:

@@ -161,7 +161,9 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& bundle_dir, const std::string& format, const py::object& tta, int threads,
-                       const std::string& device, int batch, const std::string& precision) {
+                       const std::string& device, int batch, const std::string& precision,
+                       const std::vector<std::string>& trusted_keys, bool require_signature,
+                       const std::string& expected_manifest_sha256) {
              classify::Options o;
              o.format = format;
              o.tta = tta.is_none() ? std::string() : tta.cast<std::string>();
@@ -169,11 +171,16 @@ PYBIND11_MODULE(_core, m) {
              o.device = device;
              o.batch = batch;
              o.precision = precision;
+             o.trusted_keys = trusted_keys;
+             o.require_signature = require_signature;
+             o.expected_manifest_sha256 = expected_manifest_sha256;
              py::gil_scoped_release nogil;
              return std::make_unique<Runtime>(bundle_dir, o);
            }),
            py::arg("bundle_dir"), py::arg("format") = "auto", py::arg("tta") = py::none(), py::arg("threads") = 0,
-           py::arg("device") = "cpu", py::arg("batch") = 16, py::arg("precision") = "fp32")
+           py::arg("device") = "cpu", py::arg("batch") = 16, py::arg("precision") = "fp32",
+           py::arg("trusted_keys") = std::vector<std::string>{}, py::arg("require_signature") = false,
+           py::arg("expected_manifest_sha256") = "")
       .def_property_readonly("classes", &Runtime::classes)
       .def_property_readonly("kind", &Runtime::kind)
       .def_property_readonly("format", &Runtime::format)

@@ -62,6 +62,7 @@ struct Member;
 struct Bundle {
   std::string dir;            // the bundle folder
   std::string manifest_path;  // dir + "/manifest.json"
+  std::string manifest_bytes;  // the exact bytes parsed: what signatures and manifest_sha256 are checked against
   std::string kind;           // model | ensemble
   std::string name;
   std::vector<std::string> classes;
@@ -84,17 +85,27 @@ struct Bundle {
 struct Member {
   std::string name;
   double weight = 1.0;
+  bool pinned = false;  // the ensemble manifest records this member's manifest_sha256 (checked by read_bundle)
   Bundle bundle;
 };
 
 // Read dir/manifest.json (and, for ensembles, each member's, checking manifest_sha256).
 // Throws BundleError naming the file and the fix.
 Bundle read_bundle(const std::string& dir);
-// Path of the artifact after checking its sha256; throws BundleError when missing or tampered.
-std::string checked_artifact_path(const Bundle& b, const std::string& key);
+// The artifact's bytes, read once and checked against the manifest's sha256 (load from these, never
+// from the path again); throws BundleError when missing or tampered.
+std::string read_checked_artifact(const Bundle& b, const std::string& key);
+std::string sha256_hex(const std::string& data);
 // Why this machine cannot load the CPU .pt2 `a` (its CPU lacks a recorded feature, another machine
 // type, another torch release), with the fix; empty when it can. export.portable.pt2_problem's twin.
 std::string pt2_problem(const Bundle& b, const Artifact& a);
+
+// ---- signatures (signature.cpp) -------------------------------------------------------------
+// Check dir/signature.json (Ed25519 over b.manifest_bytes) against the trusted PEM public key files.
+// Returns the signing key's id; "" when no key is given, or when unsigned and not required.
+// Throws BundleError (unsigned but required, untrusted key, modified manifest or signature) or
+// OptionError (unreadable key, required without a key).
+std::string check_signature(const Bundle& b, const std::vector<std::string>& trusted_keys, bool require);
 
 // ---- models (model.cpp) ---------------------------------------------------------------------
 class Model {
@@ -103,6 +114,8 @@ class Model {
   // (N, 3, H, W) uint8 on the model's device -> (N, K) float32 probabilities.
   virtual torch::Tensor run(const torch::Tensor& images) = 0;
 };
-std::unique_ptr<Model> load_model(const std::string& path, const Artifact& artifact, const torch::Device& device);
+// bytes: the artifact file's content (read_checked_artifact); label: its path, for messages.
+std::unique_ptr<Model> load_model(const std::string& bytes, const std::string& label, const Artifact& artifact,
+                                  const torch::Device& device);
 
 }  // namespace classify

@@ -1,10 +1,13 @@
 // manifest.json reader (schema_version 1, docs/BUNDLE.md; python/export/manifest.py is the Python
-// twin) and artifact checksums (OpenSSL's SHA-256).
+// twin) and artifact checksums (OpenSSL's SHA-256). Every file is read once: the bytes whose sha256
+// is checked are the bytes parsed or loaded, so a file swapped after its check is never used.
 #include <array>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 #include <openssl/evp.h>
@@ -70,16 +73,9 @@ std::vector<View> parse_views(const json& tta, const std::string& where) {
 
 }  // namespace
 
-std::string file_sha256(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open to compute its sha256");
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
-  std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    if (in.gcount() > 0) EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(in.gcount()));
-  }
+namespace {
+
+std::string finish_hex(EVP_MD_CTX* ctx) {
   std::array<unsigned char, 32> digest{};
   unsigned int len = 0;
   EVP_DigestFinal_ex(ctx, digest.data(), &len);
@@ -91,6 +87,37 @@ std::string file_sha256(const std::string& path) {
     hex += b;
   }
   return hex;
+}
+
+// The whole file, or an empty optional when it cannot be opened.
+std::optional<std::string> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::ostringstream buf;
+  buf << in.rdbuf();
+  return buf.str();
+}
+
+}  // namespace
+
+std::string sha256_hex(const std::string& data) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  EVP_DigestUpdate(ctx, data.data(), data.size());
+  return finish_hex(ctx);
+}
+
+std::string file_sha256(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open to compute its sha256");
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    if (in.gcount() > 0) EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  return finish_hex(ctx);
 }
 
 const Artifact* Bundle::artifact(const std::string& key) const {
@@ -117,10 +144,12 @@ Bundle read_bundle(const std::string& dir_in) {
   if (!fs::is_regular_file(b.manifest_path))
     throw BundleError("'" + dir_in + "' is not a bundle: " + b.manifest_path +
                       " not found (build one with 'python -m export --checkpoint RUN/best.pt --out DIR')");
+  std::optional<std::string> raw = read_file(b.manifest_path);
+  if (!raw) fail(where, "cannot be read");
+  b.manifest_bytes = std::move(*raw);
   json m;
   try {
-    std::ifstream in(b.manifest_path);
-    m = json::parse(in);
+    m = json::parse(b.manifest_bytes);
   } catch (const json::exception& e) {
     fail(where, std::string("not valid JSON (") + e.what() + "); the file is corrupt, re-export the bundle");
   }
@@ -157,13 +186,14 @@ Bundle read_bundle(const std::string& dir_in) {
         fail(where, "member path must be a relative folder inside the ensemble bundle (not absolute, no '..', "
                     "not the bundle itself), got '" + rel + "'; rebuild it with 'python -m export ensemble'");
       std::string sub = (dir / rel).string();
-      if (mem.contains("manifest_sha256") && mem["manifest_sha256"].is_string()) {
-        std::string sub_manifest = sub + "/manifest.json";
-        if (fs::is_regular_file(sub_manifest) && file_sha256(sub_manifest) != mem["manifest_sha256"].get<std::string>())
-          throw BundleError(sub_manifest + ": sha256 differs from the ensemble manifest's; the member was modified: "
-                            "rebuild the ensemble with 'python -m export ensemble'");
-      }
       member.bundle = read_bundle(sub);
+      // checked against the bytes read_bundle parsed (one read), not the file again
+      if (mem.contains("manifest_sha256") && mem["manifest_sha256"].is_string()) {
+        member.pinned = true;
+        if (sha256_hex(member.bundle.manifest_bytes) != mem["manifest_sha256"].get<std::string>())
+          throw BundleError(member.bundle.manifest_path + ": sha256 differs from the ensemble manifest's; the member "
+                            "was modified: rebuild the ensemble with 'python -m export ensemble'");
+      }
       if (member.bundle.kind != "model")
         throw BundleError(member.bundle.manifest_path + ": an ensemble member is itself an ensemble; nested ensembles "
                           "are not supported: list the inner ensemble's members in the outer one");
@@ -253,7 +283,7 @@ Bundle read_bundle(const std::string& dir_in) {
   return b;
 }
 
-std::string checked_artifact_path(const Bundle& b, const std::string& key) {
+std::string read_checked_artifact(const Bundle& b, const std::string& key) {
   const Artifact* a = b.artifact(key);
   if (!a) {
     std::string have;
@@ -262,14 +292,14 @@ std::string checked_artifact_path(const Bundle& b, const std::string& key) {
                       "); re-export with --format " + key + " or pick another --format");
   }
   std::string path = (fs::path(b.dir) / a->file).string();
-  if (!fs::is_regular_file(path))
-    throw BundleError(path + ": missing; the bundle is incomplete, copy it again or re-export it");
-  std::string got = file_sha256(path);
+  std::optional<std::string> bytes = fs::is_regular_file(path) ? read_file(path) : std::nullopt;
+  if (!bytes) throw BundleError(path + ": missing; the bundle is incomplete, copy it again or re-export it");
+  std::string got = sha256_hex(*bytes);
   if (got != a->sha256)
     throw BundleError(path + ": sha256 " + got.substr(0, 16) + "... differs from the manifest's " +
                       a->sha256.substr(0, std::min<size_t>(16, a->sha256.size())) +
                       "...; the file was modified or corrupted: copy the bundle again or re-export it");
-  return path;
+  return std::move(*bytes);
 }
 
 }  // namespace classify

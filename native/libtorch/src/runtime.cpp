@@ -120,8 +120,8 @@ struct Runtime::Impl {
   void load(const Bundle& b, const std::string& name, double weight) {
     const Artifact& art = pick(b);
     const std::string fmt = art.format == "aotinductor" ? "pt2" : art.format;
-    std::string path = checked_artifact_path(b, art.key);
-    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(path, art, device)};
+    const std::string bytes = read_checked_artifact(b, art.key);
+    LoadedModel m{name, weight, b.pre, b.max_batch, load_model(bytes, (fs::path(b.dir) / art.file).string(), art, device)};
     check_output_width(*m.model, b, art, device);
     models.push_back(std::move(m));
     if (format.empty()) format = fmt;
@@ -168,6 +168,16 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   d.device = parse_device(options.device);
   if (options.threads > 0) torch::set_num_threads(options.threads);
   d.bundle = read_bundle(bundle_dir);
+  if (!options.expected_manifest_sha256.empty() &&
+      sha256_hex(d.bundle.manifest_bytes) != options.expected_manifest_sha256)
+    throw BundleError(d.bundle.manifest_path + ": changed after the caller checked it (sha256 differs); something is "
+                      "rewriting the bundle while it loads: copy it again and load it from a folder nobody else writes");
+  if (!check_signature(d.bundle, options.trusted_keys, options.require_signature).empty())
+    for (const Member& m : d.bundle.members)  // the signature covers a member only through its manifest_sha256
+      if (!m.pinned)
+        throw BundleError(d.bundle.manifest_path + ": member '" + m.name + "' has no manifest_sha256, so the "
+                          "ensemble's signature does not cover it; rebuild the ensemble with 'python -m export "
+                          "ensemble' and sign it");
   d.views = options.tta.empty() ? d.bundle.tta_views : parse_tta_policy(options.tta);
   d.merge = d.bundle.tta_merge;
   if (d.bundle.kind == "model") {

@@ -31,6 +31,9 @@ options:
                       ('python -m export --device cuda')
   --precision P       fp32 | fp16 | bf16 (default fp32; fp16/bf16: CUDA variants from
                       'python -m export --device cuda --precision fp32 fp16')
+  --trusted-key PUB   Ed25519 public key (PEM, 'python -m export keygen'); repeatable. The bundle's
+                      signature.json, when present, must verify with one of them
+  --require-signature refuse bundles not signed by a --trusted-key (docs/BUNDLE.md, Trust)
   --bench N           no images: time N runs on a synthetic batch of --batch images and print
                       latency percentiles (end to end and model only) as one JSON line
   -h, --help          this help
@@ -83,6 +86,8 @@ Args parse_args(int argc, char** argv) {
     else if (f == "--device") a.options.device = value();
     else if (f == "--precision") a.options.precision = value();
     else if (f == "--bench") a.bench = parse_int(f, value(), 1);
+    else if (f == "--trusted-key") a.options.trusted_keys.push_back(value());
+    else if (f == "--require-signature") a.options.require_signature = true;
     else if (f.rfind("--", 0) == 0 && f.size() > 2) throw classify::OptionError("unknown option " + f + " (see --help)");
     else a.images.push_back(f);
   }

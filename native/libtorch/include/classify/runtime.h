@@ -79,6 +79,13 @@ struct Options {
   std::string device = "cpu";   // cpu | cuda | cuda:N: picks the artifacts the manifest records for that device
   std::string precision = "fp32";  // fp32 | fp16 | bf16: the CUDA variants of 'python -m export --precision'
   int batch = 16;               // images per forward pass (capped by the bundle's max_batch)
+  // Ed25519 public key files (PEM, 'python -m export keygen'): a bundle's signature.json, when present,
+  // must verify with one of them (docs/BUNDLE.md, Trust); require_signature refuses unsigned bundles too.
+  std::vector<std::string> trusted_keys;
+  bool require_signature = false;
+  // Non-empty: refuse unless manifest.json's bytes have this sha256 (the Python loader passes the
+  // manifest it checked, so its signature check covers what this runtime loads).
+  std::string expected_manifest_sha256;
 };
 
 struct Result {
