@@ -60,5 +60,6 @@ def test_classify_is_on_the_venvs_path():
     exe = Path(sysconfig.get_path("scripts")) / "classify"
     if not exe.is_file() and classify_binary() is None:
         pytest.skip("no native build in this environment")
+    assert exe.is_file(), f"{exe} missing: the project is not installed in this venv (run 'bash scripts/setup.sh')"
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--bundle" in res.stdout + res.stderr
