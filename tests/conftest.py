@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,20 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+NATIVE_BUILD_HINT = ("build it with 'bash scripts/setup.sh' (editable install: build/bin/classify, "
+                     "python/classify_native/_core*.so) or install the package: pip install --no-build-isolation .")
+
+
+def classify_binary() -> Path | None:
+    """The classify binary every test runs (None when there is none): $CLASSIFY_BIN, else this checkout's
+    build (build/bin/classify, which is what an editable install's bin/classify launches, so the tests run
+    the checkout's C++), else the one a wheel installed into this Python's scripts folder."""
+    if os.environ.get("CLASSIFY_BIN"):
+        return Path(os.environ["CLASSIFY_BIN"])
+    for path in (REPO / "build" / "bin" / "classify", Path(sysconfig.get_path("scripts")) / "classify"):
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    return None
 
 # Precision of every fixture's training run: "auto" (bf16 where the CPU has it) by default;
 # TRAINER_TEST_AMP=none forces fp32 everywhere, which is what a CPU without bf16 (AVX2 only) runs.

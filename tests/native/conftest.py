@@ -1,19 +1,16 @@
 """Fixtures for the native runtime tests: the compiled module, the classify binary, test images.
 
-The native build is made by scripts/setup.sh (or: cmake -S . -B build && cmake --build build -j2).
-Without it these tests skip and say how to build it; CI runs setup.sh first, so there they run.
+The native build is made by scripts/setup.sh (an editable install that builds into build/) or comes from an
+installed wheel; conftest.classify_binary() says which binary runs. Without a build these tests skip and say
+how to build it; CI runs setup.sh first, so there they run.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from conftest import NATIVE_BUILD_HINT as BUILD_HINT, classify_binary
 from .native_samples import sample_images
-
-REPO = Path(__file__).resolve().parents[2]
-CLASSIFY_BIN = Path(os.environ.get("CLASSIFY_BIN", REPO / "build" / "bin" / "classify"))
-BUILD_HINT = "build it with 'bash scripts/setup.sh' or 'cmake -S . -B build && cmake --build build -j2'"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +36,10 @@ def native():
 
 @pytest.fixture(scope="session")
 def classify_bin() -> Path:
-    if not CLASSIFY_BIN.is_file():
-        pytest.skip(f"native binary {CLASSIFY_BIN} not built; {BUILD_HINT}")
-    return CLASSIFY_BIN
+    path = classify_binary()
+    if path is None:
+        pytest.skip(f"no classify binary; {BUILD_HINT}")
+    return path
 
 
 @pytest.fixture(scope="session")
