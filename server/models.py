@@ -38,11 +38,10 @@ def _spec_from_manifest(manifest: dict, root: Path) -> PreprocessSpec:
 
     if manifest.get("kind") != "ensemble":
         return preprocess_spec(manifest)
-    members = [(_manifest(root / m["path"]), root / m["path"]) for m in manifest["members"]]
-    for member, where in members:   # the Redis front reads only manifests: the same refusal as load_bundle
-        if member["kind"] != "model":
-            raise ModelLoadError(f"{where}: an ensemble member is itself an ensemble; nested ensembles are not "
-                                 "supported: list the inner ensemble's members in the outer one")
+    from export.manifest import read_member
+
+    # the Redis front reads only manifests: the same checks as load_bundle (manifest_sha256, no nesting, classes)
+    members = [read_member(root, manifest, m)[::-1] for m in manifest["members"]]
     specs = [preprocess_spec(member) for member, _ in members]
     if not specs:
         raise ModelLoadError(f"{root}: ensemble bundle lists no members")

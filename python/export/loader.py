@@ -35,7 +35,7 @@ from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_po
 from .devices import Device, parse_device, require_cuda
 from .formats import Runtime, open_runtime
 from .manifest import (BundleError, artifact_key, check_artifact, file_sha256, manifest_path, preprocess_spec,
-                       read_manifest)
+                       read_manifest, read_member)
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
@@ -215,12 +215,13 @@ class ModelBundle:
                 for i in range(0, x.shape[0], self.max_batch)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
-    def probs_decoded(self, decoded: list[np.ndarray], views: list[TTAView]) -> np.ndarray:
+    def probs_decoded(self, decoded: list[np.ndarray], views: list[TTAView], merge: str | None = None) -> np.ndarray:
+        """(N, K) probabilities of decoded images, their views merged by ``merge`` (default: this bundle's)."""
         check_views(views, self.spec)
         crops = torch.stack([apply_views(img, self.spec, views) for img in decoded])  # (N, V, 3, h, w)
         n, v = crops.shape[:2]
         probs = torch.from_numpy(self.predict_tensor(crops.flatten(0, 1))).view(n, v, -1)
-        return merge_probs(probs.transpose(0, 1), self.merge).numpy()
+        return merge_probs(probs.transpose(0, 1), merge or self.merge).numpy()
 
     def predict(self, images, tta=None, topk: int = 5) -> Prediction:
         """File paths, encoded bytes or decoded (H, W, 3) uint8 arrays -> Prediction (probs + top-k)."""
@@ -248,6 +249,8 @@ class EnsembleBundle:
         self.classes: list[str] = list(manifest["classes"])
         self.fusion: str = manifest["fusion"]
         self.weights = [float(m["weight"]) for m in manifest["members"]]
+        # The ensemble's tta.merge merges every member's views (docs/BUNDLE.md "Ensembles"), as in C++.
+        self.merge: str = manifest["tta"]["merge"]
         self.views = _resolve_views(tta, views_from_data(manifest["tta"]["views"]))
         self.backend = ",".join(sorted({m.backend for m in members}))
         self.max_batch = min(m.max_batch for m in members)
@@ -264,7 +267,7 @@ class EnsembleBundle:
         if not decoded:
             return make_prediction(np.zeros((0, len(self.classes)), np.float32), self.classes, topk)
         views = _resolve_views(tta, self.views)
-        probs = fuse([m.probs_decoded(decoded, views) for m in self.members], self.weights, self.fusion)
+        probs = fuse([m.probs_decoded(decoded, views, self.merge) for m in self.members], self.weights, self.fusion)
         return make_prediction(probs, self.classes, topk)
 
 
@@ -306,18 +309,8 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
     if manifest["kind"] == "ensemble":
         members = []
         for mem in manifest["members"]:
-            sub = folder / mem["path"]
-            want = mem.get("manifest_sha256")
-            if want and manifest_path(sub).is_file() and file_sha256(manifest_path(sub)) != want:
-                raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
-                                  "was modified: rebuild the ensemble")
-            if read_manifest(sub)["kind"] != "model":
-                raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
-                                  "supported: list the inner ensemble's members in the outer one")
-            member = load_bundle(sub, backend, tta, threads, device)
-            if member.classes != manifest["classes"]:
-                raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
-            members.append(member)
+            sub, _ = read_member(folder, manifest, mem)  # pinned by manifest_sha256, a model, same classes
+            members.append(load_bundle(sub, backend, tta, threads, device))
         return EnsembleBundle(folder, manifest, members, tta)
     name = _pick_backend(manifest, backend, folder, dev)
     return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, device), name, tta)
