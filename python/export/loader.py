@@ -179,7 +179,8 @@ def decode_all(images) -> list[np.ndarray]:
     for img in _as_list(images):
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                raise BundleError(f"decoded images must be (H, W, 3) uint8 RGB arrays, got {img.dtype} {img.shape}")
+                raise BundleError(f"decoded images must be (H, W, 3) uint8 RGB arrays, got {img.dtype} {img.shape}",
+                                  "input")
             out.append(img)
         else:
             out.append(decode_image(img))
@@ -210,7 +211,7 @@ class ModelBundle:
         x = torch.as_tensor(batch)
         if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise BundleError(f"{self.path}: expected a (N, {', '.join(map(str, self.input_shape))}) uint8 batch, "
-                              f"got {x.dtype} {tuple(x.shape)}")
+                              f"got {x.dtype} {tuple(x.shape)}", "input")
         outs = [np.asarray(self._run(x[i:i + self.max_batch]), dtype=np.float32)
                 for i in range(0, x.shape[0], self.max_batch)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
