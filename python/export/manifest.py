@@ -94,7 +94,7 @@ def schema_errors(m) -> list:
     """Every bundle.schema.json violation of a parsed manifest (jsonschema ValidationErrors), most relevant first."""
     from jsonschema.exceptions import relevance
 
-    return sorted(schema_validator().iter_errors(m), key=relevance)
+    return sorted(schema_validator().iter_errors(m), key=relevance, reverse=True)
 
 
 def utc_version() -> str:

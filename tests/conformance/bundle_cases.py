@@ -28,6 +28,7 @@ class BundleCase:
 
 def clone(src: Path, dst: Path) -> Path:
     """dst: a copy of bundle src whose manifests are real files and whose other files are symlinks."""
+    dst.mkdir(parents=True)
     for p in sorted(src.rglob("*")):
         t = dst / p.relative_to(src)
         if p.is_dir():
@@ -141,6 +142,12 @@ MODEL_CASES: list[tuple[str, Callable | None, str | None]] = [
     ("artifact_file_absolute", _set("artifacts", "torchscript", "file", "/etc/hostname"), "path"),
     ("data_files_escape", _set("artifacts", "torchscript", "data_files", ["../secret.data"]), "path"),
     ("data_files_subfolder", _set("artifacts", "torchscript", "data_files", ["sub/x.data"]), "path"),
+    ("unknown_top_level_key", _set("labels", ["0", "1", "7"]), "schema"),
+    ("unknown_preprocessing_key", _set("preprocessing", "gamma", 2.2), "schema"),
+    ("unknown_view_key", lambda m: m["tta"]["views"][0].update(rotate=90), "schema"),
+    ("missing_tta_merge", _del("tta", "merge"), "schema"),
+    ("missing_provenance", _del("provenance"), "schema"),
+    ("output_shape_a_string", _set("output", "shape", "[-1, 3]"), "schema"),
     ("tampered_artifact", _tamper_artifact, "integrity"),
     ("missing_artifact", on_folder(lambda b: (b / "model.ts").unlink()), "integrity"),
 ]
@@ -164,6 +171,7 @@ ENSEMBLE_CASES: list[tuple[str, Callable | None, str | None]] = [
     ("fusion_unknown", _set("fusion", "median"), "schema"),
     ("members_empty", _set("members", []), "schema"),
     ("member_path_a_number", _member("path", 7), "schema"),
+    ("unknown_member_key", _member("url", "http://example.invalid/a"), "schema"),
 ]
 
 

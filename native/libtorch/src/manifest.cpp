@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -43,6 +44,24 @@ T get(const json& obj, const char* key, const std::string& where) {
   }
 }
 
+// python/export/bundle.schema.json is the source of truth; this reader has no JSON Schema library, so
+// it mirrors the schema's key lists here (tests/conformance runs the same cases through both readers).
+// Objects the schema closes (additionalProperties: false) refuse unknown keys, as Python does: a typo
+// or a newer writer's key must not be silently ignored.
+void keys_of(const json& obj, std::initializer_list<const char*> required, std::initializer_list<const char*> optional,
+             const std::string& where) {
+  if (!obj.is_object()) fail(where, "expected a JSON object, got " + std::string(obj.type_name()));
+  for (const char* k : required) need(obj, k, where);
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    bool known = false;
+    for (auto list : {required, optional})
+      for (const char* k : list) known = known || it.key() == k;
+    if (!known)
+      fail(where, "unknown key '" + it.key() + "' (bundle.schema.json, docs/BUNDLE.md); the manifest was edited by "
+                  "hand or written by a newer tool: re-export it with 'python -m export'");
+  }
+}
+
 // An ensemble member's folder: a relative path inside the ensemble bundle (export.manifest.member_path_ok
 // is the same rule). An absolute path or one with '..' would read outside it, and '.' or '' is the
 // ensemble itself: read_bundle would recurse until the stack overflows.
@@ -71,10 +90,12 @@ bool sha256_ok(const json& v) {
 }
 
 std::vector<View> parse_views(const json& tta, const std::string& where) {
+  keys_of(tta, {"default", "merge", "views"}, {}, where + ": tta");
   const json& views = need(tta, "views", where);
   if (!views.is_array() || views.empty()) fail(where, "'tta.views' must be a non-empty list");
   std::vector<View> out;
   for (const json& v : views) {
+    keys_of(v, {}, {"resize", "crop", "flip"}, where + ": tta.views[]");
     View view;
     if (v.contains("resize") && !v["resize"].is_null()) view.resize = get<int>(v, "resize", where);
     if (v.contains("crop")) view.crop = get<std::string>(v, "crop", where);
@@ -147,7 +168,15 @@ Bundle read_bundle(const std::string& dir_in) {
                     "'python -m export' (or upgrade the native runtime)");
   b.kind = get<std::string>(m, "kind", where);
   if (b.kind != "model" && b.kind != "ensemble") fail(where, "kind must be 'model' or 'ensemble', got '" + b.kind + "'");
+  if (b.kind == "model")
+    keys_of(m, {"schema_version", "kind", "name", "version", "architecture", "classes", "preprocessing", "input", "output",
+                "max_batch", "tta", "artifacts", "provenance"}, {"metrics"}, where);
+  else
+    keys_of(m, {"schema_version", "kind", "name", "version", "classes", "fusion", "members", "tta", "provenance"}, {},
+            where);
   b.name = get<std::string>(m, "name", where);
+  get<std::string>(m, "version", where);
+  if (!m.at("provenance").is_object()) fail(where, "'provenance' must be a JSON object");
   b.classes = get<std::vector<std::string>>(m, "classes", where);
   if (b.classes.size() < 2) fail(where, "'classes' must be a list of at least two class names");
   if (std::set<std::string>(b.classes.begin(), b.classes.end()).size() != b.classes.size())
@@ -166,6 +195,7 @@ Bundle read_bundle(const std::string& dir_in) {
     const json& members = need(m, "members", where);
     if (!members.is_array() || members.empty()) fail(where, "an ensemble needs at least one member");
     for (const json& mem : members) {
+      keys_of(mem, {"name", "path", "weight", "manifest_sha256"}, {}, where + ": members[]");
       Member member;
       member.name = get<std::string>(mem, "name", where);
       if (!need(mem, "weight", where).is_number() || !(get<double>(mem, "weight", where) >= 0) ||
@@ -200,6 +230,12 @@ Bundle read_bundle(const std::string& dir_in) {
   }
 
   const json& pre = need(m, "preprocessing", where);
+  keys_of(pre, {"crop_size", "resize_size", "resize_policy", "crop", "interpolation", "mean", "std", "channel_order",
+                "input_dtype", "layout"},
+          {"resize_kernel", "alpha", "exif_orientation", "sixteen_bit", "normalize_in_graph", "extra"},
+          where + ": preprocessing");
+  keys_of(m.at("input"), {"name", "dtype", "shape"}, {}, where + ": input");
+  keys_of(m.at("output"), {"name", "dtype", "shape"}, {"kind"}, where + ": output");
   auto crop = get<std::vector<int>>(pre, "crop_size", where);
   if (crop.size() != 2 || crop[0] <= 0 || crop[1] <= 0) fail(where, "preprocessing.crop_size must be [height, width]");
   b.pre.crop_h = crop[0];
