@@ -53,7 +53,8 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 # bundle_a, bundle_b and ensembles (the tiny real bundles) live in tests/conftest.py: tests/conformance
-# runs the same ones.
+# runs the same ones. Their helpers stay importable from here (test_devices.py).
+from conftest import _export, _train  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
