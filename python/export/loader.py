@@ -314,4 +314,19 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
             members.append(load_bundle(sub, backend, tta, threads, device))
         return EnsembleBundle(folder, manifest, members, tta)
     name = _pick_backend(manifest, backend, folder, dev)
-    return ModelBundle(folder, manifest, _BACKENDS[name](folder, manifest, threads, device), name, tta)
+    run = _BACKENDS[name](folder, manifest, threads, device)
+    check_output_width(run, manifest, folder, name)
+    return ModelBundle(folder, manifest, run, name, tta)
+
+
+def check_output_width(run: Runtime, manifest: dict, folder: Path, backend: str) -> None:
+    """One warm-up call at load time, as the C++ runtime makes: a model whose output width is not the
+    manifest's class count (a class list edited together with output.shape) is refused here, not at
+    the first image."""
+    h, w = manifest["input"]["shape"][2:]
+    out = np.asarray(run(torch.zeros((1, 3, h, w), dtype=torch.uint8)))
+    k = len(manifest["classes"])
+    if out.shape != (1, k):
+        raise BundleError(f"{folder}: the manifest lists {k} classes but backend {backend!r} outputs "
+                          f"{out.shape[-1] if out.ndim == 2 else 'shape ' + str(out.shape)} scores per image; the "
+                          "class list must match the model's output: re-export the bundle", "classes")

@@ -295,3 +295,14 @@ def test_data_files_must_be_plain_names_in_the_bundle(bundle_copy, name):
     with pytest.raises(export.BundleError, match="must be a plain file name in the bundle folder") as e:
         export.load_bundle(bundle_copy, backend="torchscript")
     assert e.value.category == "path"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_a_class_list_that_does_not_match_the_model_output_is_refused_at_load(bundle_copy, backend):
+    # classes and output.shape edited together pass the manifest checks; the warm-up call catches it (as in C++)
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["classes"], m["output"]["shape"] = ["0", "1"], [-1, 2]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match="lists 2 classes but backend .* outputs 3 scores per image") as e:
+        export.load_bundle(bundle_copy, backend=backend)
+    assert e.value.category == "classes"
