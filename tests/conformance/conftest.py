@@ -24,11 +24,11 @@ def image_files(tmp_path_factory) -> tuple[list[Path], dict[Path, str]]:
     root = tmp_path_factory.mktemp("conformance_images")
     good = []
     for name, writer in IMAGE_CASES:
-        (root / name).write_bytes(writer())
+        writer(root / name)
         good.append(root / name)
     bad = {}
     for name, writer, category in BAD_IMAGE_CASES:
-        (root / name).write_bytes(writer())
+        writer(root / name)
         bad[root / name] = category
     return good, bad
 

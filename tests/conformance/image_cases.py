@@ -1,14 +1,18 @@
 """Images (and arrays) every reader of a bundle must treat the same way: tests/conformance runs each
 through the Python loader, the pybind11 module and the classify binary.
 
-IMAGE_CASES: (file name, writer) where writer() returns the encoded bytes; every reader must decode it
-and give the same probabilities. BAD_IMAGE_CASES: (file name, writer, category) that every reader must
+IMAGE_CASES: (file name, writer) where writer(path) writes the image file (the shape of
+tests/native/decode_cases.py's DECODE_CASES, which joins this list); every reader must decode it and
+give the same probabilities. BAD_IMAGE_CASES: (file name, writer, category) that every reader must
 refuse, per image, with that error category. ARRAY_CASES: (name, make_array, category or None) for
 the two readers that take decoded pixels (export.load_bundle(...).predict and
 classify_native.Runtime.predict_array); make_array() returns an (H, W, C) array. Append to the lists
 to add a case (CMYK, 16-bit grey, PNG EXIF, float arrays: tests/native/decode_cases.py).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -31,19 +35,23 @@ def _rgba_png() -> bytes:
     return encode(Image.fromarray(np.concatenate([smooth_rgb(44, 40, 7), alpha], -1)), "PNG")
 
 
-IMAGE_CASES = [
-    ("rgb.jpg", lambda: encode(_photo(), "JPEG", quality=90)),
-    ("rgb.png", lambda: encode(_photo(), "PNG")),
-    ("grey.png", lambda: encode(_photo().convert("L"), "PNG")),
-    ("grey.jpg", lambda: encode(_photo().convert("L"), "JPEG", quality=90)),
-    ("palette.png", lambda: encode(_photo().convert("P"), "PNG")),
-    ("rgba.png", _rgba_png),
-    ("exif6.jpg", _exif_rotated_jpeg),
+def _writer(make: Callable[[], bytes]) -> Callable[[Path], None]:
+    return lambda path: Path(path).write_bytes(make())
+
+
+IMAGE_CASES: list[tuple[str, Callable[[Path], None]]] = [
+    ("rgb.jpg", _writer(lambda: encode(_photo(), "JPEG", quality=90))),
+    ("rgb.png", _writer(lambda: encode(_photo(), "PNG"))),
+    ("grey.png", _writer(lambda: encode(_photo().convert("L"), "PNG"))),
+    ("grey.jpg", _writer(lambda: encode(_photo().convert("L"), "JPEG", quality=90))),
+    ("palette.png", _writer(lambda: encode(_photo().convert("P"), "PNG"))),
+    ("rgba.png", _writer(_rgba_png)),
+    ("exif6.jpg", _writer(_exif_rotated_jpeg)),
 ]
 
-BAD_IMAGE_CASES = [
-    ("truncated.jpg", lambda: encode(_photo(), "JPEG", quality=90)[:200], "image"),
-    ("not_an_image.png", lambda: b"this is text, not a PNG\n" * 4, "image"),
+BAD_IMAGE_CASES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("truncated.jpg", _writer(lambda: encode(_photo(), "JPEG", quality=90)[:200]), "image"),
+    ("not_an_image.png", _writer(lambda: b"this is text, not a PNG\n" * 4), "image"),
 ]
 
 ARRAY_CASES = [
