@@ -33,20 +33,6 @@ def _manifest(root: Path) -> dict:
     return read_manifest(root)
 
 
-def _member_manifest(root: Path, member: dict) -> dict:
-    """A member's manifest, checked against the ensemble's manifest_sha256 (which a signature covers)."""
-    import hashlib
-
-    from export.manifest import read_manifest_bytes
-
-    manifest, raw = read_manifest_bytes(root / member["path"])
-    want = member.get("manifest_sha256")
-    if want and hashlib.sha256(raw).hexdigest() != want:
-        raise ModelLoadError(f"{root / member['path']}/manifest.json: differs from the ensemble manifest's sha256; the "
-                             "member was modified: rebuild the ensemble with 'python -m export ensemble'")
-    return manifest
-
-
 def read_trusted_manifest(root, trusted_keys=(), require_signature: bool = False) -> dict:
     """The manifest, after its signature check (export.signing) when keys are given or one is required:
     the Redis front reads only manifests, and must refuse what the workers would refuse."""
@@ -63,11 +49,10 @@ def _spec_from_manifest(manifest: dict, root: Path) -> PreprocessSpec:
 
     if manifest.get("kind") != "ensemble":
         return preprocess_spec(manifest)
-    members = [(_member_manifest(root, m), root / m["path"]) for m in manifest["members"]]
-    for member, where in members:   # the Redis front reads only manifests: the same refusal as load_bundle
-        if member["kind"] != "model":
-            raise ModelLoadError(f"{where}: an ensemble member is itself an ensemble; nested ensembles are not "
-                                 "supported: list the inner ensemble's members in the outer one")
+    from export.manifest import read_member
+
+    # the Redis front reads only manifests: the same checks as load_bundle (manifest_sha256, no nesting, classes)
+    members = [read_member(root, manifest, m)[::-1] for m in manifest["members"]]
     specs = [preprocess_spec(member) for member, _ in members]
     if not specs:
         raise ModelLoadError(f"{root}: ensemble bundle lists no members")

@@ -11,6 +11,8 @@ sha256 is still checked.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from . import loader
 from .formats import open_runtime
 from .devices import cuda_device_count

@@ -43,7 +43,7 @@ from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_po
 from .devices import Device, parse_device, require_cuda
 from .formats import Runtime, open_runtime
 from .manifest import (BundleError, artifact_key, file_sha256, manifest_path, preprocess_spec, read_artifact,
-                       read_manifest_bytes)
+                       read_manifest_bytes, read_member)
 from .portable import pt2_problem, pt2_refusal
 from .signing import check_signature, trust_policy
 
@@ -202,7 +202,8 @@ def decode_all(images) -> list[np.ndarray]:
     for img in _as_list(images):
         if isinstance(img, np.ndarray):
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-                raise BundleError(f"decoded images must be (H, W, 3) uint8 RGB arrays, got {img.dtype} {img.shape}")
+                raise BundleError(f"decoded images must be (H, W, 3) uint8 RGB arrays, got {img.dtype} {img.shape}",
+                                  "input")
             out.append(img)
         else:
             out.append(decode_image(img))
@@ -233,17 +234,18 @@ class ModelBundle:
         x = torch.as_tensor(batch)
         if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise BundleError(f"{self.path}: expected a (N, {', '.join(map(str, self.input_shape))}) uint8 batch, "
-                              f"got {x.dtype} {tuple(x.shape)}")
+                              f"got {x.dtype} {tuple(x.shape)}", "input")
         outs = [np.asarray(self._run(x[i:i + self.max_batch]), dtype=np.float32)
                 for i in range(0, x.shape[0], self.max_batch)]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.classes)), np.float32)
 
-    def probs_decoded(self, decoded: list[np.ndarray], views: list[TTAView]) -> np.ndarray:
+    def probs_decoded(self, decoded: list[np.ndarray], views: list[TTAView], merge: str | None = None) -> np.ndarray:
+        """(N, K) probabilities of decoded images, their views merged by ``merge`` (default: this bundle's)."""
         check_views(views, self.spec)
         crops = torch.stack([apply_views(img, self.spec, views) for img in decoded])  # (N, V, 3, h, w)
         n, v = crops.shape[:2]
         probs = torch.from_numpy(self.predict_tensor(crops.flatten(0, 1))).view(n, v, -1)
-        return merge_probs(probs.transpose(0, 1), self.merge).numpy()
+        return merge_probs(probs.transpose(0, 1), merge or self.merge).numpy()
 
     def predict(self, images, tta=None, topk: int = 5) -> Prediction:
         """File paths, encoded bytes or decoded (H, W, 3) uint8 arrays -> Prediction (probs + top-k)."""
@@ -271,6 +273,8 @@ class EnsembleBundle:
         self.classes: list[str] = list(manifest["classes"])
         self.fusion: str = manifest["fusion"]
         self.weights = [float(m["weight"]) for m in manifest["members"]]
+        # The ensemble's tta.merge merges every member's views (docs/BUNDLE.md "Ensembles"), as in C++.
+        self.merge: str = manifest["tta"]["merge"]
         self.views = _resolve_views(tta, views_from_data(manifest["tta"]["views"]))
         self.backend = ",".join(sorted({m.backend for m in members}))
         self.max_batch = min(m.max_batch for m in members)
@@ -287,7 +291,7 @@ class EnsembleBundle:
         if not decoded:
             return make_prediction(np.zeros((0, len(self.classes)), np.float32), self.classes, topk)
         views = _resolve_views(tta, self.views)
-        probs = fuse([m.probs_decoded(decoded, views) for m in self.members], self.weights, self.fusion)
+        probs = fuse([m.probs_decoded(decoded, views, self.merge) for m in self.members], self.weights, self.fusion)
         return make_prediction(probs, self.classes, topk)
 
 
@@ -334,37 +338,38 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
     policy = trust_policy(trusted_keys, require_signature)
     folder = manifest_path(path).parent
     manifest, raw = read_manifest_bytes(folder)
-    signed_by = check_signature(folder, raw, policy)
-    return _load(folder, manifest, raw, backend, tta, threads, dev, signed=signed_by is not None)
+    check_signature(folder, raw, policy)
+    return _load(folder, manifest, hashlib.sha256(raw).hexdigest(), backend, tta, threads, dev)
 
 
-def _load(folder: Path, manifest: dict, raw: bytes, backend: str, tta, threads, dev: Device,
-          signed: bool) -> ModelBundle | EnsembleBundle:
-    """``signed``: the manifest's signature was verified, so every member must be pinned by its sha256."""
+def _load(folder: Path, manifest: dict, manifest_sha256: str, backend: str, tta, threads,
+          dev: Device) -> ModelBundle | EnsembleBundle:
+    """``manifest_sha256``: of the bytes the manifest was parsed from (the native backend's C++ reader refuses
+    a manifest changed since); members are pinned by the ensemble's manifest_sha256, which a signature covers."""
     if manifest["kind"] == "model":
         name = _pick_backend(manifest, backend, folder, dev)
-        token = _MANIFEST_SHA256.set(hashlib.sha256(raw).hexdigest())
+        token = _MANIFEST_SHA256.set(manifest_sha256)
         try:
             run = _BACKENDS[name](folder, manifest, threads, str(dev))
         finally:
             _MANIFEST_SHA256.reset(token)
+        check_output_width(run, manifest, folder, name)
         return ModelBundle(folder, manifest, run, name, tta)
     members = []
     for mem in manifest["members"]:
-        sub = folder / mem["path"]
-        sub_manifest, raw = read_manifest_bytes(sub)   # one read: the bytes hashed are the bytes used
-        want = mem.get("manifest_sha256")
-        if signed and not want:
-            raise BundleError(f"{folder}: member {mem['name']!r} has no manifest_sha256, so the ensemble's signature "
-                              "does not cover it; rebuild the ensemble with 'python -m export ensemble' and sign it")
-        if want and hashlib.sha256(raw).hexdigest() != want:
-            raise BundleError(f"{manifest_path(sub)}: differs from the ensemble manifest's sha256; the member "
-                              "was modified: rebuild the ensemble")
-        if sub_manifest["kind"] != "model":
-            raise BundleError(f"{sub}: an ensemble member is itself an ensemble; nested ensembles are not "
-                              "supported: list the inner ensemble's members in the outer one")
-        member = _load(sub, sub_manifest, raw, backend, tta, threads, dev, signed)
-        if member.classes != manifest["classes"]:
-            raise BundleError(f"{sub}: member classes differ from the ensemble's; rebuild the ensemble")
-        members.append(member)
+        sub, sub_manifest = read_member(folder, manifest, mem)  # pinned by manifest_sha256, a model, same classes
+        members.append(_load(sub, sub_manifest, mem["manifest_sha256"], backend, tta, threads, dev))
     return EnsembleBundle(folder, manifest, members, tta)
+
+
+def check_output_width(run: Runtime, manifest: dict, folder: Path, backend: str) -> None:
+    """One warm-up call at load time, as the C++ runtime makes: a model whose output width is not the
+    manifest's class count (a class list edited together with output.shape) is refused here, not at
+    the first image."""
+    h, w = manifest["input"]["shape"][2:]
+    out = np.asarray(run(torch.zeros((1, 3, h, w), dtype=torch.uint8)))
+    k = len(manifest["classes"])
+    if out.shape != (1, k):
+        raise BundleError(f"{folder}: the manifest lists {k} classes but backend {backend!r} outputs "
+                          f"{out.shape[-1] if out.ndim == 2 else 'shape ' + str(out.shape)} scores per image; the "
+                          "class list must match the model's output: re-export the bundle", "classes")

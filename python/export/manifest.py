@@ -4,13 +4,20 @@
     manifest = read_manifest("bundles/digits")      # refuses unknown schema versions, missing keys
     verify_checksums("bundles/digits", manifest)    # refuses tampered or corrupt artifacts
 
-docs/BUNDLE.md is the human version of this module; change both together. The server and the
-tests reuse this reader; the C++ runtime reads the same file.
+The structure is defined once, in bundle.schema.json (JSON Schema 2020-12), which this module
+validates against first; the code below keeps only what a schema cannot say (paths stay inside the
+bundle, class count == output width, files exist and match their sha256). docs/BUNDLE.md documents
+every key of the schema (tests/export/test_schema_docs.py keeps them equal). The server and the
+tests reuse this reader; the C++ runtime (native/libtorch/src/manifest.cpp) reads the same file.
+Every BundleError carries a ``category`` (schema, path, integrity, classes, bundle), the word the
+C++ runtime puts in brackets at the start of its messages.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -56,17 +63,40 @@ def artifact_device(art: dict) -> str:
 
 def artifact_precision(art: dict) -> str:
     return art.get("precision", "fp32")
+
+
 FUSIONS = ("mean", "weighted", "vote")
-MODEL_KEYS = ("schema_version", "kind", "name", "version", "architecture", "classes", "preprocessing", "input",
-              "output", "max_batch", "tta", "artifacts", "provenance")
-ENSEMBLE_KEYS = ("schema_version", "kind", "name", "version", "classes", "fusion", "members", "tta", "provenance")
-PREPROCESSING_KEYS = ("crop_size", "resize_size", "resize_policy", "crop", "interpolation", "mean", "std",
-                      "channel_order", "input_dtype", "layout")
-ARTIFACT_KEYS = ("file", "format", "sha256", "bytes")
+SCHEMA_FILE = Path(__file__).with_name("bundle.schema.json")
+# docs/BUNDLE.md "Error categories"; C++ messages start with "[category] "
+CATEGORIES = ("schema", "path", "integrity", "classes", "signature", "bundle", "image", "input")
 
 
 class BundleError(ValueError):
-    """A bundle (or something given as one) cannot be used; the message names the file and the fix."""
+    """A bundle (or something given as one) cannot be used; the message names the file and the fix.
+
+    ``category``: which rule it broke (CATEGORIES), the same word the C++ runtime reports."""
+
+    def __init__(self, message: str, category: str = "bundle"):
+        super().__init__(message)
+        self.category = category
+
+
+@functools.lru_cache(maxsize=1)
+def schema_validator():
+    """A validator for bundle.schema.json (loaded once; jsonschema is imported only here)."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def schema_errors(m) -> list:
+    """Every bundle.schema.json violation of a parsed manifest (jsonschema ValidationErrors), most relevant first."""
+    from jsonschema.exceptions import relevance
+
+    return sorted(schema_validator().iter_errors(m), key=relevance, reverse=True)
 
 
 def utc_version() -> str:
@@ -87,76 +117,58 @@ def member_path_ok(path) -> bool:
     return not p.is_absolute() and bool(parts) and ".." not in parts
 
 
+def plain_name_ok(name) -> bool:
+    """An artifact file or data file: a plain file name in the bundle folder (no '/', no '..')."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 def manifest_path(bundle: str | os.PathLike) -> Path:
     p = Path(bundle)
     return p if p.name == MANIFEST_NAME and p.is_file() else p / MANIFEST_NAME
 
 
-def _require(d: dict, keys, where: str) -> None:
-    if not isinstance(d, dict):
-        raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}; the manifest was edited by "
-                          "hand or written by another tool: re-export it with 'python -m export'")
-    missing = [k for k in keys if k not in d]
-    if missing:
-        raise BundleError(f"{where}: missing required key(s) {missing}; the bundle is incomplete or was written "
-                          "by another tool; re-export it with 'python -m export'")
+def _schema_error(err, where: str) -> BundleError:
+    path = err.json_path.replace("$", "manifest", 1)
+    if err.validator == "required":
+        fix = "the bundle is incomplete or was written by another tool"
+    else:
+        fix = "the manifest was edited by hand or written by another tool"
+    return BundleError(f"{where}: {path}: {err.message} (bundle.schema.json, docs/BUNDLE.md); {fix}: re-export it "
+                       "with 'python -m export' (ensembles: 'python -m export ensemble')", "schema")
 
 
 def validate_manifest(m: dict, where: str = MANIFEST_NAME) -> dict:
-    """Check the structure of a parsed manifest; returns it unchanged or raises BundleError."""
+    """Check a parsed manifest against bundle.schema.json, then the rules a schema cannot express;
+    returns it unchanged or raises BundleError (with its category)."""
     if not isinstance(m, dict):
-        raise BundleError(f"{where}: expected a JSON object at the top level")
+        raise BundleError(f"{where}: expected a JSON object at the top level", "schema")
     version = m.get("schema_version")
     if version != SCHEMA_VERSION:
         raise BundleError(f"{where}: unknown schema_version {version!r}; this reader understands version "
                           f"{SCHEMA_VERSION}; re-export the bundle with this version of 'python -m export' "
-                          "(or upgrade the reader)")
-    kind = m.get("kind")
-    if kind not in ("model", "ensemble"):
-        raise BundleError(f"{where}: kind must be 'model' or 'ensemble', got {kind!r}")
-    _require(m, MODEL_KEYS if kind == "model" else ENSEMBLE_KEYS, where)
-    classes = m["classes"]
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
-        raise BundleError(f"{where}: 'classes' must be a list of at least two class names")
-    if len(set(classes)) != len(classes):
-        raise BundleError(f"{where}: 'classes' has duplicates")
-    tta = m["tta"]
-    if not isinstance(tta, dict) or not isinstance(tta.get("views"), list) or not tta["views"]:
-        raise BundleError(f"{where}: 'tta' must hold a non-empty list of 'views'")
-    if kind == "ensemble":
-        if m["fusion"] not in FUSIONS:
-            raise BundleError(f"{where}: unknown fusion {m['fusion']!r}; use one of {FUSIONS}")
-        if not isinstance(m["members"], list) or not m["members"]:
-            raise BundleError(f"{where}: an ensemble needs a non-empty list of members")
+                          "(or upgrade the reader)", "schema")
+    errors = schema_errors(m)
+    if errors:
+        raise _schema_error(errors[0], where)
+    if m["kind"] == "ensemble":
         for i, mem in enumerate(m["members"]):
-            _require(mem, ("name", "path", "weight"), f"{where}: members[{i}]")
             if not member_path_ok(mem["path"]):
                 raise BundleError(f"{where}: members[{i}].path must be a relative folder inside the ensemble "
                                   f"bundle (not absolute, no '..', not the bundle itself), got {mem['path']!r}; "
-                                  "rebuild it with 'python -m export ensemble'")
-            weight = mem["weight"]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-                raise BundleError(f"{where}: members[{i}].weight must be a non-negative number, got {weight!r}")
+                                  "rebuild it with 'python -m export ensemble'", "path")
+            if not math.isfinite(mem["weight"]):
+                raise BundleError(f"{where}: members[{i}].weight must be a non-negative number, got "
+                                  f"{mem['weight']!r}", "schema")
         return m
-    _require(m["preprocessing"], PREPROCESSING_KEYS, f"{where}: preprocessing")
-    _require(m["output"], (), f"{where}: output")
-    if not isinstance(m["artifacts"], dict):
-        raise BundleError(f"{where}: 'artifacts' must be an object of artifact entries by key")
-    if not isinstance(m["max_batch"], int) or m["max_batch"] < 1:
-        raise BundleError(f"{where}: max_batch must be a positive integer")
-    if m["output"].get("shape", [None, None])[-1] != len(classes):
-        raise BundleError(f"{where}: output shape {m['output'].get('shape')} does not match {len(classes)} classes")
-    if not m["artifacts"]:
-        raise BundleError(f"{where}: no artifacts listed")
+    width = m["output"]["shape"][-1]
+    if width != len(m["classes"]):
+        raise BundleError(f"{where}: output shape {m['output']['shape']} does not match {len(m['classes'])} classes; "
+                          "the class list does not belong to this model: re-export the bundle", "classes")
     for key, art in m["artifacts"].items():
-        _require(art, ARTIFACT_KEYS, f"{where}: artifacts.{key}")
-        if Path(art["file"]).name != art["file"]:
-            raise BundleError(f"{where}: artifacts.{key}.file must be a plain file name, got {art['file']!r}")
-        if artifact_device(art) not in DEVICES:
-            raise BundleError(f"{where}: artifacts.{key}.device must be one of {DEVICES}, got {art['device']!r}")
-        if artifact_precision(art) not in PRECISIONS:
-            raise BundleError(f"{where}: artifacts.{key}.precision must be one of {PRECISIONS}, "
-                              f"got {art['precision']!r}")
+        for name in (art["file"], *art.get("data_files", []), *art.get("data_sha256", {})):
+            if not plain_name_ok(name):
+                raise BundleError(f"{where}: artifacts.{key}: {name!r} must be a plain file name in the bundle "
+                                  "folder (no '/', no '..'); re-export the bundle", "path")
     return m
 
 
@@ -165,7 +177,8 @@ def parse_manifest(raw: bytes, where: str = MANIFEST_NAME) -> dict:
     try:
         m = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{where}: not valid JSON ({exc}); the file is corrupt, re-export the bundle") from None
+        raise BundleError(f"{where}: not valid JSON ({exc}); the file is corrupt, re-export the bundle",
+                          "schema") from None
     return validate_manifest(m, where)
 
 
@@ -175,7 +188,7 @@ def read_manifest_bytes(bundle: str | os.PathLike) -> tuple[dict, bytes]:
     path = manifest_path(bundle)
     if not path.is_file():
         raise BundleError(f"'{bundle}' is not a bundle: {path} not found (build one with "
-                          "'python -m export --checkpoint RUN/best.pt --out DIR')")
+                          "'python -m export --checkpoint RUN/best.pt --out DIR')", "bundle")
     raw = path.read_bytes()
     return parse_manifest(raw, str(path)), raw
 
@@ -186,7 +199,8 @@ def read_manifest(bundle: str | os.PathLike) -> dict:
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict) -> Path:
-    validate_manifest(manifest, f"{folder}/{MANIFEST_NAME} (being written)")
+    # through JSON first: the schema sees exactly what readers will (tuples become lists)
+    validate_manifest(json.loads(json.dumps(manifest)), f"{folder}/{MANIFEST_NAME} (being written)")
     path = Path(folder) / MANIFEST_NAME
     path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return path
@@ -230,14 +244,16 @@ def _check_files(folder: Path, manifest: dict, key: str, digest) -> None:
     for name in artifact_files(manifest, key):
         path = folder / name
         if not path.is_file():
-            raise BundleError(f"{path}: missing; the bundle is incomplete, copy it again or re-export it")
+            raise BundleError(f"{path}: missing; the bundle is incomplete, copy it again or re-export it",
+                              "integrity")
         want = expected.get(name)
         if want is None:
-            raise BundleError(f"{folder}/{MANIFEST_NAME}: no sha256 recorded for {name}")
+            raise BundleError(f"{folder}/{MANIFEST_NAME}: no sha256 recorded for {name}; re-export the bundle",
+                              "integrity")
         got = digest(path)
         if got != want:
             raise BundleError(f"{path}: sha256 {got[:16]}... differs from the manifest's {want[:16]}...; the file "
-                              "was modified or corrupted: copy the bundle again or re-export it")
+                              "was modified or corrupted: copy the bundle again or re-export it", "integrity")
 
 
 def read_artifact(bundle: str | os.PathLike, manifest: dict, key: str) -> VerifiedArtifact:
@@ -268,12 +284,8 @@ def verify_checksums(bundle: str | os.PathLike, manifest: dict | None = None) ->
     checked = []
     if manifest["kind"] == "ensemble":
         for mem in manifest["members"]:
-            sub = folder / mem["path"]
-            want = mem.get("manifest_sha256")
-            if want and file_sha256(manifest_path(sub)) != want:
-                raise BundleError(f"{manifest_path(sub)}: sha256 differs from the ensemble manifest's; the member "
-                                  "was modified: rebuild the ensemble with 'python -m export ensemble'")
-            checked += [f"{mem['name']}/{k}" for k in verify_checksums(sub)]
+            sub, sub_manifest = read_member(folder, manifest, mem)
+            checked += [f"{mem['name']}/{k}" for k in verify_checksums(sub, sub_manifest)]
         return checked
     for key, art in manifest["artifacts"].items():
         check_artifact(folder, manifest, key)
@@ -283,9 +295,31 @@ def verify_checksums(bundle: str | os.PathLike, manifest: dict | None = None) ->
             path = folder / Path(str(prog.get("file"))).name
             if not path.is_file() or file_sha256(path) != prog.get("sha256"):
                 raise BundleError(f"{path}: missing, or its sha256 differs from the manifest's; the file was "
-                                  "modified or corrupted: copy the bundle again or re-export it")
+                                  "modified or corrupted: copy the bundle again or re-export it", "integrity")
             checked.append(f"{key}.program")
     return checked
+
+
+def read_member(folder: str | os.PathLike, ensemble: dict, member: dict) -> tuple[Path, dict]:
+    """(folder, manifest) of one member of a validated ensemble manifest, after checking that its
+    manifest.json matches the ensemble's manifest_sha256, that it is a model bundle (no nesting) and
+    that its classes are the ensemble's. One rule for the loader, the server and verify_checksums."""
+    sub = Path(folder) / member["path"]
+    path = manifest_path(sub)
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; the ensemble is incomplete: copy it again or rebuild it with "
+                          "'python -m export ensemble'", "integrity")
+    m, raw = read_manifest_bytes(sub)   # one read: the bytes hashed are the bytes parsed
+    if hashlib.sha256(raw).hexdigest() != member["manifest_sha256"]:
+        raise BundleError(f"{path}: sha256 differs from the ensemble manifest's; the member was modified: "
+                          "rebuild the ensemble with 'python -m export ensemble'", "integrity")
+    if m["kind"] != "model":
+        raise BundleError(f"{path}: an ensemble member is itself an ensemble; nested ensembles are not supported: "
+                          "list the inner ensemble's members in the outer one", "schema")
+    if m["classes"] != ensemble["classes"]:
+        raise BundleError(f"{path}: member '{member['name']}' has different classes from the ensemble; ensemble only "
+                          "models trained on the same classes", "classes")
+    return sub, m
 
 
 def preprocess_spec(manifest: dict):

@@ -32,6 +32,9 @@ _FIX_UNSIGNED = "sign it with 'python -m export sign BUNDLE --key PRIVATE_KEY' (
 class SignatureError(BundleError):
     """A bundle's signature is missing, malformed, made by an untrusted key or does not match its manifest."""
 
+    def __init__(self, message: str):
+        super().__init__(message, "signature")
+
 
 @dataclass(frozen=True)
 class TrustPolicy:

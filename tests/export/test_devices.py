@@ -158,14 +158,21 @@ def test_auto_on_cuda_without_any_cuda_artifact_says_what_to_re_export():
 
 @pytest.mark.parametrize("field, value", [("device", "tpu"), ("precision", "fp8")])
 def test_manifest_refuses_unknown_device_or_precision(field, value):
-    from export.manifest import PREPROCESSING_KEYS
+    from trainer.data import PreprocessSpec
+
+    from export.manifest import preprocessing_dict
 
     art = {**_manifest("pt2")["artifacts"]["pt2"], field: value}
     m = {"schema_version": 1, "kind": "model", "name": "x", "version": "v", "architecture": "a", "classes": ["a", "b"],
-         "preprocessing": dict.fromkeys(PREPROCESSING_KEYS), "input": {}, "output": {"shape": [-1, 2]},
-         "max_batch": 2, "tta": {"views": [{}]}, "artifacts": {"pt2": art}, "provenance": {}}
-    with pytest.raises(export.BundleError, match=f"artifacts.pt2.{field} must be one of"):
+         "preprocessing": preprocessing_dict(PreprocessSpec.for_size(32)),
+         "input": {"name": "images", "dtype": "uint8", "shape": [-1, 3, 32, 32]},
+         "output": {"name": "probs", "dtype": "float32", "shape": [-1, 2]},
+         "max_batch": 2, "tta": {"default": "none", "merge": "mean", "views": [{}]}, "artifacts": {"pt2": art},
+         "provenance": {}}
+    validate_manifest({**m, "artifacts": {"pt2": _manifest("pt2")["artifacts"]["pt2"]}})
+    with pytest.raises(export.BundleError, match=rf"artifacts\.pt2\.{field}: '{value}' is not one of") as e:
         validate_manifest(m)
+    assert e.value.category == "schema"
 
 
 # ---- the fp16/bf16 top-1 check (CPU stand-ins for the GPU runtimes) ----------------------------

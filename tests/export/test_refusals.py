@@ -187,18 +187,24 @@ def ensemble_copy(small, bundle_copy, tmp_path) -> Path:
 
 
 def _edit_member(ensemble: Path, **changes) -> None:
+    """Change members[0]; its manifest_sha256 follows a path that points at another member manifest."""
+    from export.manifest import file_sha256
+
     m = json.loads((ensemble / "manifest.json").read_text())
     m["members"][0].update(changes)
-    m["members"][0].pop("manifest_sha256", None)
+    target = ensemble / str(m["members"][0]["path"]) / "manifest.json"
+    if isinstance(m["members"][0]["path"], str) and m["members"][0]["path"].startswith("members/") and target.is_file():
+        m["members"][0]["manifest_sha256"] = file_sha256(target)
     (ensemble / "manifest.json").write_text(json.dumps(m))
 
 
-@pytest.mark.parametrize("path", [".", "", "./", "/etc", "../copy", "members/../..", "members\\a", 7])
+@pytest.mark.parametrize("path", [".", "", "./", "/etc", "../copy", "members/../..", "members\\a"])
 def test_an_ensemble_member_path_outside_the_bundle_is_refused(ensemble_copy, path):
     # '.' recursed until RecursionError; absolute and '..' paths read outside the bundle
     _edit_member(ensemble_copy, path=path)
-    with pytest.raises(export.BundleError, match="must be a relative folder inside the ensemble bundle"):
+    with pytest.raises(export.BundleError, match="must be a relative folder inside the ensemble bundle") as e:
         export.load_bundle(ensemble_copy)
+    assert e.value.category == "path"
 
 
 def test_a_nested_ensemble_is_refused_by_the_loader_and_the_server(ensemble_copy, tmp_path):
@@ -215,20 +221,22 @@ def test_a_nested_ensemble_is_refused_by_the_loader_and_the_server(ensemble_copy
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"artifacts": ["model.ts"]}, "'artifacts' must be an object"),
-    ({"preprocessing": [224]}, "preprocessing: expected a JSON object, got list"),
-    ({"output": "probs"}, "output: expected a JSON object, got str"),
+    ({"artifacts": ["model.ts"]}, r"manifest\.artifacts: \['model.ts'\] is not of type 'object'"),
+    ({"preprocessing": [224]}, r"manifest\.preprocessing: \[224\] is not of type 'object'"),
+    ({"output": "probs"}, "manifest.output: 'probs' is not of type 'object'"),
 ])
 def test_wrong_value_types_are_a_bundle_error_not_a_crash(bundle_copy, change, words):
     # these raised AttributeError / TypeError before
     _edit_manifest(bundle_copy, **change)
-    with pytest.raises(export.BundleError, match=words):
+    with pytest.raises(export.BundleError, match=words) as e:
         export.load_bundle(bundle_copy)
+    assert e.value.category == "schema"
 
 
 @pytest.mark.parametrize("members, words", [
-    ("members", "non-empty list of members"),
-    ([["a", "b"]], r"members\[0\]: expected a JSON object"),
+    ("members", "manifest.members: 'members' is not of type 'array'"),
+    ([["a", "b"]], r"manifest\.members\[0\]: \['a', 'b'\] is not of type 'object'"),
+    ([], r"manifest\.members: \[\] should be non-empty"),
 ])
 def test_wrong_member_types_are_a_bundle_error(ensemble_copy, members, words):
     _edit_manifest(ensemble_copy, members=members)
@@ -236,8 +244,65 @@ def test_wrong_member_types_are_a_bundle_error(ensemble_copy, members, words):
         export.load_bundle(ensemble_copy)
 
 
-@pytest.mark.parametrize("weight", ["heavy", -1, True, float("inf")])
-def test_a_member_weight_that_is_not_a_non_negative_number_is_refused(ensemble_copy, weight):
+@pytest.mark.parametrize("weight, words", [("heavy", "'heavy' is not of type 'number'"),
+                                           (-1, "-1 is less than the minimum of 0"),
+                                           (True, "True is not of type 'number'"),
+                                           (float("inf"), "weight must be a non-negative number")])
+def test_a_member_weight_that_is_not_a_non_negative_number_is_refused(ensemble_copy, weight, words):
     _edit_member(ensemble_copy, weight=weight)
-    with pytest.raises(export.BundleError, match="weight must be a non-negative number"):
+    with pytest.raises(export.BundleError, match=words) as e:
         export.load_bundle(ensemble_copy)
+    assert e.value.category == "schema"
+
+
+@pytest.mark.parametrize("path", [7, None])
+def test_a_member_path_that_is_not_a_string_is_a_schema_error(ensemble_copy, path):
+    _edit_member(ensemble_copy, path=path)
+    with pytest.raises(export.BundleError, match=r"members\[0\]\.path: .* is not of type 'string'"):
+        export.load_bundle(ensemble_copy)
+
+
+def test_a_member_without_manifest_sha256_is_refused_by_the_loader_and_the_server(ensemble_copy):
+    # it was optional: a member manifest could be swapped without the ensemble noticing
+    from server.models import load_served_model
+
+    m = json.loads((ensemble_copy / "manifest.json").read_text())
+    del m["members"][1]["manifest_sha256"]
+    (ensemble_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match=r"members\[1\]: 'manifest_sha256' is a required property"):
+        export.load_bundle(ensemble_copy)
+    with pytest.raises(ValueError, match="'manifest_sha256' is a required property"):
+        load_served_model(ensemble_copy, with_weights=False)
+
+
+def test_a_tampered_member_manifest_is_refused_by_the_server_front(ensemble_copy):
+    # the Redis front reads member manifests only; it did not compare them with manifest_sha256
+    from server.models import load_served_model
+
+    member = ensemble_copy / "members" / json.loads((ensemble_copy / "manifest.json").read_text())["members"][0]["name"]
+    m = json.loads((member / "manifest.json").read_text())
+    m["tta"]["merge"] = "max"
+    (member / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="sha256 differs from the ensemble manifest's"):
+        load_served_model(ensemble_copy, with_weights=False)
+
+
+@pytest.mark.parametrize("name", ["../model.onnx.data", "/etc/passwd", "sub/x.data", ".."])
+def test_data_files_must_be_plain_names_in_the_bundle(bundle_copy, name):
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["artifacts"]["onnx"]["data_files"] = [name]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match="must be a plain file name in the bundle folder") as e:
+        export.load_bundle(bundle_copy, backend="torchscript")
+    assert e.value.category == "path"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torchscript"])
+def test_a_class_list_that_does_not_match_the_model_output_is_refused_at_load(bundle_copy, backend):
+    # classes and output.shape edited together pass the manifest checks; the warm-up call catches it (as in C++)
+    m = json.loads((bundle_copy / "manifest.json").read_text())
+    m["classes"], m["output"]["shape"] = ["0", "1"], [-1, 2]
+    (bundle_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(export.BundleError, match="lists 2 classes but backend .* outputs 3 scores per image") as e:
+        export.load_bundle(bundle_copy, backend=backend)
+    assert e.value.category == "classes"

@@ -50,52 +50,9 @@ def image_dir(tmp_path_factory) -> Path:
     return root
 
 
-# ---- bundles made by the export package (the contract is proven from both sides) -------------
-def _train(data: Path, out: Path, seed: int, **kw) -> Path:
-    from trainer.config import TrainConfig
-    from trainer.engine.train import train
-
-    cfg = dict(data=str(data), out=str(out), model="resnet18", img_size=32, crop_pct=0.875, batch_size=16,
-               workers=0, hflip=0.0, scale_min=0.8, lr=0.05, warmup_epochs=0.5, epochs=1, quiet=True, seed=seed)
-    cfg.update(kw)
-    train(TrainConfig(**cfg))
-    return out / "best.pt"
-
-
-def _export(ckpt: Path, out: Path, formats: list[str], **kw) -> Path:
-    from export.build import ExportOptions, build_bundle
-
-    build_bundle(ExportOptions(checkpoint=str(ckpt), out=str(out), formats=formats, max_batch=8, **kw),
-                 say=lambda *a, **k: None)
-    return out
-
-
-@pytest.fixture(scope="session")
-def bundle_a(tiny_digits, tmp_path_factory) -> Path:
-    """resnet18, 32x32 crop after resize 36 (bilinear), TorchScript + .pt2, default TTA hflip."""
-    root = tmp_path_factory.mktemp("native_a")
-    return _export(_train(tiny_digits, root / "run", seed=0), root / "bundle", ["torchscript", "pt2"], tta="hflip")
-
-
-@pytest.fixture(scope="session")
-def bundle_b(tiny_digits, tmp_path_factory) -> Path:
-    """A second member with other preprocessing: crop 28 after resize 32, bicubic; TorchScript only."""
-    root = tmp_path_factory.mktemp("native_b")
-    ckpt = _train(tiny_digits, root / "run", seed=1, img_size=28, interpolation="bicubic")
-    return _export(ckpt, root / "bundle", ["torchscript"])
-
-
-@pytest.fixture(scope="session")
-def ensembles(bundle_a, bundle_b, tmp_path_factory) -> dict[str, Path]:
-    from export.ensemble import build_ensemble
-
-    root = tmp_path_factory.mktemp("native_ens")
-    out = {}
-    for fusion, weights in (("weighted", [3.0, 1.0]), ("vote", [1.0, 2.0]), ("mean", None)):
-        path, _ = build_ensemble([str(bundle_a), str(bundle_b)], str(root / fusion), weights, fusion,
-                                 tta="hflip" if fusion == "weighted" else "none", say=lambda *a, **k: None)
-        out[fusion] = Path(path)
-    return out
+# bundle_a, bundle_b and ensembles (the tiny real bundles) live in tests/conftest.py: tests/conformance
+# runs the same ones. Their helpers stay importable from here (test_devices.py).
+from conftest import _export, _train  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

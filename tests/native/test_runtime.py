@@ -182,7 +182,6 @@ def _ensemble_with_member(ensembles, tmp_path, **changes) -> Path:
     shutil.copytree(ensembles["mean"], ens)
     m = json.loads((ens / "manifest.json").read_text())
     m["members"][0].update(changes)
-    m["members"][0].pop("manifest_sha256", None)
     (ens / "manifest.json").write_text(json.dumps(m))
     return ens
 
@@ -196,8 +195,13 @@ def test_an_ensemble_member_path_outside_the_bundle_is_refused(native, ensembles
 
 
 def test_a_nested_ensemble_is_refused(native, ensembles, tmp_path):
-    ens = _ensemble_with_member(ensembles, tmp_path, path="members/nested")
-    shutil.copytree(ensembles["vote"], ens / "members" / "nested")
+    from export.manifest import file_sha256
+
+    nested = tmp_path / "nested"
+    shutil.copytree(ensembles["vote"], nested)
+    ens = _ensemble_with_member(ensembles, tmp_path, path="members/nested",
+                                manifest_sha256=file_sha256(nested / "manifest.json"))
+    shutil.move(nested, ens / "members" / "nested")
     with pytest.raises(native.BundleError, match="nested ensembles are not supported"):
         native.Runtime(str(ens), threads=1)
 

@@ -85,7 +85,6 @@ struct Bundle {
 struct Member {
   std::string name;
   double weight = 1.0;
-  bool pinned = false;  // the ensemble manifest records this member's manifest_sha256 (checked by read_bundle)
   Bundle bundle;
 };
 

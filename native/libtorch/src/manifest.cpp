@@ -6,7 +6,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -22,7 +24,11 @@ namespace {
 
 constexpr int kSchemaVersion = 1;
 
-[[noreturn]] void fail(const std::string& where, const std::string& what) { throw BundleError(where + ": " + what); }
+// Categories as in python/export/manifest.py (docs/BUNDLE.md "Error categories"): a structure or type
+// that bundle.schema.json refuses is "schema"; the semantic checks name their own.
+[[noreturn]] void fail(const std::string& where, const std::string& what, const char* category = "schema") {
+  throw BundleError("[" + std::string(category) + "] " + where + ": " + what);
+}
 
 const json& need(const json& obj, const char* key, const std::string& where) {
   if (!obj.is_object() || !obj.contains(key))
@@ -38,6 +44,24 @@ T get(const json& obj, const char* key, const std::string& where) {
     return v.get<T>();
   } catch (const json::exception& e) {
     fail(where, std::string("key '") + key + "' has the wrong type (" + e.what() + ")");
+  }
+}
+
+// python/export/bundle.schema.json is the source of truth; this reader has no JSON Schema library, so
+// it mirrors the schema's key lists here (tests/conformance runs the same cases through both readers).
+// Objects the schema closes (additionalProperties: false) refuse unknown keys, as Python does: a typo
+// or a newer writer's key must not be silently ignored.
+void keys_of(const json& obj, std::initializer_list<const char*> required, std::initializer_list<const char*> optional,
+             const std::string& where) {
+  if (!obj.is_object()) fail(where, "expected a JSON object, got " + std::string(obj.type_name()));
+  for (const char* k : required) need(obj, k, where);
+  for (auto it = obj.begin(); it != obj.end(); ++it) {
+    bool known = false;
+    for (auto list : {required, optional})
+      for (const char* k : list) known = known || it.key() == k;
+    if (!known)
+      fail(where, "unknown key '" + it.key() + "' (bundle.schema.json, docs/BUNDLE.md); the manifest was edited by "
+                  "hand or written by a newer tool: re-export it with 'python -m export'");
   }
 }
 
@@ -57,11 +81,24 @@ bool member_path_ok(const std::string& p) {
   return named;
 }
 
+// An artifact file or data file: a plain file name in the bundle folder (export.manifest.plain_name_ok).
+bool plain_name_ok(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
+         name.find('\\') == std::string::npos;
+}
+
+bool sha256_ok(const json& v) {
+  if (!v.is_string() || v.get<std::string>().size() != 64) return false;
+  return v.get<std::string>().find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
 std::vector<View> parse_views(const json& tta, const std::string& where) {
+  keys_of(tta, {"default", "merge", "views"}, {}, where + ": tta");
   const json& views = need(tta, "views", where);
   if (!views.is_array() || views.empty()) fail(where, "'tta.views' must be a non-empty list");
   std::vector<View> out;
   for (const json& v : views) {
+    keys_of(v, {}, {"resize", "crop", "flip"}, where + ": tta.views[]");
     View view;
     if (v.contains("resize") && !v["resize"].is_null()) view.resize = get<int>(v, "resize", where);
     if (v.contains("crop")) view.crop = get<std::string>(v, "crop", where);
@@ -160,12 +197,24 @@ Bundle read_bundle(const std::string& dir_in) {
                     "'python -m export' (or upgrade the native runtime)");
   b.kind = get<std::string>(m, "kind", where);
   if (b.kind != "model" && b.kind != "ensemble") fail(where, "kind must be 'model' or 'ensemble', got '" + b.kind + "'");
+  if (b.kind == "model")
+    keys_of(m, {"schema_version", "kind", "name", "version", "architecture", "classes", "preprocessing", "input", "output",
+                "max_batch", "tta", "artifacts", "provenance"}, {"metrics"}, where);
+  else
+    keys_of(m, {"schema_version", "kind", "name", "version", "classes", "fusion", "members", "tta", "provenance"}, {},
+            where);
   b.name = get<std::string>(m, "name", where);
+  get<std::string>(m, "version", where);
+  if (!m.at("provenance").is_object()) fail(where, "'provenance' must be a JSON object");
   b.classes = get<std::vector<std::string>>(m, "classes", where);
   if (b.classes.size() < 2) fail(where, "'classes' must be a list of at least two class names");
+  if (std::set<std::string>(b.classes.begin(), b.classes.end()).size() != b.classes.size())
+    fail(where, "'classes' has duplicates");
   const json& tta = need(m, "tta", where);
   if (tta.contains("default")) b.tta_default = get<std::string>(tta, "default", where);
-  if (tta.contains("merge")) b.tta_merge = get<std::string>(tta, "merge", where);
+  b.tta_merge = get<std::string>(tta, "merge", where);
+  if (b.tta_merge != "mean" && b.tta_merge != "max" && b.tta_merge != "vote")
+    fail(where, "tta.merge must be mean, max or vote, got '" + b.tta_merge + "'");
   b.tta_views = parse_views(tta, where);
 
   if (b.kind == "ensemble") {
@@ -175,6 +224,7 @@ Bundle read_bundle(const std::string& dir_in) {
     const json& members = need(m, "members", where);
     if (!members.is_array() || members.empty()) fail(where, "an ensemble needs at least one member");
     for (const json& mem : members) {
+      keys_of(mem, {"name", "path", "weight", "manifest_sha256"}, {}, where + ": members[]");
       Member member;
       member.name = get<std::string>(mem, "name", where);
       if (!need(mem, "weight", where).is_number() || !(get<double>(mem, "weight", where) >= 0) ||
@@ -184,28 +234,38 @@ Bundle read_bundle(const std::string& dir_in) {
       const std::string rel = get<std::string>(mem, "path", where);
       if (!member_path_ok(rel))
         fail(where, "member path must be a relative folder inside the ensemble bundle (not absolute, no '..', "
-                    "not the bundle itself), got '" + rel + "'; rebuild it with 'python -m export ensemble'");
+                    "not the bundle itself), got '" + rel + "'; rebuild it with 'python -m export ensemble'", "path");
+      // Required: the ensemble's manifest pins each member's manifest, which pins its artifacts.
+      if (!sha256_ok(need(mem, "manifest_sha256", where)))
+        fail(where, "member manifest_sha256 must be 64 lowercase hex digits; rebuild it with 'python -m export ensemble'");
       std::string sub = (dir / rel).string();
+      std::string sub_manifest = sub + "/manifest.json";
+      if (!fs::is_regular_file(sub_manifest))
+        fail(sub_manifest, "missing; the ensemble is incomplete: copy it again or rebuild it with "
+                           "'python -m export ensemble'", "integrity");
       member.bundle = read_bundle(sub);
       // checked against the bytes read_bundle parsed (one read), not the file again
-      if (mem.contains("manifest_sha256") && mem["manifest_sha256"].is_string()) {
-        member.pinned = true;
-        if (sha256_hex(member.bundle.manifest_bytes) != mem["manifest_sha256"].get<std::string>())
-          throw BundleError(member.bundle.manifest_path + ": sha256 differs from the ensemble manifest's; the member "
-                            "was modified: rebuild the ensemble with 'python -m export ensemble'");
-      }
+      if (sha256_hex(member.bundle.manifest_bytes) != mem["manifest_sha256"].get<std::string>())
+        fail(member.bundle.manifest_path, "sha256 differs from the ensemble manifest's; the member was modified: "
+                                          "rebuild the ensemble with 'python -m export ensemble'", "integrity");
       if (member.bundle.kind != "model")
-        throw BundleError(member.bundle.manifest_path + ": an ensemble member is itself an ensemble; nested ensembles "
-                          "are not supported: list the inner ensemble's members in the outer one");
+        fail(member.bundle.manifest_path, "an ensemble member is itself an ensemble; nested ensembles "
+                                          "are not supported: list the inner ensemble's members in the outer one");
       if (member.bundle.classes != b.classes)
-        throw BundleError(member.bundle.manifest_path + ": member '" + member.name +
-                          "' has different classes from the ensemble; ensemble only models trained on the same classes");
+        fail(member.bundle.manifest_path, "member '" + member.name + "' has different classes from the ensemble; "
+                                          "ensemble only models trained on the same classes", "classes");
       b.members.push_back(std::move(member));
     }
     return b;
   }
 
   const json& pre = need(m, "preprocessing", where);
+  keys_of(pre, {"crop_size", "resize_size", "resize_policy", "crop", "interpolation", "mean", "std", "channel_order",
+                "input_dtype", "layout"},
+          {"resize_kernel", "alpha", "exif_orientation", "sixteen_bit", "normalize_in_graph", "extra"},
+          where + ": preprocessing");
+  keys_of(m.at("input"), {"name", "dtype", "shape"}, {}, where + ": input");
+  keys_of(m.at("output"), {"name", "dtype", "shape"}, {"kind"}, where + ": output");
   auto crop = get<std::vector<int>>(pre, "crop_size", where);
   if (crop.size() != 2 || crop[0] <= 0 || crop[1] <= 0) fail(where, "preprocessing.crop_size must be [height, width]");
   b.pre.crop_h = crop[0];
@@ -234,6 +294,13 @@ Bundle read_bundle(const std::string& dir_in) {
     fail(where, "preprocessing.interpolation '" + b.pre.interpolation + "' is not supported; use bilinear or bicubic");
   if (b.pre.resize_size < std::min(b.pre.crop_h, b.pre.crop_w))
     fail(where, "preprocessing.resize_size is smaller than crop_size");
+  // The model's output width is its class count; a shorter class list would index past it.
+  const json& out_shape = need(need(m, "output", where), "shape", where + ": output");
+  if (!out_shape.is_array() || out_shape.size() != 2 || !out_shape[1].is_number_integer())
+    fail(where, "output.shape must be [-1, K]");
+  if (out_shape[1].get<int64_t>() != static_cast<int64_t>(b.classes.size()))
+    fail(where, "output shape " + out_shape.dump() + " does not match " + std::to_string(b.classes.size()) +
+                    " classes; the class list does not belong to this model: re-export the bundle", "classes");
   b.max_batch = get<int>(m, "max_batch", where);
   if (b.max_batch < 1) fail(where, "max_batch must be a positive integer");
   const json& arts = need(m, "artifacts", where);
@@ -245,7 +312,13 @@ Bundle read_bundle(const std::string& dir_in) {
     a.file = get<std::string>(*it, "file", w);
     a.format = get<std::string>(*it, "format", w);
     a.sha256 = get<std::string>(*it, "sha256", w);
-    if (fs::path(a.file).filename().string() != a.file) fail(w, "file must be a plain file name, got '" + a.file + "'");
+    if (!plain_name_ok(a.file)) fail(w, "file must be a plain file name in the bundle folder, got '" + a.file + "'", "path");
+    if (!sha256_ok((*it)["sha256"])) fail(w, "sha256 must be 64 lowercase hex digits");
+    if (it->contains("data_files")) {
+      for (const std::string& d : get<std::vector<std::string>>(*it, "data_files", w))
+        if (!plain_name_ok(d))
+          fail(w, "data_files must be plain file names in the bundle folder (no '/', no '..'), got '" + d + "'", "path");
+    }
     // Bundles written before CUDA artifacts existed have neither field: CPU, fp32.
     if (it->contains("device")) a.device = get<std::string>(*it, "device", w);
     if (a.device != "cpu" && a.device != "cuda") fail(w, "device must be 'cpu' or 'cuda', got '" + a.device + "'");
@@ -293,10 +366,11 @@ std::string read_checked_artifact(const Bundle& b, const std::string& key) {
   }
   std::string path = (fs::path(b.dir) / a->file).string();
   std::optional<std::string> bytes = fs::is_regular_file(path) ? read_file(path) : std::nullopt;
-  if (!bytes) throw BundleError(path + ": missing; the bundle is incomplete, copy it again or re-export it");
+  if (!bytes)
+    throw BundleError("[integrity] " + path + ": missing; the bundle is incomplete, copy it again or re-export it");
   std::string got = sha256_hex(*bytes);
   if (got != a->sha256)
-    throw BundleError(path + ": sha256 " + got.substr(0, 16) + "... differs from the manifest's " +
+    throw BundleError("[integrity] " + path + ": sha256 " + got.substr(0, 16) + "... differs from the manifest's " +
                       a->sha256.substr(0, std::min<size_t>(16, a->sha256.size())) +
                       "...; the file was modified or corrupted: copy the bundle again or re-export it");
   return std::move(*bytes);

@@ -65,7 +65,7 @@ void check_output_width(Model& model, const Bundle& b, const Artifact& art, cons
   }
   const int64_t k = static_cast<int64_t>(b.classes.size());
   if (out.dim() != 2 || out.size(0) != 1 || out.size(1) != k)
-    throw BundleError(b.manifest_path + ": the manifest lists " + std::to_string(k) + " classes but the model " +
+    throw BundleError("[classes] " + b.manifest_path + ": the manifest lists " + std::to_string(k) + " classes but the model " +
                       art.file + " outputs " + (out.dim() == 2 ? std::to_string(out.size(1)) + " scores per image"
                                                                : "a tensor of shape " + c10::str(out.sizes())) +
                       "; the class list must match the model's output: re-export the bundle");
@@ -170,14 +170,10 @@ Runtime::Runtime(const std::string& bundle_dir, const Options& options) : impl_(
   d.bundle = read_bundle(bundle_dir);
   if (!options.expected_manifest_sha256.empty() &&
       sha256_hex(d.bundle.manifest_bytes) != options.expected_manifest_sha256)
-    throw BundleError(d.bundle.manifest_path + ": changed after the caller checked it (sha256 differs); something is "
+    throw BundleError("[integrity] " + d.bundle.manifest_path + ": changed after the caller checked it (sha256 differs); something is "
                       "rewriting the bundle while it loads: copy it again and load it from a folder nobody else writes");
-  if (!check_signature(d.bundle, options.trusted_keys, options.require_signature).empty())
-    for (const Member& m : d.bundle.members)  // the signature covers a member only through its manifest_sha256
-      if (!m.pinned)
-        throw BundleError(d.bundle.manifest_path + ": member '" + m.name + "' has no manifest_sha256, so the "
-                          "ensemble's signature does not cover it; rebuild the ensemble with 'python -m export "
-                          "ensemble' and sign it");
+  // members are covered through their manifest_sha256, which read_bundle requires and checks
+  check_signature(d.bundle, options.trusted_keys, options.require_signature);
   d.views = options.tta.empty() ? d.bundle.tta_views : parse_tta_policy(options.tta);
   d.merge = d.bundle.tta_merge;
   if (d.bundle.kind == "model") {

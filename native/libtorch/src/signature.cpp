@@ -78,7 +78,7 @@ std::string check_signature(const Bundle& b, const std::vector<std::string>& tru
   const std::string sig_path = (fs::path(b.dir) / kSignatureName).string();
   if (!fs::is_regular_file(sig_path)) {
     if (require)
-      throw BundleError(b.dir + ": unsigned bundle (" + kSignatureName + " not found) and a signature is required; "
+      throw BundleError("[signature] " + b.dir + ": unsigned bundle (" + kSignatureName + " not found) and a signature is required; "
                         "sign it with 'python -m export sign BUNDLE --key PRIVATE_KEY' (or drop --require-signature)");
     return "";
   }
@@ -93,7 +93,7 @@ std::string check_signature(const Bundle& b, const std::vector<std::string>& tru
     sig = base64_decode(doc.at("signature").get<std::string>());
     if (sig.size() != 64) throw std::invalid_argument("an Ed25519 signature has 64 bytes");
   } catch (const std::exception& e) {
-    throw BundleError(sig_path + ": malformed signature file (" + e.what() + "); it was damaged or edited: copy "
+    throw BundleError("[signature] " + sig_path + ": malformed signature file (" + e.what() + "); it was damaged or edited: copy "
                       "the bundle again or re-sign it with 'python -m export sign'");
   }
   std::string trusted;
@@ -104,12 +104,12 @@ std::string check_signature(const Bundle& b, const std::vector<std::string>& tru
   const std::string claimed = doc.contains("key_id") && doc["key_id"].is_string() ? doc["key_id"].get<std::string>() : "";
   if (!claimed.empty() && trusted.find(claimed) != std::string::npos) {
     const bool changed = doc.value("manifest_sha256", "") != sha256_hex(b.manifest_bytes);
-    throw BundleError(b.dir + ": signature check failed: " +
+    throw BundleError("[signature] " + b.dir + ": signature check failed: " +
                       (changed ? "manifest.json was modified after signing" : "the signature was modified") +
                       "; do not load this bundle: copy it again from its publisher or re-sign it with "
                       "'python -m export sign'");
   }
-  throw BundleError(b.dir + ": signed by key '" + claimed + "', which is not a trusted key (trusted: " + trusted +
+  throw BundleError("[signature] " + b.dir + ": signed by key '" + claimed + "', which is not a trusted key (trusted: " + trusted +
                     "), or the manifest was modified; pass the publisher's public key with --trusted-key, or "
                     "re-sign the bundle with a trusted key");
 }

@@ -22,20 +22,27 @@ class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
-// The bundle cannot be used (missing, unknown schema, tampered artifact, ...).
+// Every message of the classes below starts with its category in brackets, "[schema] ...": schema,
+// path, integrity, classes, bundle, image or input (docs/BUNDLE.md "Error categories"; the Python
+// loader's BundleError.category holds the same word). A message that already has one keeps it.
+inline std::string with_category(const char* category, const std::string& what) {
+  return what.rfind('[', 0) == 0 ? what : "[" + std::string(category) + "] " + what;
+}
+// The bundle cannot be used (missing, unknown schema, tampered artifact, ...); "[bundle]" unless the
+// thrower names a more precise category.
 class BundleError : public Error {
  public:
-  using Error::Error;
+  explicit BundleError(const std::string& what) : Error(with_category("bundle", what)) {}
 };
 // One image cannot be decoded or preprocessed.
 class ImageError : public Error {
  public:
-  using Error::Error;
+  explicit ImageError(const std::string& what) : Error(with_category("image", what)) {}
 };
-// Bad option (unknown TTA policy, format, device, ...).
+// Bad option (unknown TTA policy, format, device, ...) or a bad input array.
 class OptionError : public Error {
  public:
-  using Error::Error;
+  explicit OptionError(const std::string& what) : Error(with_category("input", what)) {}
 };
 
 // An RGB uint8 image, (H, W, 3) row-major.
