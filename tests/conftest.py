@@ -41,6 +41,19 @@ def _private_index_cache(tmp_path_factory):
     os.environ["SHIPCLASSIFIER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """load_bundle(threads=N) and the trainer's --threads set torch's process-wide thread count; a test
+    that leaves it changed makes later in-process runs sum in another order than the subprocesses they
+    are compared with (an exact-resume test failed on a last-digit loss difference)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     from trainer.data.demo import write_digits_dataset

@@ -34,7 +34,13 @@ ENTROPY_BINS = 2048
 
 
 def _reader(images: torch.Tensor, batch: int):
+    """Calibration batches of one size: the largest divisor of the image count up to ``batch``.
+    onnxruntime's histogram collectors (percentile, entropy) stack each tensor's per-batch outputs
+    with np.asarray, which fails on a shorter last batch (72 images in batches of 16)."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    n = images.shape[0]
+    batch = max(d for d in range(1, min(batch, n) + 1) if n % d == 0)
 
     class _Batches(CalibrationDataReader):
         def __init__(self):

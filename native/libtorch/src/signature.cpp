@@ -90,6 +90,19 @@ std::string check_signature(const Bundle& b, const std::vector<std::string>& tru
     if (!doc.is_object() || doc.value("algorithm", "") != "ed25519" ||
         doc.value("signed_file", "manifest.json") != "manifest.json")
       throw std::invalid_argument("unknown algorithm or signed file");
+    // the rest of bundle.signature.schema.json, as the Python reader checks it
+    auto lower_hex = [](const nlohmann::json& v, size_t n) {
+      if (!v.is_string() || v.get<std::string>().size() != n) return false;
+      for (char c : v.get<std::string>())
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+      return true;
+    };
+    if (doc.contains("signature_version") && doc["signature_version"] != 1)
+      throw std::invalid_argument("signature_version must be 1");
+    if (doc.contains("manifest_sha256") && !lower_hex(doc["manifest_sha256"], 64))
+      throw std::invalid_argument("manifest_sha256 must be 64 lowercase hex digits");
+    if (doc.contains("key_id") && !lower_hex(doc["key_id"], 16))
+      throw std::invalid_argument("key_id must be 16 lowercase hex digits");
     sig = base64_decode(doc.at("signature").get<std::string>());
     if (sig.size() != 64) throw std::invalid_argument("an Ed25519 signature has 64 bytes");
   } catch (const std::exception& e) {
