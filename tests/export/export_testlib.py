@@ -42,7 +42,7 @@ def _resolve(schema: dict, node: dict) -> dict:
     return node
 
 
-def _type(schema: dict, node: dict) -> str:
+def schema_type(schema: dict, node: dict) -> str:
     if node.get("$ref", "").endswith("/sha256"):
         return "sha256 hex"
     node = _resolve(schema, node)
@@ -51,13 +51,13 @@ def _type(schema: dict, node: dict) -> str:
     if "enum" in node:
         return " or ".join(json.dumps(e) for e in node["enum"])
     if "prefixItems" in node:
-        return "[" + ", ".join(_type(schema, p) for p in node["prefixItems"]) + "]"
+        return "[" + ", ".join(schema_type(schema, p) for p in node["prefixItems"]) + "]"
     t = node.get("type", "any")
     if t == "array" and "items" in node:
-        return f"array of {_type(schema, node['items'])}"
+        return f"array of {schema_type(schema, node['items'])}"
     if t == "object" and isinstance(node.get("additionalProperties"), dict) and "properties" not in node:
         inner = _resolve(schema, node["additionalProperties"])
-        return "object of " + ("artifact" if "properties" in inner else _type(schema, node["additionalProperties"]))
+        return "object of " + ("artifact" if "properties" in inner else schema_type(schema, node["additionalProperties"]))
     return " or ".join(t) if isinstance(t, list) else t
 
 
@@ -73,7 +73,7 @@ def _walk(schema: dict, node: dict, prefix: str, out: dict) -> None:
     required = set(node.get("required", ()))
     for key, sub in node.get("properties", {}).items():
         path = f"{prefix}.{key}" if prefix else key
-        out[path] = ("yes" if key in required else "no", _type(schema, sub))
+        out[path] = ("yes" if key in required else "no", schema_type(schema, sub))
         _walk(schema, sub, path, out)
 
 

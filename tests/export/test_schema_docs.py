@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from export.manifest import schema_errors
-from export_testlib import load_schema, schema_rows, undocumented_keys
+from export_testlib import load_schema, schema_rows, schema_type, undocumented_keys
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BUNDLE.md"
 TABLE_HEADING = "## Every key"
@@ -100,6 +100,21 @@ def test_undocumented_keys_finds_a_new_nested_key():
     example["artifacts"]["onnx"]["quantization"] = {"new_stat": 0.5}
     assert undocumented_keys(example) == ["artifacts.KEY.compiled_for.new_flag", "artifacts.KEY.quantization.new_stat",
                                           "provenance.export_options.new_option"]
+
+
+def test_the_signature_table_is_the_signature_schema():
+    from export.signing import SIGNATURE_SCHEMA_FILE
+
+    schema = json.loads(SIGNATURE_SCHEMA_FILE.read_text())
+    want = {k: ("yes" if k in schema["required"] else "no", schema_type(schema, node))
+            for k, node in schema["properties"].items()}
+    trust = DOC.read_text().split("## Trust", 1)[1].split("\n## ", 1)[0]
+    got = {}
+    for line in trust.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            got[cells[0].strip("`")] = (cells[1], cells[2].strip("`"))
+    assert got == want
 
 
 def _examples() -> list[dict]:
