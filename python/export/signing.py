@@ -9,7 +9,8 @@ The signature (BUNDLE/signature.json) covers the exact bytes of manifest.json, w
 of every artifact file and, for an ensemble, of every member's manifest.json: checking it and then
 those hashes (which every reader does before loading) covers the whole bundle. Keys are PEM files
 (PKCS#8 private key, SubjectPublicKeyInfo public key), which OpenSSL, and so the C++ runtime, reads
-as they are. A signature proves who published the manifest, not that the model is safe or good.
+as they are. signature.json's format is bundle.signature.schema.json (docs/BUNDLE.md, "Trust"). A
+signature proves who published the manifest, not that the model is safe or good.
 """
 from __future__ import annotations
 
