@@ -26,7 +26,7 @@ std::string shape_of(const py::array& a) {
 U8Array uint8_pixels(const py::array& a, const char* what, const char* layout, py::ssize_t ndim,
                      py::ssize_t channel_axis) {
   if (a.dtype().kind() != 'u' || a.itemsize() != 1)
-    throw py::type_error(std::string(what) + " takes a uint8 " + layout + " RGB array (pixel values 0..255), got dtype " +
+    throw py::type_error("[input] " + std::string(what) + " takes a uint8 " + layout + " RGB array (pixel values 0..255), got dtype " +
                          std::string(py::str(a.dtype())) + "; convert explicitly, e.g. "
                          "np.clip(a * 255, 0, 255).round().astype(np.uint8) for floats in 0..1, or "
                          "np.clip(a, 0, 255).astype(np.uint8) for values in 0..255");

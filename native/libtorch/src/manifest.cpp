@@ -171,19 +171,34 @@ const Artifact* Bundle::find(const std::string& family, const std::string& devic
   return nullptr;
 }
 
+// The bytes of a bundle's manifest.json; nullopt when it is not a readable regular file (never throws:
+// a symlink loop is just "not a bundle").
+static std::optional<std::string> manifest_bytes(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec)) return std::nullopt;
+  return read_file(path);
+}
+
+static Bundle parse_bundle(const fs::path& dir, std::string bytes);
+
 Bundle read_bundle(const std::string& dir_in) {
-  Bundle b;
   fs::path dir(dir_in);
-  if (dir.filename() == "manifest.json" && fs::is_regular_file(dir)) dir = dir.parent_path();
+  std::error_code ec;
+  if (dir.filename() == "manifest.json" && fs::is_regular_file(dir, ec)) dir = dir.parent_path();
+  std::optional<std::string> raw = manifest_bytes((dir / "manifest.json").string());
+  if (!raw)
+    throw BundleError("'" + dir_in + "' is not a bundle: " + (dir / "manifest.json").string() +
+                      " not found (build one with 'python -m export --checkpoint RUN/best.pt --out DIR')");
+  return parse_bundle(dir, std::move(*raw));
+}
+
+// Parse and check a manifest from the bytes read once (what is hashed is what is parsed).
+static Bundle parse_bundle(const fs::path& dir, std::string bytes) {
+  Bundle b;
   b.dir = dir.string();
   b.manifest_path = (dir / "manifest.json").string();
   const std::string& where = b.manifest_path;
-  if (!fs::is_regular_file(b.manifest_path))
-    throw BundleError("'" + dir_in + "' is not a bundle: " + b.manifest_path +
-                      " not found (build one with 'python -m export --checkpoint RUN/best.pt --out DIR')");
-  std::optional<std::string> raw = read_file(b.manifest_path);
-  if (!raw) fail(where, "cannot be read");
-  b.manifest_bytes = std::move(*raw);
+  b.manifest_bytes = std::move(bytes);
   json m;
   try {
     m = json::parse(b.manifest_bytes);
@@ -240,14 +255,15 @@ Bundle read_bundle(const std::string& dir_in) {
         fail(where, "member manifest_sha256 must be 64 lowercase hex digits; rebuild it with 'python -m export ensemble'");
       std::string sub = (dir / rel).string();
       std::string sub_manifest = sub + "/manifest.json";
-      if (!fs::is_regular_file(sub_manifest))
+      std::optional<std::string> sub_bytes = manifest_bytes(sub_manifest);
+      if (!sub_bytes)
         fail(sub_manifest, "missing; the ensemble is incomplete: copy it again or rebuild it with "
                            "'python -m export ensemble'", "integrity");
-      member.bundle = read_bundle(sub);
-      // checked against the bytes read_bundle parsed (one read), not the file again
-      if (sha256_hex(member.bundle.manifest_bytes) != mem["manifest_sha256"].get<std::string>())
-        fail(member.bundle.manifest_path, "sha256 differs from the ensemble manifest's; the member was modified: "
-                                          "rebuild the ensemble with 'python -m export ensemble'", "integrity");
+      // checked before parsing (a member that is the ensemble itself stops here), on the bytes then parsed
+      if (sha256_hex(*sub_bytes) != mem["manifest_sha256"].get<std::string>())
+        fail(sub_manifest, "sha256 differs from the ensemble manifest's; the member was modified: "
+                           "rebuild the ensemble with 'python -m export ensemble'", "integrity");
+      member.bundle = parse_bundle(sub, std::move(*sub_bytes));
       if (member.bundle.kind != "model")
         fail(member.bundle.manifest_path, "an ensemble member is itself an ensemble; nested ensembles "
                                           "are not supported: list the inner ensemble's members in the outer one");
