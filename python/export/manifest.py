@@ -81,12 +81,13 @@ class BundleError(ValueError):
         self.category = category
 
 
-@functools.lru_cache(maxsize=1)
-def schema_validator():
-    """A validator for bundle.schema.json (loaded once; jsonschema is imported only here)."""
+@functools.lru_cache(maxsize=4)
+def schema_validator(schema_file: Path = SCHEMA_FILE):
+    """A validator for bundle.schema.json, or another schema file next to it (bundle.signature.schema.json);
+    each is loaded once, and jsonschema is imported only here."""
     import jsonschema
 
-    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
     return cls(schema)

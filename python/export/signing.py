@@ -9,7 +9,8 @@ The signature (BUNDLE/signature.json) covers the exact bytes of manifest.json, w
 of every artifact file and, for an ensemble, of every member's manifest.json: checking it and then
 those hashes (which every reader does before loading) covers the whole bundle. Keys are PEM files
 (PKCS#8 private key, SubjectPublicKeyInfo public key), which OpenSSL, and so the C++ runtime, reads
-as they are. A signature proves who published the manifest, not that the model is safe or good.
+as they are. signature.json's format is bundle.signature.schema.json (docs/BUNDLE.md, "Trust"). A
+signature proves who published the manifest, not that the model is safe or good.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Iterable
 from .manifest import MANIFEST_NAME, BundleError, manifest_path
 
 SIGNATURE_NAME = "signature.json"
+SIGNATURE_SCHEMA_FILE = Path(__file__).with_name("bundle.signature.schema.json")  # docs/BUNDLE.md, "Trust"
 SIGNATURE_VERSION = 1
 PRIVATE_KEY_NAME, PUBLIC_KEY_NAME = "bundle-signing.key", "bundle-signing.pub"
 _FIX_UNSIGNED = "sign it with 'python -m export sign BUNDLE --key PRIVATE_KEY' (or drop --require-signature)"
@@ -139,6 +141,18 @@ def sign_bundle(bundle: str | os.PathLike, private_key_path: str | os.PathLike) 
     return out
 
 
+def signature_doc_problem(doc) -> str | None:
+    """What breaks bundle.signature.schema.json in a parsed signature.json (None when nothing does)."""
+    from jsonschema.exceptions import relevance
+
+    from .manifest import schema_validator
+
+    errors = sorted(schema_validator(SIGNATURE_SCHEMA_FILE).iter_errors(doc), key=relevance, reverse=True)
+    if not errors:
+        return None
+    return f"{errors[0].json_path.replace('$', 'signature', 1)}: {errors[0].message} ({SIGNATURE_SCHEMA_FILE.name})"
+
+
 def check_signature(folder: Path, manifest_bytes: bytes, policy: TrustPolicy) -> str | None:
     """Check FOLDER/signature.json against the manifest bytes the caller parsed (not a second read of
     the file). Returns the signing key's id, None when unsigned and allowed; raises SignatureError."""
@@ -152,8 +166,9 @@ def check_signature(folder: Path, manifest_bytes: bytes, policy: TrustPolicy) ->
         return None
     try:
         doc = json.loads(sig_path.read_bytes())
-        if doc.get("algorithm") != "ed25519" or doc.get("signed_file", MANIFEST_NAME) != MANIFEST_NAME:
-            raise ValueError(f"algorithm {doc.get('algorithm')!r}, signed_file {doc.get('signed_file')!r}")
+        problem = signature_doc_problem(doc)
+        if problem:
+            raise ValueError(problem)
         signature = base64.b64decode(doc["signature"], validate=True)
         if len(signature) != 64:
             raise ValueError(f"an Ed25519 signature has 64 bytes, this one {len(signature)}")

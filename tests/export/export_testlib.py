@@ -1,6 +1,7 @@
 """Helpers for the export tests (a module, not a conftest: tests/trainer imports 'conftest' by name)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -32,3 +33,94 @@ def export_cli(*args: str, capsys=None) -> tuple[int, str]:
     code = main([str(a) for a in args])
     err = capsys.readouterr().err if capsys is not None else ""
     return code, err
+
+
+# ---- bundle.schema.json as the key table of docs/BUNDLE.md (tests/export/test_schema_docs.py) ----------
+def _resolve(schema: dict, node: dict) -> dict:
+    while "$ref" in node:
+        node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def schema_type(schema: dict, node: dict) -> str:
+    if node.get("$ref", "").endswith("/sha256"):
+        return "sha256 hex"
+    node = _resolve(schema, node)
+    if "const" in node:
+        return json.dumps(node["const"])
+    if "enum" in node:
+        return " or ".join(json.dumps(e) for e in node["enum"])
+    if "prefixItems" in node:
+        return "[" + ", ".join(schema_type(schema, p) for p in node["prefixItems"]) + "]"
+    t = node.get("type", "any")
+    if t == "array" and "items" in node:
+        return f"array of {schema_type(schema, node['items'])}"
+    if t == "object" and isinstance(node.get("additionalProperties"), dict) and "properties" not in node:
+        inner = _resolve(schema, node["additionalProperties"])
+        return "object of " + ("artifact" if "properties" in inner else schema_type(schema, node["additionalProperties"]))
+    return " or ".join(t) if isinstance(t, list) else t
+
+
+def _walk(schema: dict, node: dict, prefix: str, out: dict) -> None:
+    node = _resolve(schema, node)
+    if node.get("type") == "array" and "items" in node:
+        _walk(schema, node["items"], prefix + "[]", out)
+        return
+    if isinstance(node.get("additionalProperties"), dict) and "properties" in _resolve(
+            schema, node["additionalProperties"]):
+        _walk(schema, node["additionalProperties"], prefix + ".KEY", out)
+        return
+    required = set(node.get("required", ()))
+    for key, sub in node.get("properties", {}).items():
+        path = f"{prefix}.{key}" if prefix else key
+        out[path] = ("yes" if key in required else "no", schema_type(schema, sub))
+        _walk(schema, sub, path, out)
+
+
+def load_schema() -> dict:
+    from export.manifest import SCHEMA_FILE
+
+    return json.loads(SCHEMA_FILE.read_text())
+
+
+def schema_rows(schema: dict | None = None) -> dict[str, tuple[str, str]]:
+    """key path -> (required, type) of bundle.schema.json (or ``schema``); top-level keys say which kinds
+    require them."""
+    schema = schema or load_schema()
+    per_kind = {}
+    for kind in ("model", "ensemble"):
+        per_kind[kind] = {}
+        _walk(schema, schema["$defs"][kind], "", per_kind[kind])
+    rows = {}
+    for kind, fields in per_kind.items():
+        for path, (req, typ) in fields.items():
+            if "." in path or "[" in path:
+                rows[path] = (req, typ)
+                continue
+            kinds = [k for k in per_kind if per_kind[k].get(path, ("no",))[0] == "yes"]
+            types = list(dict.fromkeys(per_kind[k][path][1] for k in per_kind if path in per_kind[k]))
+            rows[path] = ({0: "no", 1: kinds[0] if kinds else "no", 2: "both"}[len(kinds)], " or ".join(types))
+    return rows
+
+
+def undocumented_keys(manifest: dict) -> list[str]:
+    """Key paths of a written manifest that bundle.schema.json (and so docs/BUNDLE.md's table) lacks: the
+    schema leaves artifact entries, provenance and metrics open, so validation alone would not notice."""
+    rows, missing = schema_rows(), []
+
+    def walk(obj: dict, prefix: str) -> None:
+        for key, value in obj.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if prefix == "artifacts":
+                walk(value, "artifacts.KEY")
+                continue
+            if path not in rows:
+                missing.append(path)
+            elif isinstance(value, dict) and rows[path][1] in ("object", "object of artifact"):
+                walk(value, path)
+            elif isinstance(value, list) and rows[path][1] == "array of object":
+                for item in value:
+                    walk(item, path + "[]")
+
+    walk(manifest, "")
+    return sorted(set(missing))

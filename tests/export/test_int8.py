@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_testlib import export_cli, write_checkpoint
+from export_testlib import export_cli, undocumented_keys, write_checkpoint
 from torch import nn
 
 from export import formats, load_bundle
@@ -173,6 +173,7 @@ def test_int8_export_records_method_limit_and_counts(tiny_ckpt, tiny_digits, tmp
     assert q["validation_images"] == 24 and q["validation_source"] == f"validation split of {tiny_digits}"
     assert q["top1_drop"] == pytest.approx(100 * (q["correct_fp32"] - q["correct_int8"]) / 24)
     assert q["top1_int8"] == q["correct_int8"] / 24 and q["keep_float"] == "softmax+head"
+    assert undocumented_keys(read_manifest(out)) == []   # every key it wrote is in bundle.schema.json
     probs = np.asarray(load_bundle(out, backend="onnxruntime-int8").predict_tensor(example_batch(
         PreprocessSpec.for_size(32, crop_pct=1.0), 16)))
     assert _on_grid(probs, 1 / 256) < 0.2

@@ -15,70 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from export.manifest import SCHEMA_FILE, schema_errors
+from export.manifest import schema_errors
+from export_testlib import load_schema, schema_rows, schema_type, undocumented_keys
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "BUNDLE.md"
 TABLE_HEADING = "## Every key"
-
-
-def _resolve(schema: dict, node: dict) -> dict:
-    while "$ref" in node:
-        node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
-    return node
-
-
-def _type(schema: dict, node: dict) -> str:
-    if node.get("$ref", "").endswith("/sha256"):
-        return "sha256 hex"
-    node = _resolve(schema, node)
-    if "const" in node:
-        return json.dumps(node["const"])
-    if "enum" in node:
-        return " or ".join(json.dumps(e) for e in node["enum"])
-    if "prefixItems" in node:
-        return "[" + ", ".join(_type(schema, p) for p in node["prefixItems"]) + "]"
-    t = node.get("type", "any")
-    if t == "array" and "items" in node:
-        return f"array of {_type(schema, node['items'])}"
-    if t == "object" and isinstance(node.get("additionalProperties"), dict) and "properties" not in node:
-        inner = _resolve(schema, node["additionalProperties"])
-        return "object of " + ("artifact" if "properties" in inner else _type(schema, node["additionalProperties"]))
-    return " or ".join(t) if isinstance(t, list) else t
-
-
-def _walk(schema: dict, node: dict, prefix: str, out: dict) -> None:
-    node = _resolve(schema, node)
-    if node.get("type") == "array" and "items" in node:
-        _walk(schema, node["items"], prefix + "[]", out)
-        return
-    if isinstance(node.get("additionalProperties"), dict) and "properties" in _resolve(
-            schema, node["additionalProperties"]):
-        _walk(schema, node["additionalProperties"], prefix + ".KEY", out)
-        return
-    required = set(node.get("required", ()))
-    for key, sub in node.get("properties", {}).items():
-        path = f"{prefix}.{key}" if prefix else key
-        out[path] = ("yes" if key in required else "no", _type(schema, sub))
-        _walk(schema, sub, path, out)
-
-
-def schema_rows() -> dict[str, tuple[str, str]]:
-    """key path -> (required, type); top-level keys say which kinds require them."""
-    schema = json.loads(SCHEMA_FILE.read_text())
-    per_kind = {}
-    for kind in ("model", "ensemble"):
-        per_kind[kind] = {}
-        _walk(schema, schema["$defs"][kind], "", per_kind[kind])
-    rows = {}
-    for kind, fields in per_kind.items():
-        for path, (req, typ) in fields.items():
-            if "." in path or "[" in path:
-                rows[path] = (req, typ)
-                continue
-            kinds = [k for k in per_kind if per_kind[k].get(path, ("no",))[0] == "yes"]
-            types = list(dict.fromkeys(per_kind[k][path][1] for k in per_kind if path in per_kind[k]))
-            rows[path] = ({0: "no", 1: kinds[0] if kinds else "no", 2: "both"}[len(kinds)], " or ".join(types))
-    return rows
 
 
 def doc_rows() -> dict[str, tuple[str, str]]:
@@ -95,12 +36,16 @@ def doc_rows() -> dict[str, tuple[str, str]]:
     return rows
 
 
-def test_every_schema_key_is_documented_and_every_documented_key_is_in_the_schema():
-    want, got = schema_rows(), doc_rows()
+def _check_table(schema: dict | None = None) -> None:
+    want, got = schema_rows(schema), doc_rows()
     assert sorted(set(want) - set(got)) == [], "keys in bundle.schema.json missing from docs/BUNDLE.md's table"
     assert sorted(set(got) - set(want)) == [], "keys in docs/BUNDLE.md's table that bundle.schema.json lacks"
     wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
     assert wrong == {}, "(documented, schema) required/type differ"
+
+
+def test_every_schema_key_is_documented_and_every_documented_key_is_in_the_schema():
+    _check_table()
 
 
 def test_the_table_check_fails_when_a_key_is_added_to_one_side(monkeypatch, tmp_path):
@@ -108,7 +53,68 @@ def test_the_table_check_fails_when_a_key_is_added_to_one_side(monkeypatch, tmp_
     doc.write_text(DOC.read_text().replace("| `max_batch` |", "| `max_batch_size` |"))
     monkeypatch.setattr(__import__(__name__), "DOC", doc)
     with pytest.raises(AssertionError):
-        test_every_schema_key_is_documented_and_every_documented_key_is_in_the_schema()
+        _check_table()
+
+
+# nested keys of the open artifact entries and provenance: one per sub-object, each side in turn
+NESTED = [("compiled_for", "cpu_isa"), ("compiled_for", "capability"), ("program", "sha256"),
+          ("quantization", "top1_agreement"), ("parity", "reference"), ("export_options", "pt2_isa")]
+PARENT = {"compiled_for": "artifacts.KEY", "program": "artifacts.KEY", "quantization": "artifacts.KEY",
+          "parity": "artifacts.KEY", "export_options": "provenance"}
+
+
+@pytest.mark.parametrize("obj, key", NESTED)
+def test_a_nested_key_missing_from_the_table_fails(monkeypatch, tmp_path, obj, key):
+    row = f"| `{PARENT[obj]}.{obj}.{key}` |"
+    assert row in DOC.read_text()
+    doc = tmp_path / "BUNDLE.md"
+    doc.write_text("\n".join(line for line in DOC.read_text().splitlines() if not line.startswith(row)))
+    monkeypatch.setattr(__import__(__name__), "DOC", doc)
+    with pytest.raises(AssertionError, match="missing from docs/BUNDLE.md"):
+        _check_table()
+
+
+@pytest.mark.parametrize("obj, key", NESTED)
+def test_a_nested_key_missing_from_the_schema_fails(obj, key):
+    schema = load_schema()
+    node = schema["$defs"][obj] if obj in schema["$defs"] else schema["$defs"]["artifact"]["properties"][obj]
+    del node["properties"][key]
+    with pytest.raises(AssertionError, match="that bundle.schema.json lacks"):
+        _check_table(schema)
+
+
+@pytest.mark.slow
+def test_every_key_the_exporter_writes_is_in_the_schema(bundle_a):
+    """bundle_a: TorchScript + CPU .pt2 (compiled_for, program) through build_bundle (export_options); the
+    int8 keys are checked in test_int8.py. Artifact entries are open, so validation alone would pass."""
+    from export.manifest import read_manifest
+
+    assert undocumented_keys(read_manifest(bundle_a)) == []
+
+
+def test_undocumented_keys_finds_a_new_nested_key():
+    example = next(m for m in _examples() if m["kind"] == "model")
+    assert undocumented_keys(example) == []
+    example["artifacts"]["pt2"]["compiled_for"]["new_flag"] = 1
+    example["provenance"]["export_options"] = {"pt2_isa": "avx2", "new_option": True}
+    example["artifacts"]["onnx"]["quantization"] = {"new_stat": 0.5}
+    assert undocumented_keys(example) == ["artifacts.KEY.compiled_for.new_flag", "artifacts.KEY.quantization.new_stat",
+                                          "provenance.export_options.new_option"]
+
+
+def test_the_signature_table_is_the_signature_schema():
+    from export.signing import SIGNATURE_SCHEMA_FILE
+
+    schema = json.loads(SIGNATURE_SCHEMA_FILE.read_text())
+    want = {k: ("yes" if k in schema["required"] else "no", schema_type(schema, node))
+            for k, node in schema["properties"].items()}
+    trust = DOC.read_text().split("## Trust", 1)[1].split("\n## ", 1)[0]
+    got = {}
+    for line in trust.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            got[cells[0].strip("`")] = (cells[1], cells[2].strip("`"))
+    assert got == want
 
 
 def _examples() -> list[dict]:

@@ -20,7 +20,7 @@ import export
 from export import formats
 from export.build import ExportOptions, build_bundle
 from export.manifest import read_artifact, read_manifest
-from export.signing import SIGNATURE_NAME, SignatureError
+from export.signing import SIGNATURE_NAME, SIGNATURE_SCHEMA_FILE, SignatureError, signature_doc_problem
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,9 @@ def test_sign_and_load_round_trip(signed_setup, bundle, capsys):
         signed = export.load_bundle(bundle, backend, trusted_keys=[pub], require_signature=True)
         np.testing.assert_array_equal(signed.predict_tensor(BATCH), plain)
     assert export_cli("verify", bundle, "--trusted-key", pub, capsys=capsys)[0] == 0
+    doc = json.loads((bundle / SIGNATURE_NAME).read_text())
+    schema = json.loads(SIGNATURE_SCHEMA_FILE.read_text())
+    assert signature_doc_problem(doc) is None and set(doc) == set(schema["properties"])  # writes every key
 
 
 def test_a_manifest_changed_after_signing_is_refused(signed_setup, bundle, capsys):
@@ -101,7 +104,7 @@ def test_an_unsigned_bundle_needs_a_signature_only_when_required(signed_setup, b
         export.load_bundle(bundle, "onnxruntime", require_signature=True)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "flip", "algorithm"])
+@pytest.mark.parametrize("damage", ["garbage", "flip", "algorithm", "version", "key_id"])
 def test_a_tampered_signature_file_is_refused(signed_setup, bundle, damage):
     priv, pub, _ = _keys(signed_setup)
     export_cli("sign", bundle, "--key", priv)
@@ -113,10 +116,12 @@ def test_a_tampered_signature_file_is_refused(signed_setup, bundle, damage):
         sig = doc["signature"]
         doc["signature"] = ("B" if sig[0] == "A" else "A") + sig[1:]
         path.write_text(json.dumps(doc))
-    else:
-        doc["algorithm"] = "none"
+    else:  # bundle.signature.schema.json: a future format or a damaged field is refused by name
+        doc.update({"algorithm": {"algorithm": "none"}, "version": {"signature_version": 2},
+                    "key_id": {"key_id": 12345}}[damage])
         path.write_text(json.dumps(doc))
-    want = "the signature was modified" if damage == "flip" else "malformed signature file"
+    want = {"flip": "the signature was modified", "garbage": "malformed signature file"}.get(
+        damage, f"malformed signature file.*signature.{damage if damage != 'version' else 'signature_version'}")
     with pytest.raises(SignatureError, match=want):
         export.load_bundle(bundle, "onnxruntime", trusted_keys=[pub], require_signature=True)
 
