@@ -67,6 +67,8 @@ def _edit_manifest(bundle):
     ("manifest", 1, "manifest.json was modified after signing"),
     ("flip", 1, "the signature was modified"),
     ("garbage", 1, "malformed signature file"),
+    ("version2", 1, "signature_version must be 1"),      # bundle.signature.schema.json, as Python refuses it
+    ("numeric_key_id", 1, "key_id must be 16 lowercase hex digits"),
     (None, None, "needs at least one --trusted-key"),
 ])
 def test_cli_refusals_exit_2_naming_the_problem(classify_bin, native, signed, keys, eval_images, damage, key,
@@ -79,6 +81,10 @@ def test_cli_refusals_exit_2_naming_the_problem(classify_bin, native, signed, ke
         _flip_signature(signed)
     elif damage == "garbage":
         (signed / SIGNATURE_NAME).write_text("{")
+    elif damage in ("version2", "numeric_key_id"):
+        doc = json.loads((signed / SIGNATURE_NAME).read_text())
+        doc.update(signature_version=2) if damage == "version2" else doc.update(key_id=12345)
+        (signed / SIGNATURE_NAME).write_text(json.dumps(doc))
     trust = ["--trusted-key", keys[key]] if key else []
     r = classify(classify_bin, "--bundle", signed, *trust, "--require-signature", eval_images[0])
     assert r.returncode == 2 and message in r.stderr, r.stderr
