@@ -29,6 +29,43 @@ def classify_binary() -> Path | None:
             return path
     return None
 
+@pytest.fixture(scope="session")
+def native():
+    """The classify_native module (skips, saying how to build it, where it is not built)."""
+    try:
+        import classify_native
+    except ImportError as exc:
+        pytest.skip(f"native module not built ({exc}); {NATIVE_BUILD_HINT}")
+    return classify_native
+
+
+@pytest.fixture(scope="session")
+def classify_bin() -> Path:
+    path = classify_binary()
+    if path is None:
+        pytest.skip(f"no classify binary; {NATIVE_BUILD_HINT}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory):
+    """Ed25519 key files from 'python -m export keygen': (private, its public, another pair's public)."""
+    from export.signing import generate_keypair
+
+    root = tmp_path_factory.mktemp("signing_keys")
+    priv, pub = generate_keypair(root / "ours")
+    return priv, pub, generate_keypair(root / "theirs")[1]
+
+
+def signed_copy(bundle: Path, private_key: Path, dst: Path) -> Path:
+    """A copy of ``bundle`` at ``dst``, signed with ``private_key``."""
+    from export.signing import sign_bundle
+
+    shutil.copytree(bundle, dst)
+    sign_bundle(dst, private_key)
+    return dst
+
+
 # Precision of every fixture's training run: "auto" (bf16 where the CPU has it) by default;
 # TRAINER_TEST_AMP=none forces fp32 everywhere, which is what a CPU without bf16 (AVX2 only) runs.
 # docs/trainer.md shows how to run the suite as such a machine would.

@@ -87,10 +87,10 @@ def run_cli(binary, case, images, bad):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bundle_case(name, bundle_cases, image_files, native_module, classify_bin):
+def test_bundle_case(name, bundle_cases, image_files, native, classify_bin):
     case = bundle_cases[name]
     good, bad = image_files
-    verdicts = {"python": run_python(case, good, bad), "native": run_native(native_module, case, good, bad),
+    verdicts = {"python": run_python(case, good, bad), "native": run_native(native, case, good, bad),
                 "cli": run_cli(classify_bin, case, good, bad)}
     for reader, (category, _) in verdicts.items():
         assert category == case.category, f"{reader} on {name}: expected {case.category}, got {category}"
@@ -112,7 +112,7 @@ def test_bundle_case(name, bundle_cases, image_files, native_module, classify_bi
 
 
 @pytest.mark.parametrize("name, make_array, category", ARRAY_CASES, ids=[c[0] for c in ARRAY_CASES])
-def test_array_case(name, make_array, category, bundle_cases, native_module):
+def test_array_case(name, make_array, category, bundle_cases, native):
     """Decoded pixels go to the two readers that take arrays (the CLI takes files only)."""
     path = bundle_cases["model"].path
     array = make_array()
@@ -120,11 +120,11 @@ def test_array_case(name, make_array, category, bundle_cases, native_module):
         ref, py_category = export.load_bundle(path, backend="torchscript", threads=1).predict([array]).probs[0], None
     except Exception as exc:  # noqa: BLE001
         ref, py_category = None, python_category(exc)
-    rt = native_module.Runtime(str(path), format="torchscript", threads=1)
+    rt = native.Runtime(str(path), format="torchscript", threads=1)
     try:
         result = rt.predict_array(array[None], topk=1)[0]
         got, nat_category = result["probs"], (None if result["error"] is None else native_category(result["error"]))
-    except (native_module.NativeError, TypeError) as exc:
+    except (native.NativeError, TypeError) as exc:
         got, nat_category = None, native_category(str(exc))
     assert (py_category, nat_category) == (category, category)
     if category is None:

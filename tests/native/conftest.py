@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import NATIVE_BUILD_HINT as BUILD_HINT, classify_binary
 from .native_samples import sample_images
 
 
@@ -23,23 +22,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def native():
-    try:
-        import classify_native
-    except ImportError as exc:
-        pytest.skip(f"native module not built ({exc}); {BUILD_HINT}")
-    return classify_native
-
-
-@pytest.fixture(scope="session")
-def classify_bin() -> Path:
-    path = classify_binary()
-    if path is None:
-        pytest.skip(f"no classify binary; {BUILD_HINT}")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from export.signing import SIGNATURE_NAME, generate_keypair, sign_bundle
+from conftest import signed_copy
+from export.signing import SIGNATURE_NAME
 
 pytestmark = pytest.mark.slow
 
@@ -20,19 +21,9 @@ def classify(bin_path, *args, timeout=180) -> subprocess.CompletedProcess:
     return subprocess.run([str(bin_path), *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("native_keys")
-    priv, pub = generate_keypair(root / "ours")
-    return priv, pub, generate_keypair(root / "theirs")[1]
-
-
 @pytest.fixture
 def signed(bundle_a, keys, tmp_path):
-    dst = tmp_path / "signed"
-    shutil.copytree(bundle_a, dst)
-    sign_bundle(dst, keys[0])
-    return dst
+    return signed_copy(bundle_a, keys[0], tmp_path / "signed")
 
 
 def _probs(proc: subprocess.CompletedProcess) -> list:
@@ -100,9 +91,7 @@ def test_module_round_trip_and_unsigned_without_the_flag(native, signed, bundle_
 
 
 def test_a_signed_ensemble_covers_its_members(native, ensembles, keys, tmp_path):
-    ens = tmp_path / "ens"
-    shutil.copytree(ensembles["mean"], ens)
-    sign_bundle(ens, keys[0])
+    ens = signed_copy(ensembles["mean"], keys[0], tmp_path / "ens")
     assert native.Runtime(str(ens), trusted_keys=[str(keys[1])], require_signature=True).kind == "ensemble"
     member = ens / json.loads((ens / "manifest.json").read_text())["members"][0]["path"] / "manifest.json"
     member.write_bytes(member.read_bytes() + b"\n")

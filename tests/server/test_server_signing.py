@@ -3,14 +3,13 @@ load only bundles signed by a trusted key (docs/BUNDLE.md, Trust), and the front
 ensemble's members against their pinned sha256; without the flags unsigned bundles still load."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
-from export.signing import SignatureError, generate_keypair, sign_bundle
+from conftest import REPO, signed_copy
+from export.signing import SignatureError
 from server.__main__ import main as server_main
 from server.app import create_app
 from server.config import ServerConfig
@@ -20,20 +19,9 @@ from server_fixtures import (digit_images, digits_bundle, ensemble_bundle, redis
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keys")
-    priv, pub = generate_keypair(root / "ours")
-    _, other = generate_keypair(root / "theirs")
-    return priv, pub, other
-
-
 @pytest.fixture
 def signed(digits_bundle, keys, tmp_path):
-    dst = tmp_path / "signed"
-    shutil.copytree(digits_bundle, dst)
-    sign_bundle(dst, keys[0])
-    return dst
+    return signed_copy(digits_bundle, keys[0], tmp_path / "signed")
 
 
 def test_embedded_server_serves_a_signed_bundle(signed, keys, tiny_digits):
@@ -78,9 +66,7 @@ def test_redis_worker_checks_signatures(redis_url, signed, keys):
 
 
 def test_the_redis_front_checks_a_signed_ensembles_members(ensemble_bundle, keys, tmp_path):
-    ens = tmp_path / "ens"
-    shutil.copytree(ensemble_bundle, ens)
-    sign_bundle(ens, keys[0])
+    ens = signed_copy(ensemble_bundle, keys[0], tmp_path / "ens")
     cfg = ServerConfig(bundles=[str(ens)], redis_url="redis://127.0.0.1:1/0", trusted_keys=(str(keys[1]),),
                        require_signature=True)
     member = next((ens / "members").iterdir()) / "manifest.json"
