@@ -59,6 +59,8 @@ _MANIFEST_SHA256: contextvars.ContextVar[str] = contextvars.ContextVar("manifest
 def loading_manifest_sha256() -> str:
     """Inside a BackendFactory: the sha256 of the manifest bytes the loader checked ("" outside one)."""
     return _MANIFEST_SHA256.get()
+
+
 AUTO_ORDER = ("onnxruntime", "pt2", "torchscript")
 AUTO_ORDER_CUDA = ("pt2", "torchscript", "onnxruntime")  # compiled for the GPU first, ONNX on the CUDA EP last
 _BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "torchscript": "torchscript",

@@ -291,14 +291,22 @@ def verify_checksums(bundle: str | os.PathLike, manifest: dict | None = None) ->
     for key, art in manifest["artifacts"].items():
         check_artifact(folder, manifest, key)
         checked.append(key)
-        prog = art.get("program")  # a .pt2's ExportedProgram (python -m export recompile): not needed to load
-        if isinstance(prog, dict):
-            path = folder / Path(str(prog.get("file"))).name
-            if not path.is_file() or file_sha256(path) != prog.get("sha256"):
-                raise BundleError(f"{path}: missing, or its sha256 differs from the manifest's; the file was "
-                                  "modified or corrupted: copy the bundle again or re-export it", "integrity")
+        if isinstance(art.get("program"), dict):  # a .pt2's ExportedProgram (export recompile): not needed to load
+            read_program(folder, art)
             checked.append(f"{key}.program")
     return checked
+
+
+def read_program(folder: Path, art: dict) -> bytes:
+    """The bytes of a .pt2 entry's ExportedProgram (``art["program"]``), read once and checked against
+    its sha256: what is checked is what 'python -m export recompile' compiles."""
+    prog = art["program"]
+    path = folder / Path(str(prog.get("file"))).name
+    data = path.read_bytes() if path.is_file() else None
+    if data is None or hashlib.sha256(data).hexdigest() != prog.get("sha256"):
+        raise BundleError(f"{path}: missing, or its sha256 differs from the manifest's; the file was "
+                          "modified or corrupted: copy the bundle again or re-export it", "integrity")
+    return data
 
 
 def read_member(folder: str | os.PathLike, ensemble: dict, member: dict) -> tuple[Path, dict]:

@@ -14,6 +14,7 @@ member with a .pt2 is recompiled and the ensemble's member checksums are updated
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import time
@@ -24,8 +25,8 @@ import torch
 
 from . import formats as fmt
 from .build import staged_bundle
-from .manifest import (MANIFEST_NAME, BundleError, check_artifact, file_sha256, manifest_path, preprocess_spec, read_manifest,
-                       utc_now, verify_checksums, write_manifest)
+from .manifest import (MANIFEST_NAME, BundleError, file_sha256, manifest_path, preprocess_spec, read_artifact,
+                       read_manifest, read_program, utc_now, verify_checksums, write_manifest)
 from .portable import compiled_for, resolve_isa
 from .samples import validation_images
 from .verify import check_parity
@@ -67,13 +68,11 @@ def _load_program(folder: Path, art: dict) -> torch.export.ExportedProgram:
         raise BundleError(f"{folder}: its .pt2 came without the ExportedProgram it was compiled from (bundles "
                           "exported before 'recompile' existed); re-export it with 'python -m export --checkpoint "
                           "CKPT --out DIR --format all' on any machine")
-    path = folder / Path(str(prog.get("file"))).name
-    if not path.is_file() or file_sha256(path) != prog.get("sha256"):
-        raise BundleError(f"{path}: missing, or its sha256 differs from the manifest's; copy the bundle again or "
-                          "re-export it")
+    data = read_program(folder, art)
     try:
-        return torch.export.load(str(path))
+        return torch.export.load(io.BytesIO(data))
     except Exception as exc:  # a program saved by another torch release may not deserialize
+        path = folder / Path(str(prog.get("file"))).name
         raise BundleError(f"{path}: cannot load the ExportedProgram with torch {torch.__version__} "
                           f"({type(exc).__name__}: {str(exc)[:200]}); re-export the bundle from its checkpoint") from None
 
@@ -91,7 +90,7 @@ def _recompile_model(folder: Path, opts: RecompileOptions, isa: str, say) -> dic
         raise BundleError(f"{folder}: no TorchScript or ONNX artifact to check the recompiled .pt2 against; "
                           "re-export the bundle with --format all")
     ref_art = manifest["artifacts"][ref_key]
-    reference = fmt.open_runtime(check_artifact(folder, manifest, ref_key), ref_art["format"])
+    reference = fmt.open_runtime(read_artifact(folder, manifest, ref_key), ref_art["format"])
     static = sorted(int(n) for n in art.get("static_batch_models") or {})
     path = folder / art["file"]
     say(f"recompile {path.name} for {isa} (torch {torch.__version__}) ...")
