@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-threads", type=int, default=64,
                    help="granian: Python threads handling requests at once (each waits for its batch); "
                         "further requests wait in granian's queue")
+    p.add_argument("--header-timeout-s", type=float, default=10.0,
+                   help="granian: request headers must arrive within this many seconds (at most 60), else the "
+                        "connection is closed; also how long an idle keep-alive connection is kept")
+    p.add_argument("--body-timeout-s", type=float, default=10.0,
+                   help="a request body must arrive within this many seconds after its headers, plus 1 s per "
+                        "--body-min-rate bytes received; else 408 and the connection closed. granian: the body is "
+                        "read before a handler thread is taken; werkzeug: a socket read timeout")
+    p.add_argument("--body-min-rate", type=int, default=8192, metavar="BYTES_PER_S",
+                   help="see --body-timeout-s: a client sending at least this many bytes per second is never cut")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="granian: sockets open at once (idle keep-alive and slow ones count); more wait in the "
+                        "listen backlog. The open-file soft limit is raised to fit it (up to the hard limit)")
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM: readiness answers 503 at once, requests in flight and queued are answered, "
                         "then the process exits 0, after S seconds at the latest (a second signal stops at once)")
@@ -94,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, a = config_from_args(argv)
         cfg.validate()
-        if a.http_threads < 1:
-            raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
+        from .serving import validate_http_flags
+        validate_http_flags(a)
         for bundle in cfg.bundles:   # fail fast, in this process, on a missing, unreadable or unsigned bundle
             read_trusted_manifest(bundle, cfg.trusted_keys, cfg.require_signature)
     except (ValueError, OSError) as exc:

@@ -50,7 +50,9 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
     @app.before_request
     def _start_timer():
         g.t0 = time.perf_counter()
-        g.arrival = time.time()   # the request deadline (--timeout-s) starts here and covers decoding
+        # the request deadline (--timeout-s) starts here and covers decoding; server.arrival: when
+        # server.buffered had the whole body (so the wait for a handler thread counts too)
+        g.arrival = request.environ.get("server.arrival") or time.time()
 
     @app.after_request
     def _count(resp):

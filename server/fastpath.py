@@ -61,7 +61,8 @@ class RawPredictPath:
     def __call__(self, environ, start_response):
         if not self.handles(environ):
             return self.next(environ, start_response)
-        t0, arrival = time.perf_counter(), time.time()
+        # server.arrival: when BufferedFront had the whole body (the deadline then counts the thread queue)
+        t0, arrival = time.perf_counter(), environ.get("server.arrival") or time.time()
         try:
             status, payload, headers = 200, self.answer(environ, arrival), []
         except APIError as exc:

@@ -1,5 +1,10 @@
 """Serve the app over HTTP with a graceful drain on SIGTERM (``python -m server`` calls these).
 
+Granian runs the app through ``server.buffered.BufferedFront`` (its RSGI interface): headers within
+``--header-timeout-s`` (granian), bodies read in asyncio within ``--body-timeout-s`` at ``--body-min-rate``
+before a handler thread is taken, up to ``--max-connections`` sockets open at once (granian's
+backpressure counts connections, idle keep-alive ones included); see docs/server.md, Slow clients.
+
 On SIGTERM (or SIGINT) readiness answers 503 at once, the requests in flight and those queued
 behind them are answered, and the process exits 0 once none has been in flight for a moment, or
 after ``--drain-timeout`` seconds at the latest. A second signal stops at once.
@@ -7,8 +12,9 @@ after ``--drain-timeout`` seconds at the latest. A second signal stops at once.
 Granian: the signal reaches the parent process, whose own handler would stop the worker process at
 once (granian's worker, on its SIGTERM, closes its connections). ``DrainingGranian`` delays that:
 the parent marks the shared ``DrainState`` as draining (the worker's ``FrontLayer`` then answers
-readiness with 503), waits for the worker's requests in flight to end, then lets granian stop the
-worker. Send the signal to the main process only (systemd: ``KillMode=mixed``); a SIGTERM sent to
+readiness with 503), waits for the worker's requests in flight to end (those whose body is still
+arriving or that wait for a thread included: a second ``DrainState``, counted by ``BufferedFront``),
+then lets granian stop the worker. Send the signal to the main process only (systemd: ``KillMode=mixed``); a SIGTERM sent to
 the worker process itself is granian's immediate stop.
 """
 from __future__ import annotations
@@ -59,12 +65,56 @@ def build_app(cfg: ServerConfig, a: argparse.Namespace, drain: DrainState | None
     return app
 
 
-def _granian_worker_app(cfg: ServerConfig, a: argparse.Namespace, failed, drain: DrainState) -> object:
+def validate_http_flags(a: argparse.Namespace) -> None:
+    """The HTTP front's flags (ValueError naming the flag and the accepted range)."""
+    if a.http_threads < 1:
+        raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
+    if not 0 < a.header_timeout_s <= 60:
+        raise ValueError(f"--header-timeout-s must be > 0 and <= 60 seconds (granian's limit), got {a.header_timeout_s}")
+    if not a.body_timeout_s > 0:
+        raise ValueError(f"--body-timeout-s must be > 0 seconds, got {a.body_timeout_s}")
+    if a.body_min_rate < 1:
+        raise ValueError(f"--body-min-rate must be >= 1 byte/s, got {a.body_min_rate}")
+    if a.max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {a.max_connections}")
+
+
+def body_policy(cfg: ServerConfig, a: argparse.Namespace):
+    from .buffered import BodyPolicy
+
+    return BodyPolicy(timeout_s=a.body_timeout_s, min_rate=a.body_min_rate, max_request_bytes=cfg.max_request_bytes,
+                      max_buffered_bytes=a.http_threads * cfg.max_request_bytes)
+
+
+def raise_fd_limit(connections: int, reserve: int = 256) -> int:
+    """Raise this process' soft limit on open files (``ulimit -n``, often 1024) towards the hard limit so
+    that ``connections`` sockets plus ``reserve`` (model files, Redis, logs) fit. Returns how many
+    connections fit; granian's backpressure is then set to that (a socket over the limit would be
+    accepted and fail, where one over the backpressure waits in the listen backlog)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    fit = connections if soft == resource.RLIM_INFINITY else max(1, min(connections, soft - reserve))
+    if fit < connections:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %d (raise it: ulimit -n, "
+                    "LimitNOFILE= in systemd, --ulimit nofile= in docker)", connections, fit, soft)
+    return fit
+
+
+def _granian_worker_app(cfg: ServerConfig, a: argparse.Namespace, failed, drain: DrainState,
+                        pending: DrainState) -> object:
     """Runs in granian's worker process (forked: models and threads are created there, never
     before the fork). A load failure is printed, flagged for the parent and ends the worker."""
     import os
+
+    from .buffered import BufferedFront
     try:
-        return build_app(cfg, a, drain)
+        return BufferedFront(build_app(cfg, a, drain), body_policy(cfg, a), a.http_threads, pending)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         failed.value = 1
@@ -83,8 +133,8 @@ def _draining_server_class():
     class DrainingGranian(Server):
         """granian's server whose interrupt handler first drains (see the module docstring)."""
 
-        def setup_drain(self, drain: DrainState, timeout_s: float) -> None:
-            self.drain, self.drain_timeout_s, self._drainer = drain, timeout_s, None
+        def setup_drain(self, drain: DrainState, pending: DrainState, timeout_s: float) -> None:
+            self.drain, self.pending, self.drain_timeout_s, self._drainer = drain, pending, timeout_s, None
 
         def signal_handler_interrupt(self, *args, **kwargs):
             if self._drainer is not None:   # a second signal: stop now
@@ -94,10 +144,13 @@ def _draining_server_class():
             self._drainer.start()
 
         def _drain_then_stop(self) -> None:
-            idle = self.drain.wait_idle(self.drain_timeout_s)
+            import time
+
+            end = time.monotonic() + self.drain_timeout_s   # pending covers in flight; both for clarity
+            idle = self.pending.wait_idle(self.drain_timeout_s) and self.drain.wait_idle(max(0.0, end - time.monotonic()))
             if not idle:
                 log.warning("drain: %d request(s) still in flight after --drain-timeout %.1fs; stopping",
-                            self.drain.in_flight, self.drain_timeout_s)
+                            max(self.drain.in_flight, self.pending.in_flight), self.drain_timeout_s)
             Server.signal_handler_interrupt(self)
 
     return DrainingGranian
@@ -105,19 +158,23 @@ def _draining_server_class():
 
 def serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
     from granian.constants import HTTPModes, Interfaces
+    from granian.http import HTTP1Settings
 
     level = a.log_level.lower() if a.log_level.lower() in ("critical", "error", "warning", "info", "debug") else "info"
-    drain = DrainState()   # before the fork: shared with the worker process
+    drain, pending = DrainState(), DrainState()   # before the fork: shared with the worker process
+    connections = raise_fd_limit(a.max_connections)
     srv = _draining_server_class()(
-        "server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.WSGI, workers=1,
-        blocking_threads=a.http_threads, backpressure=a.http_threads, http=HTTPModes.http1, websockets=False,
-        log_level=level, respawn_failed_workers=False,
+        "server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.RSGI, workers=1,
+        blocking_threads=1,   # the RSGI interface's: our handler threads are BufferedFront's pool
+        backpressure=connections, backlog=max(1024, min(connections, 65535)), http=HTTPModes.http1,
+        http1_settings=HTTP1Settings(header_read_timeout=max(1, round(a.header_timeout_s * 1000))),
+        websockets=False, log_level=level, respawn_failed_workers=False,
         workers_kill_timeout=5)   # the worker is idle by then: granian's own stop only closes connections
-    srv.setup_drain(drain, cfg.drain_timeout_s)
+    srv.setup_drain(drain, pending, cfg.drain_timeout_s)
     logging.getLogger("_granian").addFilter(_QuietThreadCount())
     failed = multiprocessing.get_context("fork").Value("i", 0)
     try:
-        srv.serve(target_loader=partial(_granian_worker_app, cfg, a, failed, drain), wrap_loader=False)
+        srv.serve(target_loader=partial(_granian_worker_app, cfg, a, failed, drain, pending), wrap_loader=False)
     except SystemExit as exc:   # granian exits 1 when its worker died
         return 2 if failed.value else (exc.code if isinstance(exc.code, int) else 1)
     return 2 if failed.value else 0
@@ -125,7 +182,7 @@ def serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
 
 def serve_werkzeug(cfg: ServerConfig, a: argparse.Namespace) -> int:
     """Werkzeug's threaded server in this process, with the same drain on SIGTERM/SIGINT."""
-    from werkzeug.serving import make_server
+    from werkzeug.serving import WSGIRequestHandler, make_server
 
     try:
         app = build_app(cfg, a)
@@ -133,7 +190,11 @@ def serve_werkzeug(cfg: ServerConfig, a: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     drain: DrainState = app.extensions["drain"]
-    srv = make_server(cfg.host, cfg.port, app, threaded=True)
+
+    class Handler(WSGIRequestHandler):
+        timeout = a.body_timeout_s   # per socket read: a thread per connection, so only a stall is cut
+
+    srv = make_server(cfg.host, cfg.port, app, threaded=True, request_handler=Handler)
     state = {"drainer": None}
 
     def drain_then_stop() -> None:

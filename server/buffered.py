@@ -1,0 +1,208 @@
+"""Granian's entry for ``python -m server``: the request body is read in asyncio, against a deadline and a
+minimum rate, before a handler thread is taken; the WSGI app then runs on a pool of ``--http-threads``.
+
+    app = BufferedFront(wsgi_app, BodyPolicy(...), threads=64, pending=DrainState())   # server.serving
+
+Why not granian's WSGI interface: it calls the app as soon as the headers are in and hands it a body
+stream that the handler thread reads with no timeout, and its backpressure counts connections. 150
+clients that sent headers and then one body byte every 2 s held the threads, and a normal request
+waited 12-16 s; a few hundred such sockets took every connection slot, liveness included. Here:
+
+- headers: granian (Rust) reads them within ``--header-timeout-s`` or closes the connection; no Python
+  runs for a request before its headers are complete.
+- body: read here chunk by chunk, the whole of it within ``--body-timeout-s`` plus one second for every
+  ``--body-min-rate`` bytes received (Apache's mod_reqtimeout rule: a client that keeps up the rate
+  is never cut, one that trickles is cut at the first deadline it misses) -> 408 and the connection
+  closed. A waiting body costs a coroutine, not a thread.
+- bytes: bodies held here at once (received, until their answer is sent) are bounded by
+  ``--http-threads x --max-request-bytes``, the bound the threads of the WSGI interface gave; over it
+  a 503 with Retry-After. A declared Content-Length over ``--max-request-bytes`` is not read at all.
+- threads: complete requests queue for ``--http-threads`` handler threads; liveness and readiness
+  run on a thread of their own, so they answer while every handler thread waits for a batch.
+
+The app sees the environ granian's WSGI interface builds (``wsgi.input_terminated``, latin-1 PATH_INFO,
+repeated headers joined with ",") with ``server.arrival`` set when the body was complete: the request
+deadline (``--timeout-s``) counts from there, so time in the thread queue counts and upload time does not.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+log = logging.getLogger("server")
+
+PROBE_PATHS = ("/v2/health/live", "/v2/health/ready")
+_BASE_ENVIRON = {"SCRIPT_NAME": "", "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_SOFTWARE": "Granian",
+                 "wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
+                 "wsgi.multiprocess": False, "wsgi.run_once": False,
+                 "wsgi.input_terminated": True}   # the body is complete (werkzeug then reads chunked bodies too)
+
+
+@dataclass(frozen=True)
+class BodyPolicy:
+    """How a request body must arrive (``--body-timeout-s``, ``--body-min-rate``) and how many bytes may
+    be held (``--max-request-bytes`` per body, ``max_buffered_bytes`` for all bodies at once)."""
+    timeout_s: float = 10.0
+    min_rate: int = 8192                    # bytes/s; each min_rate bytes received add 1 s
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_buffered_bytes: int = 64 * 32 * 1024 * 1024
+
+    def allowed_s(self, received: int) -> float:
+        """Seconds after the end of the headers by which the body must be complete, or the next chunk in,
+        once ``received`` bytes have arrived."""
+        return self.timeout_s + received / self.min_rate
+
+
+class BodyTimeout(Exception):
+    pass
+
+
+def _json(status: int, message: str, *headers: tuple[str, str]) -> tuple[int, list, bytes]:
+    body = (json.dumps({"error": message, "status": status}, separators=(",", ":")) + "\n").encode()
+    return status, [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers], body
+
+
+class BufferedFront:
+    """An RSGI application (granian ``Interfaces.RSGI``) around a WSGI app."""
+
+    def __init__(self, wsgi_app, policy: BodyPolicy, threads: int, pending=None):
+        self.app, self.policy = wsgi_app, policy
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="http")
+        self.probe_pool = ThreadPoolExecutor(1, thread_name_prefix="probe")
+        self.pending = pending    # a DrainState: requests from their headers to their answer (the drain waits on it)
+        self.buffered = 0         # bytes of bodies held (read by the one event loop thread only)
+        self.cut = 0              # bodies cut by their deadline (408)
+
+    def __rsgi_del__(self, loop) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.probe_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def __rsgi__(self, scope, protocol) -> None:
+        if scope.proto != "http":   # websockets are off in granian's settings
+            return
+        path = scope.path
+        probe = path in PROBE_PATHS
+        if self.pending is not None and not probe:
+            self.pending.enter()
+        held = [0]   # bytes of this body counted in self.buffered
+        try:
+            headers = scope.headers
+            length = headers.get("content-length")
+            try:
+                declared = int(length) if length is not None else None
+            except ValueError:
+                declared = None   # werkzeug answers it (400) from CONTENT_LENGTH
+            if declared is not None and declared > self.policy.max_request_bytes:
+                body = b""       # not read: the app answers 413 from CONTENT_LENGTH alone
+            elif declared == 0 or (declared is None and "transfer-encoding" not in headers):
+                body = b""
+            else:
+                try:
+                    body = await self._read_body(protocol, held)
+                except BodyTimeout as exc:
+                    self.cut += 1
+                    protocol.response_bytes(*_json(408, str(exc), ("Connection", "close")))
+                    return
+                except _BufferFull as exc:
+                    protocol.response_bytes(*_json(503, str(exc), ("Retry-After", "1"), ("Connection", "close")))
+                    return
+                except Exception:   # the client went away mid-body: nobody reads an answer
+                    protocol.response_bytes(*_json(400, "request body cut short by the client",
+                                                   ("Connection", "close")))
+                    return
+            environ = self._environ(scope, path, headers, body)
+            pool = self.probe_pool if probe else self.pool
+            await asyncio.get_running_loop().run_in_executor(pool, self._respond, environ, protocol)
+        finally:
+            self.buffered -= held[0]
+            if self.pending is not None and not probe:
+                self.pending.leave()
+
+    async def _read_body(self, protocol, held: list[int]) -> bytes:
+        """The whole body, or BodyTimeout / _BufferFull; ``held[0]``: its bytes counted in self.buffered.
+        Reads at most max_request_bytes + 1 bytes: the app answers 413 for more (werkzeug's limit on a
+        terminated stream), as it does for a declared length."""
+        policy, chunks, received = self.policy, [], 0
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            async with asyncio.timeout_at(start + policy.allowed_s(0)) as budget:
+                async for chunk in protocol:
+                    if not chunk:
+                        break
+                    n = min(len(chunk), policy.max_request_bytes + 1 - received)
+                    if self.buffered + n > policy.max_buffered_bytes:
+                        raise _BufferFull(
+                            f"server busy: {self.buffered} bytes of request bodies are held (at most --http-threads "
+                            f"x --max-request-bytes = {policy.max_buffered_bytes}); retry after the Retry-After "
+                            f"seconds")
+                    chunks.append(chunk if n == len(chunk) else chunk[:n])
+                    received += n
+                    self.buffered += n
+                    held[0] += n
+                    if received > policy.max_request_bytes:
+                        break
+                    budget.reschedule(start + policy.allowed_s(received))
+        except TimeoutError:
+            raise BodyTimeout(
+                f"request body too slow: {received} bytes in {loop.time() - start:.1f}s; a body must arrive "
+                f"within --body-timeout-s {policy.timeout_s:g}s plus 1s per --body-min-rate {policy.min_rate} "
+                f"bytes received") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _environ(self, scope, path: str, headers, body: bytes) -> dict:
+        server_host, _, server_port = scope.server.rpartition(":")
+        env = {**_BASE_ENVIRON, "REQUEST_METHOD": scope.method,
+               "PATH_INFO": path.encode("utf-8", "surrogateescape").decode("latin-1"),   # PEP 3333's bytes-as-latin-1
+               "QUERY_STRING": scope.query_string, "SERVER_PROTOCOL": f"HTTP/{scope.http_version}",
+               "SERVER_NAME": server_host, "SERVER_PORT": server_port,
+               "REMOTE_ADDR": scope.client.rpartition(":")[0], "wsgi.url_scheme": scope.scheme,
+               "wsgi.input": io.BytesIO(body), "server.arrival": time.time()}
+        for key, value in headers.items():
+            if key == "content-type":
+                env["CONTENT_TYPE"] = value
+            elif key == "content-length":
+                env["CONTENT_LENGTH"] = value
+            else:
+                name = "HTTP_" + key.upper().replace("-", "_")
+                env[name] = f"{env[name]},{value}" if name in env else value
+        if "HTTP_HOST" not in env:
+            env["HTTP_HOST"] = scope.authority or ""
+        return env
+
+    def _respond(self, environ: dict, protocol) -> None:
+        """In a handler thread: run the app and send its answer (granian's protocol is thread-safe)."""
+        started = []
+
+        def start_response(status, headers, exc_info=None):
+            if exc_info and started:
+                raise exc_info[1].with_traceback(exc_info[2])
+            started[:] = [status, headers]
+            return _no_write
+
+        try:
+            result = self.app(environ, start_response)
+            try:
+                body = result[0] if type(result) is list and len(result) == 1 else b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            status, headers = started
+            protocol.response_bytes(int(status[:3]), headers, body)
+        except Exception:   # the app's own handlers answer its errors; this is a bug below them
+            log.exception("unhandled error in the WSGI app")
+            protocol.response_bytes(*_json(500, "internal server error; see the server log"))
+
+
+class _BufferFull(Exception):
+    pass
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("the WSGI write() callable is not supported: return the body instead")
