@@ -105,9 +105,11 @@ def normal_load(port: int, body: bytes, concurrency: int, seconds: float, timeou
         t.start()
     for t in threads:
         t.join(seconds + timeout_s + 5)
-    a = np.asarray(lat) if lat else np.asarray([float("nan")])
+    a = np.asarray(lat)
+    stat = (lambda f: float(f(a))) if lat else (lambda f: None)   # None: no request was answered
     return {"requests": len(lat), "errors": errors[0], "rps": len(lat) / seconds,
-            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "max_ms": float(a.max())}
+            "p50_ms": stat(lambda v: np.percentile(v, 50)), "p99_ms": stat(lambda v: np.percentile(v, 99)),
+            "max_ms": stat(np.max)}
 
 
 def prober(port: int, stop: threading.Event, out: dict) -> None:
@@ -271,14 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     result = {"repo": str(a.repo), "bundle": a.bundle, "server_args": a.server_args, "fd_soft_limit": limit,
               "slow_body": a.slow_body, "slow_header": a.slow_header, "interval_s": a.interval,
               "concurrency": a.concurrency, "seconds": a.seconds, "idle": idle, "held": held,
-              "p99_ratio": held["p99_ms"] / idle["p99_ms"], **probes,
+              "p99_ratio": held["p99_ms"] / idle["p99_ms"] if held["p99_ms"] and idle["p99_ms"] else None, **probes,
               "slow_open_at_start": opened_at_start, "slow_open_at_end": open_at_end,
               "slow_opened": ended["opened"], "slow_ended": ended["ended"], "slow_longest_s": ended["longest_s"]}
     print(f"| phase | requests | errors | req/s | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|---|")
+    ms = lambda v: "-" if v is None else f"{v:.1f}"   # noqa: E731
     for name, r in (("idle", idle), (f"held ({a.slow_body} slow bodies + {a.slow_header} slow headers)", held)):
-        print(f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-              f"| {r['max_ms']:.1f} |")
-    print(f"held p99 / idle p99: {result['p99_ratio']:.2f} (target <= 2)")
+        print(f"| {name} | {r['requests']} | {r['errors']} | {r['rps']:.1f} | {ms(r['p50_ms'])} | {ms(r['p99_ms'])} "
+              f"| {ms(r['max_ms'])} |")
+    print(f"held p99 / idle p99: {ms(result['p99_ratio'])} (target <= 2; -: no request answered)")
     print(f"probes: {probes['probes']}, failed {probes['probe_failures']}, slowest {probes['probe_max_ms']:.0f} ms "
           f"(target < 1000)")
     e = ended["ended"]
