@@ -32,12 +32,16 @@ import json
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger("server")
 
 PROBE_PATHS = ("/v2/health/live", "/v2/health/ready")
+# declared bodies up to this size are read in one piece: a loop wake-up per chunk costs more CPU than
+# the fast path's whole answer, and a slow client's reservation of it is small
+SMALL_BODY = 256 * 1024
 _BASE_ENVIRON = {"SCRIPT_NAME": "", "GATEWAY_INTERFACE": "CGI/1.1", "SERVER_SOFTWARE": "Granian",
                  "wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": True,
                  "wsgi.multiprocess": False, "wsgi.run_once": False,
@@ -73,15 +77,15 @@ class BufferedFront:
 
     def __init__(self, wsgi_app, policy: BodyPolicy, threads: int, pending=None):
         self.app, self.policy = wsgi_app, policy
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="http")
-        self.probe_pool = ThreadPoolExecutor(1, thread_name_prefix="probe")
+        self.pool = HandlerThreads(threads, "http")
+        self.probe_pool = HandlerThreads(1, "probe")
         self.pending = pending    # a DrainState: requests from their headers to their answer (the drain waits on it)
         self.buffered = 0         # bytes of bodies held (read by the one event loop thread only)
         self.cut = 0              # bodies cut by their deadline (408)
 
     def __rsgi_del__(self, loop) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.probe_pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
+        self.probe_pool.close()
 
     async def __rsgi__(self, scope, protocol) -> None:
         if scope.proto != "http":   # websockets are off in granian's settings
@@ -104,7 +108,9 @@ class BufferedFront:
                 body = b""
             else:
                 try:
-                    body = await self._read_body(protocol, held)
+                    body = await (self._read_small_body(protocol, declared, held)
+                                  if declared is not None and declared <= SMALL_BODY else
+                                  self._read_body(protocol, held))
                 except BodyTimeout as exc:
                     self.cut += 1
                     protocol.response_bytes(*_json(408, str(exc), ("Connection", "close")))
@@ -117,12 +123,38 @@ class BufferedFront:
                                                    ("Connection", "close")))
                     return
             environ = self._environ(scope, path, headers, body)
-            pool = self.probe_pool if probe else self.pool
-            await asyncio.get_running_loop().run_in_executor(pool, self._respond, environ, protocol)
+            done = asyncio.get_running_loop().create_future()
+            (self.probe_pool if probe else self.pool).put((self._respond, environ, protocol, done))
+            await done
         finally:
             self.buffered -= held[0]
             if self.pending is not None and not probe:
                 self.pending.leave()
+
+    async def _read_small_body(self, protocol, declared: int, held: list[int]) -> bytes:
+        """A body of at most SMALL_BODY declared bytes in one read (one wake-up of the loop instead of one
+        per chunk), counted at its declared size, within the time its declared size is allowed."""
+        policy = self.policy
+        if self.buffered + declared > policy.max_buffered_bytes:
+            raise _BufferFull(self._full_message())
+        self.buffered += declared
+        held[0] = declared
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            async with asyncio.timeout_at(start + policy.allowed_s(declared)):
+                return await protocol()
+        except TimeoutError:
+            raise BodyTimeout(self._slow_message("part of its", loop.time() - start)) from None
+
+    def _full_message(self) -> str:
+        return (f"server busy: {self.buffered} bytes of request bodies are held (at most --http-threads x "
+                f"--max-request-bytes = {self.policy.max_buffered_bytes}); retry after the Retry-After seconds")
+
+    def _slow_message(self, received, seconds: float) -> str:
+        p = self.policy
+        return (f"request body too slow: {received} bytes in {seconds:.1f}s; a body must arrive within "
+                f"--body-timeout-s {p.timeout_s:g}s plus 1s per --body-min-rate {p.min_rate} bytes")
 
     async def _read_body(self, protocol, held: list[int]) -> bytes:
         """The whole body, or BodyTimeout / _BufferFull; ``held[0]``: its bytes counted in self.buffered.
@@ -138,10 +170,7 @@ class BufferedFront:
                         break
                     n = min(len(chunk), policy.max_request_bytes + 1 - received)
                     if self.buffered + n > policy.max_buffered_bytes:
-                        raise _BufferFull(
-                            f"server busy: {self.buffered} bytes of request bodies are held (at most --http-threads "
-                            f"x --max-request-bytes = {policy.max_buffered_bytes}); retry after the Retry-After "
-                            f"seconds")
+                        raise _BufferFull(self._full_message())
                     chunks.append(chunk if n == len(chunk) else chunk[:n])
                     received += n
                     self.buffered += n
@@ -150,17 +179,14 @@ class BufferedFront:
                         break
                     budget.reschedule(start + policy.allowed_s(received))
         except TimeoutError:
-            raise BodyTimeout(
-                f"request body too slow: {received} bytes in {loop.time() - start:.1f}s; a body must arrive "
-                f"within --body-timeout-s {policy.timeout_s:g}s plus 1s per --body-min-rate {policy.min_rate} "
-                f"bytes received") from None
+            raise BodyTimeout(self._slow_message(received, loop.time() - start)) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _environ(self, scope, path: str, headers, body: bytes) -> dict:
         server_host, _, server_port = scope.server.rpartition(":")
         env = {**_BASE_ENVIRON, "REQUEST_METHOD": scope.method,
                "PATH_INFO": path.encode("utf-8", "surrogateescape").decode("latin-1"),   # PEP 3333's bytes-as-latin-1
-               "QUERY_STRING": scope.query_string, "SERVER_PROTOCOL": f"HTTP/{scope.http_version}",
+               "QUERY_STRING": scope.query_string.encode("utf-8", "surrogateescape").decode("latin-1"), "SERVER_PROTOCOL": f"HTTP/{scope.http_version}",
                "SERVER_NAME": server_host, "SERVER_PORT": server_port,
                "REMOTE_ADDR": scope.client.rpartition(":")[0], "wsgi.url_scheme": scope.scheme,
                "wsgi.input": io.BytesIO(body), "server.arrival": time.time()}
@@ -198,6 +224,41 @@ class BufferedFront:
         except Exception:   # the app's own handlers answer its errors; this is a bug below them
             log.exception("unhandled error in the WSGI app")
             protocol.response_bytes(*_json(500, "internal server error; see the server log"))
+
+
+class HandlerThreads:
+    """``n`` daemon threads that run ``fn(environ, protocol)`` and then resolve ``done`` on its loop: a
+    SimpleQueue and one call_soon_threadsafe, about half the Python work of ``run_in_executor`` (which
+    builds a concurrent future, a work item and a chained asyncio future per request)."""
+
+    def __init__(self, n: int, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def put(self, job) -> None:
+        self.jobs.put(job)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            fn, environ, protocol, done = job
+            try:
+                fn(environ, protocol)
+            finally:
+                try:
+                    done.get_loop().call_soon_threadsafe(_resolve, done)
+                except RuntimeError:   # the loop closed (shutdown): nobody waits
+                    pass
+
+
+def _resolve(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
 
 
 class _BufferFull(Exception):

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from server.app import create_app
-from server.buffered import BodyPolicy, BufferedFront
+from server.buffered import SMALL_BODY, BodyPolicy, BufferedFront
 from server.config import ServerConfig
 from server.front import DrainState
 from server_fixtures import digit_images, digits_bundle, make_fake_model, png_bytes  # noqa: F401
@@ -42,6 +42,12 @@ class Protocol:
         self.answered = threading.Event()
         self.status = self.headers = self.body = None
 
+    def __call__(self):   # the whole body in one read (BufferedFront's path for small declared lengths)
+        return self._collect()
+
+    async def _collect(self) -> bytes:
+        return b"".join([chunk async for chunk in self])
+
     def __aiter__(self):
         return self
 
@@ -50,7 +56,7 @@ class Protocol:
             return self.chunks.pop(0)
         if self.stall:
             await asyncio.Event().wait()   # a client that sent part of its body and nothing more
-        return b""
+        raise StopAsyncIteration
 
     def response_bytes(self, status: int, headers: list, body: bytes) -> None:
         self.status, self.headers, self.body = status, dict(headers), body
@@ -69,10 +75,13 @@ def _post(front, body_chunks, stall=False, headers=None, path="/predict"):
     return Scope("POST", path, headers), proto
 
 
-def test_a_stalled_body_is_cut_with_408_and_no_thread_runs_for_it():
+@pytest.mark.parametrize("headers", [{}, {"Content-Length": str(SMALL_BODY + 1)}, {"Transfer-Encoding": "chunked"}],
+                         ids=["small-declared", "large-declared", "chunked"])
+def test_a_stalled_body_is_cut_with_408_and_no_thread_runs_for_it(headers):
+    """Both read paths: a small declared body in one read, a large or chunked one chunk by chunk."""
     calls = []
-    front = BufferedFront(lambda env, sr: calls.append(env) or [], BodyPolicy(timeout_s=0.2, min_rate=1000), 1)
-    scope, proto = _post(front, [b"\x89PNG"], stall=True)
+    front = BufferedFront(lambda env, sr: calls.append(env) or [], BodyPolicy(timeout_s=0.2, min_rate=1_000_000), 1)
+    scope, proto = _post(front, [b"\x89PNG"], stall=True, headers=headers)
     asyncio.run(front.__rsgi__(scope, proto))
     assert proto.status == 408 and proto.headers["Connection"] == "close"
     err = json.loads(proto.body)
@@ -98,8 +107,8 @@ def test_a_body_that_keeps_the_minimum_rate_is_not_cut():
 
     front = BufferedFront(app, BodyPolicy(timeout_s=0.3, min_rate=1000), 1)
     chunks = [bytes([i]) * 1000 for i in range(20)]
-    proto = Trickle(chunks)
-    asyncio.run(front.__rsgi__(Scope("POST", "/x", {"Content-Length": "20000"}), proto))
+    proto = Trickle(chunks)   # chunked: read chunk by chunk, each chunk moving the deadline
+    asyncio.run(front.__rsgi__(Scope("POST", "/x", {"Transfer-Encoding": "chunked"}), proto))
     assert proto.status == 200 and got == [b"".join(bytes([i]) * 1000 for i in range(20))]
 
 
@@ -118,6 +127,10 @@ def test_answers_equal_the_wsgi_app_and_limits_are_the_apps():
     assert p.status == 200 and json.loads(p.body)["predictions"][0]["labels"] and "X-Request-ID" in p.headers
     p = asyncio.run(run(Scope("GET", "/v2/health/live", {}), Protocol([])))
     assert p.status == 200 and json.loads(p.body) == {"live": True}
+    odd = Scope("GET", "/models", {})
+    odd.query_string = "model=\u1e7f"   # raw UTF-8 in the query: granian gives str, WSGI wants latin-1 (was a 500)
+    p = asyncio.run(run(odd, Protocol([])))
+    assert p.status == 200, p.body
     big = Protocol([b"x" * 10], stall=True)   # declared too large: answered without reading (no stall)
     p = asyncio.run(run(Scope("POST", "/predict", {"Content-Type": "image/png", "Content-Length": "60000"}), big))
     assert p.status == 413 and "--max-request-bytes" in json.loads(p.body)["error"] and big.chunks == [b"x" * 10]
