@@ -82,6 +82,8 @@ class BufferedFront:
         self.pending = pending    # a DrainState: requests from their headers to their answer (the drain waits on it)
         self.buffered = 0         # bytes of bodies held (read by the one event loop thread only)
         self.cut = 0              # bodies cut by their deadline (408)
+        # read in one piece within timeout_s: a client that keeps min_rate sends this much by then
+        self.small_body = min(SMALL_BODY, int(policy.min_rate * policy.timeout_s))
 
     def __rsgi_del__(self, loop) -> None:
         self.pool.close()
@@ -100,6 +102,8 @@ class BufferedFront:
             length = headers.get("content-length")
             try:
                 declared = int(length) if length is not None else None
+                if declared is not None and declared < 0:
+                    declared = None
             except ValueError:
                 declared = None   # werkzeug answers it (400) from CONTENT_LENGTH
             if declared is not None and declared > self.policy.max_request_bytes:
@@ -109,7 +113,7 @@ class BufferedFront:
             else:
                 try:
                     body = await (self._read_small_body(protocol, declared, held)
-                                  if declared is not None and declared <= SMALL_BODY else
+                                  if declared is not None and declared <= self.small_body else
                                   self._read_body(protocol, held))
                 except BodyTimeout as exc:
                     self.cut += 1
@@ -132,8 +136,9 @@ class BufferedFront:
                 self.pending.leave()
 
     async def _read_small_body(self, protocol, declared: int, held: list[int]) -> bytes:
-        """A body of at most SMALL_BODY declared bytes in one read (one wake-up of the loop instead of one
-        per chunk), counted at its declared size, within the time its declared size is allowed."""
+        """A body of at most ``small_body`` declared bytes in one read (one wake-up of the loop instead of
+        one per chunk), counted at its declared size, complete within ``timeout_s`` (a client that keeps
+        ``min_rate`` has sent it by then: small_body <= min_rate x timeout_s)."""
         policy = self.policy
         if self.buffered + declared > policy.max_buffered_bytes:
             raise _BufferFull(self._full_message())
@@ -142,16 +147,16 @@ class BufferedFront:
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:
-            async with asyncio.timeout_at(start + policy.allowed_s(declared)):
+            async with asyncio.timeout_at(start + policy.timeout_s):
                 return await protocol()
         except TimeoutError:
-            raise BodyTimeout(self._slow_message("part of its", loop.time() - start)) from None
+            raise BodyTimeout(self._slow_message(f"not all of its {declared}", loop.time() - start)) from None
 
     def _full_message(self) -> str:
         return (f"server busy: {self.buffered} bytes of request bodies are held (at most --http-threads x "
                 f"--max-request-bytes = {self.policy.max_buffered_bytes}); retry after the Retry-After seconds")
 
-    def _slow_message(self, received, seconds: float) -> str:
+    def _slow_message(self, received: str, seconds: float) -> str:
         p = self.policy
         return (f"request body too slow: {received} bytes in {seconds:.1f}s; a body must arrive within "
                 f"--body-timeout-s {p.timeout_s:g}s plus 1s per --body-min-rate {p.min_rate} bytes")
@@ -179,7 +184,7 @@ class BufferedFront:
                         break
                     budget.reschedule(start + policy.allowed_s(received))
         except TimeoutError:
-            raise BodyTimeout(self._slow_message(received, loop.time() - start)) from None
+            raise BodyTimeout(self._slow_message(f"{received}", loop.time() - start)) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _environ(self, scope, path: str, headers, body: bytes) -> dict:
