@@ -57,9 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "of every resize the TTA views need; more get 413")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at a reduced DCT scale (faster for large photos, not bit-exact)")
-    p.add_argument("--http", choices=("granian", "werkzeug"), default="granian",
-                   help="HTTP server: granian (default; Rust HTTP, the app in one worker process) or werkzeug "
-                        "(pure Python, in this process)")
+    p.add_argument("--http", choices=("granian", "granian-wsgi", "werkzeug"), default="granian",
+                   help="HTTP server: granian (default; Rust HTTP, the app in one worker process, bodies read "
+                        "before a thread is taken), granian-wsgi (granian's WSGI interface: less CPU per request, "
+                        "but a thread waits for each body with no timeout; only behind a proxy that buffers "
+                        "request bodies) or werkzeug (pure Python, in this process)")
     p.add_argument("--http-threads", type=int, default=64,
                    help="granian: Python threads handling requests at once (each waits for its batch); "
                         "further requests wait in granian's queue")
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from .serving import serve_granian, serve_werkzeug
-    return serve_granian(cfg, a) if a.http == "granian" else serve_werkzeug(cfg, a)
+    return serve_werkzeug(cfg, a) if a.http == "werkzeug" else serve_granian(cfg, a)
 
 
 def app_from_env_args(args: str) -> "object":

@@ -114,7 +114,10 @@ def _granian_worker_app(cfg: ServerConfig, a: argparse.Namespace, failed, drain:
 
     from .buffered import BufferedFront
     try:
-        return BufferedFront(build_app(cfg, a, drain), body_policy(cfg, a), a.http_threads, pending)
+        app = build_app(cfg, a, drain)
+        if a.http == "granian-wsgi":   # behind a proxy that buffers bodies: granian's threads read them
+            return app
+        return BufferedFront(app, body_policy(cfg, a), a.http_threads, pending)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         failed.value = 1
@@ -163,9 +166,11 @@ def serve_granian(cfg: ServerConfig, a: argparse.Namespace) -> int:
     level = a.log_level.lower() if a.log_level.lower() in ("critical", "error", "warning", "info", "debug") else "info"
     drain, pending = DrainState(), DrainState()   # before the fork: shared with the worker process
     connections = raise_fd_limit(a.max_connections)
+    wsgi = a.http == "granian-wsgi"
     srv = _draining_server_class()(
-        "server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.RSGI, workers=1,
-        blocking_threads=1,   # the RSGI interface's: our handler threads are BufferedFront's pool
+        "server.wsgi:app", address=cfg.host, port=cfg.port, interface=Interfaces.WSGI if wsgi else Interfaces.RSGI,
+        workers=1,
+        blocking_threads=a.http_threads if wsgi else 1,   # RSGI: the handler threads are BufferedFront's pool
         backpressure=connections, backlog=max(1024, min(connections, 65535)), http=HTTPModes.http1,
         http1_settings=HTTP1Settings(header_read_timeout=max(1, round(a.header_timeout_s * 1000))),
         websockets=False, log_level=level, respawn_failed_workers=False,

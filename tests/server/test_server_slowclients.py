@@ -239,3 +239,12 @@ def test_slow_connections_do_not_take_the_service(digits_bundle, tiny_digits):
         for s in slow_body + slow_header:
             s.close()
         assert _stop(proc) == 0
+
+
+@pytest.mark.parametrize("flag,value", [("--body-timeout-s", "0"), ("--body-min-rate", "0"), ("--header-timeout-s", "61"),
+                                        ("--header-timeout-s", "0"), ("--max-connections", "0")])
+def test_slow_client_flags_are_validated(flag, value, capsys):
+    from server.__main__ import main
+
+    assert main(["--bundle", "no-such-bundle", flag, value]) == 2
+    assert flag in capsys.readouterr().err
