@@ -35,7 +35,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
         if cfg.redis_url:
             from .redis_front import RedisDispatcher
             dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue, max_queue_rows=cfg.max_queue_rows,
-                                         models=list(model_set), timeout_s=cfg.timeout_s)
+                                         models=list(model_set), timeout_s=cfg.timeout_s,
+                                         reply_ttl_s=cfg.reply_ttl_s)
         else:
             dispatcher = EmbeddedDispatcher(model_set, cfg)
 

@@ -2,24 +2,30 @@
 
     python -m server.worker --redis-url redis://127.0.0.1:6379/0 --bundle bundles/digits [--bundle ...]
 
-Run any number of them, on any machine. Each reads with XREADGROUP, gathers up to --max-batch rows
-or until --max-delay-ms passes, runs one batched inference, then writes each reply and XACKs it in
-one Lua script (so a job is answered once even if two workers end up holding it). Entries a dead
-worker left pending are reclaimed with XAUTOCLAIM after --claim-idle-ms; one delivered more than
---max-deliveries times goes to the dead-letter stream and its client gets an error. Jobs whose
-deadline has passed (on Redis' clock) are acknowledged without being computed; jobs sent for
-another bundle version are answered 409. SIGTERM drains: the batch in hand is answered and
-acknowledged, the consumer leaves the group, and the process exits 0 within --drain-timeout.
+Run any number of them, on any machine. Each reads the stream of its bundle (keys named by the
+bundle checksum: a worker holding another bundle of the model neither takes these jobs nor counts
+as live for its fronts) with XREADGROUP, gathers up to --max-batch rows or until --max-delay-ms
+passes, runs one batched inference, then writes each reply and XACKs it in one Lua script (so a job
+is answered once even if two workers end up holding it). While a batch runs, a keeper thread
+refreshes its entries (XCLAIM ... JUSTID) and the heartbeat, so a long batch is neither reclaimed
+nor taken for a dead worker. Entries a dead worker left pending are reclaimed with XAUTOCLAIM after
+--claim-idle-ms; one delivered more than --max-deliveries times goes to the dead-letter stream and
+its client gets an error. Jobs whose deadline has passed (on Redis' clock) are acknowledged without
+being computed; a job naming another bundle (written by hand into this stream) is answered 409.
+SIGTERM drains: the batch in hand is answered and acknowledged, the consumer leaves the group, and
+the process exits 0 within --drain-timeout.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import redis
 
@@ -29,11 +35,62 @@ from .logs import add_logging_arguments, setup_logging
 from .metrics import ServerMetrics
 from .models import ServedModel, load_served_model
 from .redis_front import check_url, connect, redact_url
-from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum, decode_job,
-                     encode_reply, stream_id_key)
+from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REFRESH_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum,
+                     bundle_member, decode_job, encode_reply, reply_ttl_of, stream_id_key)
 
 log = logging.getLogger("server.worker")
 DEAD_CONSUMER_IDLE_MS = 60_000   # a consumer silent this long, holding nothing, belonged to a killed worker
+MIN_CLAIM_IDLE_MS = 100          # the keeper refreshes a batch's entries every third of --claim-idle-ms
+
+
+class EntryKeeper(threading.Thread):
+    """While a batch runs, keeps its entries this worker's and the worker advertised: every
+    ``interval_s`` (a third of --claim-idle-ms, at most 1 s, the heartbeat period) it refreshes them
+    (REFRESH_SCRIPT: XCLAIM ... JUSTID, no delivery counted) and heartbeats. Without it a batch
+    longer than --claim-idle-ms was reclaimed by another worker and computed twice (dead-lettered
+    once that happened --max-deliveries times), and a lone worker in a batch longer than the
+    heartbeat window looked dead to the fronts. Idle between batches: one Condition wait."""
+
+    def __init__(self, worker: "ModelWorker"):
+        super().__init__(name=f"keeper-{worker.model.name}", daemon=True)
+        self.worker = worker
+        self.interval_s = min(1.0, worker.cfg.claim_idle_ms / 3000.0)
+        self._cond = threading.Condition()
+        self._ids: list | None = None   # entry ids of the batch in hand; None between batches
+        self._closed = False
+
+    @contextmanager
+    def holding(self, ids: list):
+        with self._cond:
+            self._ids = list(ids)
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._ids = None
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                if self._ids is None:
+                    self._cond.wait()
+                    continue
+                ids = self._ids
+                self._cond.wait(self.interval_s)   # woken early when the batch ends
+                if self._closed or self._ids is not ids:
+                    continue   # that batch ended (or another began: it starts its own interval)
+                self._cond.release()   # Redis round trips without the lock: the batch may end meanwhile
+                try:
+                    self.worker.keep(ids)
+                finally:
+                    self._cond.acquire()
 
 
 class ModelWorker(threading.Thread):
@@ -41,17 +98,25 @@ class ModelWorker(threading.Thread):
         super().__init__(name=f"worker-{model.name}", daemon=True)
         self.cfg, self.model, self.metrics, self.stop = cfg, model, metrics, stop
         self.keys = Keys(cfg.prefix)
-        self.stream = self.keys.jobs(model.name)
+        self.checksum = bundle_checksum(model)
+        name, checksum = model.name, self.checksum
+        # every key of this bundle: jobs for another bundle of the model go to another stream
+        self.stream, self.workers_key = self.keys.jobs(name, checksum), self.keys.workers(name, checksum)
+        self.execution_key, self.rows_key = self.keys.execution(name, checksum), self.keys.rows(name, checksum)
+        self.stats_key, self.dead_key = self.keys.stats(name, checksum), self.keys.dead(name, checksum)
+        self._bundle = bundle_member(checksum, model.version)
         self.r = connect(cfg.redis_url)
         self._reply = self.r.register_script(REPLY_SCRIPT)
         self._beat = self.r.register_script(HEARTBEAT_SCRIPT)
         self._leave = self.r.register_script(LEAVE_SCRIPT)
+        self._refresh = self.r.register_script(REFRESH_SCRIPT)
         self._next_beat = self._next_claim = self._next_sweep = 0.0
         self._group_missing = False
         self.max_rows = min(cfg.max_batch, model.max_batch)
-        self.checksum = bundle_checksum(model)
         self._execution = json.dumps(model.execution(), separators=(",", ":"))   # fronts report it
         self.clock_offset_s = 0.0   # Redis TIME - this machine's time.time(), measured at each heartbeat
+        self._beat_lock = threading.Lock()   # a heartbeat (loop or keeper) never lands after withdraw()
+        self.keeper = EntryKeeper(self)
         self.drained = threading.Event()   # set when the loop has left (after a stop: batch answered)
 
     # -- Redis plumbing -------------------------------------------------------------------------
@@ -74,35 +139,39 @@ class ModelWorker(threading.Thread):
                         type(exc).__name__, exc)
 
     def _finish(self, entry_id, reply_key: str, job_id: str, payload: bytes, stat: str, rows: int,
-                dead_reason: str = "") -> bool:
-        m = self.model.name
-        keys = [self.stream, reply_key, self.keys.stats(m), self.keys.dead(m) if dead_reason else "", self.keys.rows(m)]
-        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, self.cfg.reply_ttl_s, stat, job_id,
-                                                 dead_reason, rows]))
+                reply_ttl_s: int, dead_reason: str = "") -> bool:
+        keys = [self.stream, reply_key, self.stats_key, self.dead_key if dead_reason else "", self.rows_key]
+        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, reply_ttl_s, stat, job_id, dead_reason,
+                                                 rows]))
 
     def _dead_letter(self, entry_id, fields: dict, reason: str) -> None:
         reply = fields.get(b"reply", b"").decode() or self.keys.reply("unknown")
         job_id = fields.get(b"id", b"?").decode()
-        msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.keys.dead(self.model.name)}"
+        msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.dead_key}"
         payload = encode_reply({"error": msg, "status": 500})
-        self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reason)
+        self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reply_ttl_of(fields, self.cfg.reply_ttl_s),
+                     reason)
         self.metrics.dead_letters.labels(self.model.name).inc()
         self.metrics.count_prediction(self.model.name, ok=False)
         log.error("%s", msg, extra=_rid(fields.get(b"rid", b"").decode(errors="replace") or job_id))
 
-    def _refuse(self, entry_id, job: Job, reply: str) -> None:
-        """A job for another bundle: answer it with an error naming both, never with our labels."""
+    def _refuse(self, entry_id, job: Job, reply: str, reply_ttl_s: int) -> None:
+        """A job naming another bundle in this bundle's stream (fronts never write one: only a job
+        added by hand or a truncated-checksum collision): answer it with an error naming both,
+        never with our labels."""
         msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} "
                f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
                f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
                "bundle (during a rolling upgrade, use another --prefix for the new version)")
         log.error("%s", msg, extra=_rid(job.request_id or job.id))   # before the reply: the front returns on it
         self.metrics.count_prediction(self.model.name, ok=False)
-        self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
+        self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows,
+                     reply_ttl_s)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         backoff = 0.1
+        self.keeper.start()
         try:
             while not self.stop.is_set():
                 try:
@@ -118,6 +187,7 @@ class ModelWorker(threading.Thread):
                     backoff = self._retry_later(f"Redis unreachable ({type(exc).__name__}: {exc})", backoff)
             self.leave()
         finally:
+            self.keeper.close()
             self.drained.set()
 
     def _retry_later(self, why: str, backoff: float) -> float:
@@ -130,7 +200,7 @@ class ModelWorker(threading.Thread):
         """Clean shutdown: stop advertising this worker; forget the consumer if it holds nothing
         (what it still holds stays pending, for another worker to reclaim)."""
         try:
-            held = self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, self.cfg.consumer])
+            held = self._leave(keys=[self.stream, self.workers_key], args=[GROUP, self.cfg.consumer])
             if held:
                 log.warning("consumer %s left entries pending on %s; another worker will reclaim them",
                             self.cfg.consumer, self.stream)
@@ -140,19 +210,29 @@ class ModelWorker(threading.Thread):
     def withdraw(self) -> None:
         """Drain starts: fronts stop counting this worker as live at once (a front with no other
         worker for the model answers a fast 503 instead of queueing for nobody)."""
-        try:
-            self.r.zrem(self.keys.workers(self.model.name), self.cfg.consumer)
-        except redis.RedisError:
-            pass   # the heartbeat then simply ages out
+        with self._beat_lock:   # a heartbeat under way (the keeper's) lands first, none after (stop is set)
+            try:
+                self.r.zrem(self.workers_key, self.cfg.consumer)
+            except redis.RedisError:
+                pass   # the heartbeat then simply ages out
 
     def heartbeat(self) -> None:
-        if self.stop.is_set():   # draining: never advertise again
-            return
-        t0 = time.time()
-        sec, usec = self._beat(keys=[self.keys.workers(self.model.name), self.keys.execution(self.model.name)],
-                               args=[self.cfg.consumer, self._execution])
-        t1 = time.time()
-        self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+        with self._beat_lock:
+            if self.stop.is_set():   # draining: never advertise again
+                return
+            t0 = time.time()
+            sec, usec = self._beat(keys=[self.workers_key, self.execution_key, self.keys.bundles(self.model.name)],
+                                   args=[self.cfg.consumer, self._execution, self._bundle])
+            t1 = time.time()
+            self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+
+    def keep(self, ids: list) -> None:
+        """The keeper's round during a long batch: the entries stay ours, the heartbeat fresh."""
+        try:
+            self._refresh(keys=[self.stream], args=[GROUP, self.cfg.consumer, *ids])
+            self.heartbeat()
+        except redis.RedisError as exc:   # the loop reports Redis trouble; the next round retries
+            log.debug("refreshing %d held entries failed (%s)", len(ids), exc)
 
     def step(self) -> None:
         if self._group_missing:   # here, inside the loop's error handling (Redis may be gone again)
@@ -226,24 +306,29 @@ class ModelWorker(threading.Thread):
         for c in consumers:
             name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
             if name != self.cfg.consumer and c["pending"] == 0 and c["idle"] > DEAD_CONSUMER_IDLE_MS:
-                self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, name])
+                self._leave(keys=[self.stream, self.workers_key], args=[GROUP, name])
 
     def process(self, entries: list) -> None:
-        jobs: list[tuple[bytes, Job, str]] = []
+        with self.keeper.holding([eid for eid, _ in entries]):
+            self._process(entries)
+
+    def _process(self, entries: list) -> None:
+        jobs: list[tuple[bytes, Job, tuple[str, int]]] = []   # (entry id, job, (reply key, reply TTL s))
         now = time.time()
         for eid, fields in entries:
             try:
-                job, reply = decode_job(self.model.name, fields, eid, self.clock_offset_s)
+                job, reply_key = decode_job(self.model.name, fields, eid, self.clock_offset_s)
             except ValueError as exc:
                 self._dead_letter(eid, fields, f"is malformed ({exc})")
                 continue
+            reply = (reply_key, reply_ttl_of(fields, self.cfg.reply_ttl_s))
             if job.expired(now):
-                self._finish(eid, reply, job.id, b"", "expired", job.rows)
+                self._finish(eid, reply[0], job.id, b"", "expired", job.rows, reply[1])
                 self.metrics.expired.labels(self.model.name).inc()
                 log.info("job %s expired before a worker took it; skipped", job.id, extra=_rid(job.request_id))
                 continue
             if (job.model_version, job.bundle_checksum) != (self.model.version, self.checksum):
-                self._refuse(eid, job, reply)
+                self._refuse(eid, job, *reply)
                 continue
             jobs.append((eid, job, reply))
         if not jobs:
@@ -267,7 +352,7 @@ class ModelWorker(threading.Thread):
             for (eid, job, reply), res in zip(items, results):
                 meta = {"batch_rows": res.batch_rows, "queue_s": res.queue_s, "infer_s": res.infer_s,
                         "worker": self.cfg.consumer}
-                if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied", job.rows):
+                if self._finish(eid, reply[0], job.id, encode_reply(meta, res.probs), "replied", job.rows, reply[1]):
                     self.metrics.images.labels(self.model.name).inc(job.n_images)
                     self.metrics.count_prediction(self.model.name, ok=True)
 
@@ -288,7 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
     add_common_arguments(p)
-    p.add_argument("--claim-idle-ms", type=int, default=5000, help="reclaim jobs pending this long")
+    p.add_argument("--claim-idle-ms", type=int, default=5000,
+                   help=f"reclaim jobs pending this long (>= {MIN_CLAIM_IDLE_MS}; a running batch's entries are "
+                        "refreshed every third of it, so only a dead or stalled worker's are taken)")
     p.add_argument("--max-deliveries", type=int, default=3, help="then dead-letter the job")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to finish and acknowledge the batch in hand before exiting 0")
@@ -300,14 +387,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_worker_args(a: argparse.Namespace) -> None:
+    """Refuse a worker flag that could only misbehave (a batch of 0 rows, replies that expire at
+    once, reclaiming running batches...), naming the flag and what it accepts. Raises ValueError."""
+    if not a.bundles:
+        raise ValueError("pass --bundle DIR (a bundle written by `python -m export`)")
+    for flag, v, low, what in (("--max-batch", a.max_batch, 1, "model rows per batched call"),
+                               ("--threads", a.threads, 1, "intra-op threads per model"),
+                               ("--max-deliveries", a.max_deliveries, 1, "deliveries before a job is dead-lettered"),
+                               ("--reply-ttl-s", a.reply_ttl_s, 1, "seconds an unread reply stays in Redis"),
+                               ("--claim-idle-ms", a.claim_idle_ms, MIN_CLAIM_IDLE_MS,
+                                "ms a pending entry must be idle before another worker reclaims it")):
+        if v is not None and v < low:
+            raise ValueError(f"{flag} must be >= {low} ({what}), got {v}")
+    for flag, v, what in (("--max-delay-ms", a.max_delay_ms, "longest wait for a batch to fill"),
+                          ("--drain-timeout", a.drain_timeout, "seconds to finish the batch in hand on SIGTERM")):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0 ({what}), got {v}")
+    if a.metrics_port is not None and not 1 <= a.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be a TCP port 1-65535 (leave it out for no /metrics), got {a.metrics_port}")
+    for flag, v in (("--prefix", a.prefix), ("--consumer", a.consumer), ("--metrics-host", a.metrics_host)):
+        if v is not None and (not v.strip() or v != v.strip()):
+            raise ValueError(f"{flag} must be a non-empty name without surrounding spaces, got {v!r}")
+    check_url(a.redis_url)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import keep_freed_memory
 
     keep_freed_memory()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    if not args.bundles:
-        print("error: pass --bundle DIR (a bundle written by `python -m export`)", file=sys.stderr)
+    try:
+        check_worker_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
@@ -329,7 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics.model_info(m.name, version=m.version, **m.execution())
     if cfg.metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
+        try:
+            start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
+        except OSError as exc:   # port taken, address not on this machine
+            print(f"error: --metrics-host {cfg.metrics_host} --metrics-port {cfg.metrics_port}: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

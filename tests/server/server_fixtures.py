@@ -203,3 +203,23 @@ def ensemble_bundle(digits_bundle) -> Path:
 def digit_images(tiny_digits: Path, n: int) -> list[Path]:
     files = sorted((tiny_digits / "val").glob("*/*.png"))
     return [files[i * len(files) // n] for i in range(n)]
+
+
+# -- Redis keys of one bundle (they are named by its checksum) ---------------------------------
+def keys_of(model, name: str | None = None, prefix: str = "srv"):
+    """The Redis keys of one bundle: ``model`` a ServedModel or a bundle directory (then ``name`` is
+    the model name, default the manifest's). keys_of(m).jobs -> 'srv:jobs:fake:<16 hex>'."""
+    from types import SimpleNamespace
+
+    from server.redisq import Keys, bundle_checksum, manifest_checksum
+
+    if isinstance(model, (str, Path)):
+        import json
+        checksum = manifest_checksum(model)
+        name = name or json.loads((Path(model) / "manifest.json").read_text())["name"]
+    else:
+        checksum, name = bundle_checksum(model), name or model.name
+    k = Keys(prefix)
+    return SimpleNamespace(checksum=checksum, jobs=k.jobs(name, checksum), dead=k.dead(name, checksum),
+                           workers=k.workers(name, checksum), execution=k.execution(name, checksum),
+                           rows=k.rows(name, checksum), stats=k.stats(name, checksum), bundles=k.bundles(name))
