@@ -345,3 +345,121 @@ def test_the_front_start_up_line_hides_the_password(digits_bundle, capsys, monke
     server.serving.build_app(cfg, a)   # a Redis front connects lazily: nothing listens there, nothing is asked
     out = capsys.readouterr().out
     assert "(redis redis://:***@127.0.0.1:1/0)" in out and "s3cret" not in out
+
+
+def test_a_batch_3x_longer_than_claim_idle_is_computed_once_not_reclaimed(redis_url, redis_proc):
+    # Before the keeper, the second worker's XAUTOCLAIM took the entry after --claim-idle-ms and
+    # computed it again (and a batch held over --max-deliveries such rounds was dead-lettered).
+    idle_ms = 600
+    started = []
+    slow = make_fake_model()
+    compute = slow.predict
+
+    def three_idle_times(x):
+        started.append(x.shape[0])
+        time.sleep(3 * idle_ms / 1000)                            # the batch outlasts 3 reclaim idle times
+        return compute(x)
+    slow.predict = three_idle_times
+    w = Workers(redis_url, slow, n=2, claim_idle_ms=idle_ms, max_deliveries=1)   # a reclaim = a dead letter
+    c = front(redis_url, timeout_s=20)
+    rc = redis_proc.client()
+    try:
+        r = post_png(c)
+    finally:
+        w.close()
+    assert r.status_code == 200, r.get_json()
+    assert started == [1]                                         # computed once
+    assert {k.decode(): int(v) for k, v in rc.hgetall(FAKE.stats).items()} == {"replied": 1}   # answered once
+    assert rc.xlen(FAKE.dead) == 0 and rc.xlen(FAKE.jobs) == 0
+    assert rc.keys("srv:reply:*") == []
+
+
+def test_the_fronts_first_redis_use_from_two_threads_never_sees_half_a_client(redis_url, monkeypatch):
+    # The front connects on first use. It published its client before registering the scripts, so a
+    # second thread arriving in between called a script that was still None: a 500 on /predict and
+    # on readiness. The hook runs the second thread exactly there.
+    w = Workers(redis_url, make_fake_model(), n=1)
+    c = front(redis_url)
+    real_connect = server.redis_front.connect
+    second: dict = {}
+    hooked = threading.Event()
+
+    def connect_and_interleave(*args, **kwargs):
+        client = real_connect(*args, **kwargs)
+        register = client.register_script
+
+        def register_then_let_another_thread_in(script):
+            if not hooked.is_set():   # the first thread is inside its first use of Redis
+                hooked.set()
+                t = threading.Thread(target=lambda: second.update(post=post_png(c, 1), ready=c.get("/v2/health/ready")))
+                t.start()
+                t.join(30)
+            return register(script)
+        client.register_script = register_then_let_another_thread_in
+        return client
+
+    monkeypatch.setattr(server.redis_front, "connect", connect_and_interleave)
+    try:
+        first = post_png(c, 0)
+    finally:
+        w.close()
+    assert hooked.is_set()
+    assert second["post"].status_code == 200, second["post"].get_json()
+    assert second["ready"].status_code == 200
+    assert first.status_code == 200, first.get_json()
+
+
+def test_the_fronts_reply_ttl_bounds_an_unread_reply(redis_url, redis_proc):
+    # --reply-ttl-s of the front was ignored: an unread reply (its client got a 504) stayed for the
+    # worker's 60 s. Now the job carries it, and the worker's own flag caps it.
+    entered, release = threading.Event(), threading.Event()
+    fake = make_fake_model()
+    compute = fake.predict
+
+    def held(x):
+        entered.set()
+        release.wait(30)
+        return compute(x)
+    fake.predict = held
+    w = Workers(redis_url, fake, n=1)                             # worker --reply-ttl-s 60 (the default)
+    c = front(redis_url, timeout_s=2, reply_ttl_s=7)
+    rc = redis_proc.client()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(r=post_png(c)))
+    try:
+        t.start()
+        assert entered.wait(10)                                   # the worker holds the job...
+        t.join(30)
+        assert got["r"].status_code == 504                        # ...past the front's deadline
+        release.set()
+        assert wait_until(lambda: rc.hget(FAKE.stats, "replied") == b"1")
+    finally:
+        release.set()
+        w.close()
+    replies = rc.keys("srv:reply:*")
+    assert len(replies) == 1 and 0 < rc.ttl(replies[0]) <= 7     # unread, and gone within the front's TTL
+
+    from server.redisq import reply_ttl_of
+    assert reply_ttl_of({b"rttl": b"7"}, 60) == 7 and reply_ttl_of({b"rttl": b"90"}, 60) == 60
+    assert reply_ttl_of({}, 60) == 60                             # a job from an older front
+    with pytest.raises(ValueError, match=r"--reply-ttl-s must be a whole number of seconds >= 1"):
+        front(redis_url, reply_ttl_s=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1 (model rows per batched call), got 0"),
+    (["--reply-ttl-s", "0"], "--reply-ttl-s must be >= 1 (seconds an unread reply stays in Redis), got 0"),
+    (["--claim-idle-ms", "50"], "--claim-idle-ms must be >= 100"),
+    (["--max-deliveries", "0"], "--max-deliveries must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-delay-ms", "-1"], "--max-delay-ms must be a finite number >= 0"),
+    (["--max-delay-ms", "nan"], "--max-delay-ms must be a finite number >= 0"),
+    (["--drain-timeout", "inf"], "--drain-timeout must be a finite number >= 0"),
+    (["--metrics-port", "70000"], "--metrics-port must be a TCP port 1-65535"),
+    (["--prefix", ""], "--prefix must be a non-empty name"),
+    (["--consumer", " "], "--consumer must be a non-empty name"),
+])
+def test_every_worker_flag_is_validated_with_exit_2(flags, message, capsys):
+    assert server.worker.main(["--redis-url", "redis://127.0.0.1:1/0", "--bundle", "unused", *flags]) == 2
+    assert message in capsys.readouterr().err
+
