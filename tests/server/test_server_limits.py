@@ -20,7 +20,7 @@ from server.config import ServerConfig
 from server.embedded import EmbeddedBatcher
 from server.errors import APIError
 from server.limits import MAX_TTA_POLICY_CHARS
-from server.redisq import Keys
+from server.redisq import Keys, bundle_checksum
 from server_fixtures import make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
 
 ROUTES = ("raw", "multipart", "json", "kserve")
@@ -37,7 +37,7 @@ def serve(request):
             app = create_app(ServerConfig(redis_url=url, **cfg), models=[model])
             disp = app.extensions["inference"].dispatcher
             request.addfinalizer(disp.close)
-            return app.test_client(), calls, lambda: int(disp.client.xlen(Keys("srv").jobs("fake")))
+            return app.test_client(), calls, lambda: int(disp.client.xlen(Keys("srv").jobs("fake", bundle_checksum(model))))
         app = create_app(ServerConfig(**cfg), models=[model])
         return app.test_client(), calls, lambda: 0
     return make

@@ -350,25 +350,33 @@ def test_the_front_start_up_line_hides_the_password(digits_bundle, capsys, monke
 def test_a_batch_3x_longer_than_claim_idle_is_computed_once_not_reclaimed(redis_url, redis_proc):
     # Before the keeper, the second worker's XAUTOCLAIM took the entry after --claim-idle-ms and
     # computed it again (and a batch held over --max-deliveries such rounds was dead-lettered).
+    # The keeper also heartbeats: a lone worker in a long batch no longer looks dead to the fronts.
     idle_ms = 600
-    started = []
+    rc = redis_proc.client()
+    started, beats = [], []
     slow = make_fake_model()
     compute = slow.predict
 
+    def holder_heartbeat():
+        holder = rc.xpending_range(FAKE.jobs, GROUP, min="-", max="+", count=1)[0]["consumer"]
+        return rc.zscore(FAKE.workers, holder)
+
     def three_idle_times(x):
         started.append(x.shape[0])
+        beats.append(holder_heartbeat())
         time.sleep(3 * idle_ms / 1000)                            # the batch outlasts 3 reclaim idle times
+        beats.append(holder_heartbeat())
         return compute(x)
     slow.predict = three_idle_times
     w = Workers(redis_url, slow, n=2, claim_idle_ms=idle_ms, max_deliveries=1)   # a reclaim = a dead letter
     c = front(redis_url, timeout_s=20)
-    rc = redis_proc.client()
     try:
         r = post_png(c)
     finally:
         w.close()
     assert r.status_code == 200, r.get_json()
     assert started == [1]                                         # computed once
+    assert beats[1] > beats[0]                                    # the holder kept beating mid-batch
     assert {k.decode(): int(v) for k, v in rc.hgetall(FAKE.stats).items()} == {"replied": 1}   # answered once
     assert rc.xlen(FAKE.dead) == 0 and rc.xlen(FAKE.jobs) == 0
     assert rc.keys("srv:reply:*") == []
