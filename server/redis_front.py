@@ -166,7 +166,7 @@ class RedisDispatcher:
                "this front's bundle, or retry shortly")
         if others:
             msg += (f". Live workers hold other bundles of this model: {others}; run fronts and workers with the "
-                    "same bundle (during a rolling upgrade, use another --prefix for the new version)")
+                    "same bundle (during a rolling upgrade, start workers of the new bundle before its fronts)")
         return msg
 
     def solo_batches(self, model: str) -> int:

@@ -162,7 +162,7 @@ class ModelWorker(threading.Thread):
         msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} "
                f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
                f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
-               "bundle (during a rolling upgrade, use another --prefix for the new version)")
+               "bundle (during a rolling upgrade, start workers of the new bundle before its fronts)")
         log.error("%s", msg, extra=_rid(job.request_id or job.id))   # before the reply: the front returns on it
         self.metrics.count_prediction(self.model.name, ok=False)
         self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows,

@@ -56,6 +56,17 @@ def want(fake, data):
 
 def test_two_workers_answer_every_job_exactly_once_in_batches(redis_url, redis_proc):
     fake = make_fake_model(delay_s=0.02)
+    compute, queued = fake.predict, threading.Event()
+    rc = redis_proc.client()
+
+    def first_batches_wait_for_a_queue(x):
+        # the workers' first batches wait until 6 jobs are in the stream: the next read takes the
+        # ones queued behind them together, so batches above 1 are a forced state, not luck
+        if not queued.is_set():
+            assert wait_until(lambda: rc.xlen(FAKE.jobs) >= 6)
+            queued.set()
+        return compute(x)
+    fake.predict = first_batches_wait_for_a_queue
     w = Workers(redis_url, fake, n=2)
     c = front(redis_url)
     imgs = [png_bytes(seed=i) for i in range(60)]
@@ -69,6 +80,7 @@ def test_two_workers_answer_every_job_exactly_once_in_batches(redis_url, redis_p
     finally:
         w.close()
     batch_sizes = []
+    fake.predict = compute   # want() below: the model itself
     for d, r in zip(imgs, answers):
         assert r.status_code == 200, r.get_json()
         p = r.get_json()["predictions"][0]
@@ -77,7 +89,6 @@ def test_two_workers_answer_every_job_exactly_once_in_batches(redis_url, redis_p
         np.testing.assert_allclose(full, want(fake, d), rtol=1e-4, atol=1e-5)
         batch_sizes.append(r.get_json()["batch_size"])
     assert max(batch_sizes) > 1                                   # batching happened
-    rc = redis_proc.client()
     assert int(rc.hget(FAKE.stats, "replied")) == 60              # one reply per job, no duplicates
     assert rc.keys("srv:reply:*") == []                           # nothing left unread
     assert rc.xlen(FAKE.jobs) == 0                                # acked and deleted

@@ -155,7 +155,7 @@ def test_a_worker_holding_another_bundle_takes_no_job_and_is_not_live_for_it(red
                    f"{bundle_checksum(model)[:12]})" in msg
             # it names the bundle the live workers hold, and the fix
             assert f"other bundles of this model: version test (bundle sha256 {FAKE.checksum[:12]})" in msg
-            assert "same bundle" in msg and "--prefix" in msg
+            assert "same bundle" in msg and "start workers of the new bundle before its fronts" in msg
             assert redis_proc.client().xlen(keys_of(model).jobs) == 0   # nothing queued for nobody
         c = front(redis_url)
         assert c.get("/v2/health/ready").status_code == 200        # the matching front sees its worker
