@@ -11,7 +11,7 @@ from server.app import create_app
 from server.config import ServerConfig, WorkerConfig
 from server.metrics import ServerMetrics
 from server.redisq import GROUP
-from server.worker import ModelWorker
+from server.redis_worker import ModelWorker
 from server_fixtures import free_port, keys_of, make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
 from trainer.data.images import decode_image
 from trainer.data.transforms import eval_transform

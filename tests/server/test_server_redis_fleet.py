@@ -17,6 +17,7 @@ import pytest
 
 import server.batching
 import server.redis_front
+import server.redis_worker
 import server.worker
 from server.batching import Job
 from server.redis_front import redact_url
@@ -111,7 +112,7 @@ def test_a_worker_whose_clock_is_off_by_30s_is_live_and_its_jobs_do_not_expire(r
                                                                                 skew_s):
     # Worker side only (the front keeps the true clock). +30 s made every job look expired; -30 s made
     # every heartbeat look 30 s old, so the front was never ready.
-    monkeypatch.setattr(server.worker, "time", SkewedClock(skew_s))
+    monkeypatch.setattr(server.redis_worker, "time", SkewedClock(skew_s))
     monkeypatch.setattr(server.batching, "time", SkewedClock(skew_s))
     fake = make_fake_model()
     w = Workers(redis_url, fake, n=1)
@@ -326,7 +327,7 @@ def test_consumers_are_removed_only_when_they_hold_nothing(redis_url, redis_proc
     assert leave(keys=[stream, FAKE.workers], args=[GROUP, "holder"]) == 1
     names = lambda: sorted(c["name"].decode() for c in rc.xinfo_consumers(stream, GROUP))  # noqa: E731
     assert names() == ["holder", "idle"]                          # DELCONSUMER would have lost its entry
-    monkeypatch.setattr(server.worker, "DEAD_CONSUMER_IDLE_MS", -1)
+    monkeypatch.setattr(server.redis_worker, "DEAD_CONSUMER_IDLE_MS", -1)
     w = Workers(redis_url, make_fake_model(), n=1)
     try:
         assert wait_for(lambda: "idle" not in names())
