@@ -6,7 +6,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from trainer.data.images import IMAGE_FORMATS
+from trainer.image_formats import IMAGE_FORMATS   # torch-free, unlike trainer.data
 
 from .layout import LayoutRequest
 

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import UserError
+from ..image_formats import IMAGE_FORMATS   # the one list (the server's default too)
 
 try:   # optional fast path for JPEG (see the module docstring)
     import simplejpeg
@@ -45,8 +46,6 @@ except ImportError:  # pragma: no cover - a dependency; PIL alone gives the same
     simplejpeg = None
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".mpo", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-# PIL's format names that decode_image accepts: the one list (the server's default is this list).
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "GIF", "TIFF")
 _JPEG_FORMATS = ("JPEG", "MPO")   # MPO's first frame is a plain JPEG stream
 MAX_JPEG_SCANS = 500              # libjpeg-turbo's fuzzers' TJPARAM_SCANLIMIT; the C++ decoder's too
 
