@@ -8,14 +8,15 @@ to reproduce outside Python (the C++ runtime follows them):
 - CMYK JPEG: stored inverted (Photoshop's convention) when an Adobe APP14 marker is present, plain
   CMYK when not. PIL assumes inverted for every CMYK JPEG, so a marker-less one is re-inverted here.
 - Alpha is dropped (not composited): RGBA -> RGB keeps the colour channels as stored.
-- 16-bit grey is scaled to 8 bits by rounding ``v / 257`` (PNG: whatever the values' range); 16-bit
+- 16-bit grey is scaled to 8 bits by rounding ``v / 257`` (PNG: whatever the values' range), in
+  integers and a band of rows at a time (the RGB result is the only full-size array); 16-bit
   colour keeps the high byte (PIL's only way to read it).
 - EXIF orientation comes from JPEG APP1, PNG eXIf or, failing that, ImageMagick's
   "Raw profile type exif" PNG text chunk (all as PIL's ``getexif``).
 - Animated GIF/WebP and MPO (a JPEG with an MPF secondary image: phone and stereo cameras): the
   first frame.
-- Formats: ``IMAGE_FORMATS`` (PIL's names), the one list training, the server and the export check
-  accept; anything else is refused naming the list.
+- Formats: ``IMAGE_FORMATS`` (PIL's names, from ``trainer.image_formats``), the one list that
+  training, the bundle loader and the server accept; anything else is refused naming the list.
 - JPEG scans: a multi-scan JPEG (progressive, or sequential whose first scan does not hold every
   component: libjpeg's ``jpeg_has_multiple_scans``) with more than ``MAX_JPEG_SCANS`` scans before its
   first EOI is refused before decoding (each scan is a pass over the whole image: thousands of them
