@@ -54,7 +54,7 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
         raise APIError(413, f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels is above the limit of "
                             f"{limits.max_pixels / 1e6:.1f} (--max-pixels); downscale it first")
     try:
-        check_jpeg_scans(data, name)   # before any decoding: thousands of scans take minutes
+        check_jpeg_scans(data, name)   # before any decoding: each scan is another pass over the image
     except ImageDecodeError as exc:
         raise APIError(422, str(exc)) from exc
     return fmt, w, h

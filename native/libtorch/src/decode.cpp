@@ -8,7 +8,7 @@
 //   stops at the first EOI, PIL decodes frame 0.
 // - A multi-scan JPEG (jpeg_has_multiple_scans: progressive, or a first scan without every
 //   component) with more than kMaxJpegScans scans before its first EOI is refused before decoding,
-//   as decode_image (each scan is a pass over the whole image: thousands take minutes).
+//   as decode_image (each scan is another pass over the whole image).
 // - PNG: palette expanded, low-bit gray scaled (x85 / x17 / x255), alpha dropped, 16-bit gray
 //   as round(v/257) (PIL's I;16 path in decode_image), 16-bit colour or gray+alpha as the high
 //   byte (PIL's RGB;16B / LA;16B raw modes).
@@ -164,7 +164,7 @@ Image decode_jpeg(const uint8_t* data, size_t size, const std::string& label) {
   if (jpeg_has_multiple_scans(&cinfo) && jpeg_scans_exceed(data, size, kMaxJpegScans)) {
     jpeg_destroy_decompress(&cinfo);
     throw ImageError(label + ": unreadable image (JPEG with more than " + std::to_string(kMaxJpegScans) +
-                     " scans: a progressive JPEG has about 10, thousands take minutes to decode; re-encode it)");
+                     " scans: a progressive JPEG has about 10, and each scan is another pass over the image; re-encode it)");
   }
   bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   // Adobe marker: inverted ink values (what Photoshop and PIL write); none: plain CMYK.

@@ -19,8 +19,9 @@ to reproduce outside Python (the C++ runtime follows them):
   training, the bundle loader and the server accept; anything else is refused naming the list.
 - JPEG scans: a multi-scan JPEG (progressive, or sequential whose first scan does not hold every
   component: libjpeg's ``jpeg_has_multiple_scans``) with more than ``MAX_JPEG_SCANS`` scans before its
-  first EOI is refused before decoding (each scan is a pass over the whole image: thousands of them
-  take minutes; libjpeg-turbo's own fuzzers refuse more than 500). A normal progressive JPEG has 10.
+  first EOI is refused before decoding (each scan is one more pass over the whole image, so the
+  decode time grows with the count, whatever the file size; libjpeg-turbo's own fuzzers refuse more
+  than 500). A normal progressive JPEG has 10.
 
 JPEGs in YCbCr/RGB or grayscale are decoded by libjpeg-turbo through simplejpeg when it is
 installed: the same library and settings as PIL's decoder (accurate integer IDCT, fancy upsampling),
@@ -188,7 +189,7 @@ def check_jpeg_scans(data: bytes, label: str) -> None:
     if data[:3] == b"\xff\xd8\xff" and jpeg_has_multiple_scans(data) and jpeg_scans_exceed(data):
         raise ImageDecodeError(
             f"{label}: unreadable image (JPEG with more than {MAX_JPEG_SCANS} scans: a progressive "
-            f"JPEG has about 10, thousands take minutes to decode; re-encode it)")
+            f"JPEG has about 10, and each scan is another pass over the image; re-encode it)")
 
 
 # EXIF orientation -> the numpy view that PIL's exif_transpose produces
