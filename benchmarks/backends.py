@@ -86,7 +86,7 @@ def time_call(fn, x, warmup: int, repeats: int, min_seconds: float) -> float:
 
 def cuda_runners(bundle_dir: Path, device: str, precisions: list[str]) -> dict:
     from export.cuda_export import DTYPES
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     manifest = export.read_manifest(bundle_dir)
     out = {}
@@ -109,7 +109,7 @@ def cuda_runners(bundle_dir: Path, device: str, precisions: list[str]) -> dict:
 def runners(bundle_dir: Path, threads: int, int8_path: Path) -> dict:
     manifest = export.read_manifest(bundle_dir)
     loaded = export.load_bundle(bundle_dir, backend="eager", threads=threads)
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     net = probability_model(model_from_checkpoint(manifest["provenance"]["checkpoint"]).model,
                             preprocess_spec(manifest))

@@ -6,6 +6,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from trainer.image_formats import IMAGE_FORMATS   # torch-free, unlike trainer.data
+
 from .layout import LayoutRequest
 
 
@@ -14,7 +16,7 @@ def trust_policy(trusted_keys, require_signature: bool):
 
     return policy(trusted_keys, require_signature)
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+DEFAULT_FORMATS = IMAGE_FORMATS   # training's list (MPO included): one list, never a second copy
 
 
 @dataclass

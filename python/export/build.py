@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoints import model_from_checkpoint
+from trainer.inference import model_from_checkpoint
 from trainer.engine.checkpoint import file_sha256 as checkpoint_sha256
 from trainer.tta import MERGES, check_views, parse_policy
 

@@ -125,7 +125,7 @@ def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
 
 
 def _eager_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     from .graph import probability_model
 

@@ -180,3 +180,19 @@ def test_kserve_bad_tensors_are_4xx(client, inp, words):
     assert 400 <= r.status_code < 500 and words in r.get_json()["error"], r.get_json()
     assert client.post("/v2/models/fake/infer", data=b"{oops", content_type="application/json").status_code == 400
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_phone_photos_are_answered_and_a_many_scan_jpeg_is_refused(client, fake):
+    """An MPO (what phone cameras write; a 415 before issue 20) on every input path; a JPEG with
+    1,000 scans (the most this app's 200 KB body limit lets through) is a 422 naming the scan limit."""
+    from native.decode_cases import many_scans_jpeg, mpo_jpeg
+
+    data = mpo_jpeg()
+    want = expected(fake, data)
+    for r in (client.post("/predict", data=data, content_type="image/jpeg"),
+              client.post("/predict", data={"file": (io.BytesIO(data), "phone.jpg")}, content_type="multipart/form-data"),
+              client.post("/predict", json={"images": [base64.b64encode(data).decode()]})):
+        assert r.status_code == 200, r.get_json()
+        np.testing.assert_allclose(full_probs(r.get_json()["predictions"][0], 3), want, rtol=1e-4, atol=1e-5)
+    r = client.post("/predict", data=many_scans_jpeg(1000), content_type="image/jpeg")
+    assert r.status_code == 422 and "more than 500 scans" in r.get_json()["error"]
