@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from .config import ServerConfig, add_common_arguments
+from .config import ServerConfig, add_common_arguments, check_range
 from .front import parse_api_keys
 from .logs import add_logging_arguments
 
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, a = config_from_args(argv)
         cfg.validate()
-        if a.http_threads < 1:
-            raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
+        check_range("--http-threads", a.http_threads, 1)
         for bundle in cfg.bundles:   # fail fast, in this process, on a missing, unreadable or unsigned bundle
             read_trusted_manifest(bundle, cfg.trusted_keys, cfg.require_signature)
     except (ValueError, OSError) as exc:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -16,7 +17,23 @@ def trust_policy(trusted_keys, require_signature: bool):
 
     return policy(trusted_keys, require_signature)
 
+
+
 DEFAULT_FORMATS = IMAGE_FORMATS   # training's list (MPO included): one list, never a second copy
+# fields whose flag is not "--" + the field name with dashes
+FLAG_NAMES = {"drain_timeout_s": "--drain-timeout"}
+MIN_TIMEOUT_S = 0.001
+MAX_WAIT_S = 86400.0   # a day; far larger waits overflow threading's timeouts (OverflowError at run time)
+
+
+def check_range(flag: str, value, low: float, high: float | None = None, note: str = "") -> None:
+    """A numeric flag within [low, high] (finite: argparse's float() takes nan and inf), else a
+    ValueError naming the flag, the bound and the value."""
+    bound = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low \
+        and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{flag} must be {bound}{f' ({note})' if note else ''}, got {value!r}")
 
 
 @dataclass
@@ -52,23 +69,40 @@ class ServerConfig:
     require_signature: bool = False       # refuse unsigned bundles (--require-signature)
 
     def validate(self) -> "ServerConfig":
+        """Every setting in range, or a ValueError naming the flag, the bound and the value
+        (``python -m server`` prints it and exits 2 before anything starts)."""
         if not self.bundles:
             raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
-        for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images),
-                        ("runners", self.runners), ("threads", self.threads), ("max_queue_rows", self.max_queue_rows),
-                        ("max_tta_views", self.max_tta_views), ("max_request_pixels", self.max_request_pixels)):
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.solo_threads is not None and self.solo_threads < 0:
-            raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
-        if self.max_tta_scale < 1.0:
-            raise ValueError(f"--max-tta-scale must be >= 1 (1: no TTA resize above the bundle's), got {self.max_tta_scale}")
-        if self.timeout_s <= 0 or self.max_delay_ms < 0:
-            raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
+        for name, value, low, high, note in self._ranges():
+            if value is not None:
+                check_range(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), value, low, high, note)
+        if self.max_delay_ms >= self.timeout_s * 1000:
+            raise ValueError(f"--max-delay-ms {self.max_delay_ms:g} is not below the request deadline --timeout-s "
+                             f"{self.timeout_s:g}: every request would time out waiting for its batch to fill")
         trust_policy(self.trusted_keys, self.require_signature)   # unreadable key, or required without one
         return self
+
+    def _ranges(self) -> list[tuple[str, object, float, float | None, str]]:
+        """(field, value, lowest, highest or None, what the bound means) for every numeric setting."""
+        return [
+            ("port", self.port, 1, 65535, ""),
+            ("threads", self.threads, 1, None, ""),
+            ("runners", self.runners, 1, None, ""),
+            ("solo_threads", self.solo_threads, 0, None, "0: no solo session"),
+            ("max_batch", self.max_batch, 1, None, ""),
+            ("max_delay_ms", self.max_delay_ms, 0, None, "0: no wait for a batch to fill"),
+            ("max_queue", self.max_queue, 1, None, ""),
+            ("max_queue_rows", self.max_queue_rows, 1, None, ""),
+            ("drain_timeout_s", self.drain_timeout_s, 0, MAX_WAIT_S, "seconds"),
+            ("timeout_s", self.timeout_s, MIN_TIMEOUT_S, MAX_WAIT_S, "seconds"),
+            ("max_request_bytes", self.max_request_bytes, 1, None, ""),
+            ("max_pixels", self.max_pixels, 1, None, ""),
+            ("max_images", self.max_images, 1, None, ""),
+            ("max_tta_views", self.max_tta_views, 1, None, ""),
+            ("max_tta_scale", self.max_tta_scale, 1.0, None, "1: no TTA resize above the bundle's"),
+            ("max_request_pixels", self.max_request_pixels, 1, None, ""),
+            ("reply_ttl_s", self.reply_ttl_s, 1, None, "seconds a Redis reply is kept"),
+        ]
 
     def layout_request(self) -> LayoutRequest:
         """The tuning flags as given (None: the server chooses; server.layout)."""
