@@ -252,7 +252,8 @@ def resolve_precision(manifest: dict, backend: str, precision: str, cpu=None, fo
     check = bf16_verification(manifest)
     if precision == "bf16":
         if not cpu.native_bf16:
-            raise BundleError(f"precision bf16: {cpu.describe()}; OpenVINO would run fp32 under a bf16 label. Use "
+            raise BundleError(f"precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), and this one has "
+                              f"none ({cpu.describe()}): OpenVINO would run fp32 under a bf16 label. Use "
                               "precision fp32 (or auto, which picks bf16 only where it is native)")
         if check is None:
             log.warning("%s: bf16 asked for, but the bundle records no bf16 verification; its top-1 in bf16 is "
