@@ -211,3 +211,20 @@ def test_the_loader_and_the_native_plugin_do_not_import_each_other(plain, native
             f"b = export.load_bundle({json.dumps(str(plain))}, backend='native', tta='none')\n"
             "assert b.backend == 'native' and 'classify_native' in sys.modules\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+
+
+def test_server_and_worker_take_backend_and_precision(plain, capsys):
+    from server.__main__ import config_from_args
+    from server.models import load_served_model
+    from server.worker import main as worker_main
+
+    cfg, _ = config_from_args(["--bundle", str(plain), "--backend", "openvino", "--precision", "fp32"])
+    assert (cfg.backend, cfg.precision) == ("openvino", "fp32")
+    with pytest.raises(SystemExit):
+        config_from_args(["--bundle", str(plain), "--precision", "fp16"])
+    # the worker hands --precision to the loader: bf16 on onnxruntime is refused at start-up, naming the fix
+    assert worker_main(["--redis-url", "redis://127.0.0.1:9/0", "--bundle", str(plain), "--backend", "onnxruntime",
+                        "--precision", "bf16"]) == 2
+    assert "runs fp32 only; use backend 'openvino'" in capsys.readouterr().err
+    served = load_served_model(plain, backend="openvino", threads=1, precision="fp32")   # the worker's path
+    assert served.execution() == {"device": "cpu", "backend": "openvino", "provider": "OpenVINO CPU"}
