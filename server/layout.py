@@ -111,7 +111,8 @@ class Layout:
         took = f" (measured in {self.timings.seconds:.1f} s)" if self.timings is not None else ""
         chose = (f"backend {self.backend.backend} {self.backend.precision} ({self.backend.reason}); "
                  if self.backend is not None else "")
-        return chose + (f"runners {self.runners} x {self.threads} thread(s), solo session {self.solo_threads or 'none'}, "
+        return chose + (f"runners {self.runners} x {self.threads} thread(s), solo session "
+                        f"{self.solo_threads or 'none'}, "
                 f"max batch {self.max_batch} (auto: {', '.join(self.chosen) or 'none'}): {self.reason}{took}")
 
 

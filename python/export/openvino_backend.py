@@ -133,7 +133,8 @@ def open_openvino(source: VerifiedArtifact | str | os.PathLike, threads: int | N
         raise BundleError(f"backend 'openvino' needs the openvino package ({exc}); {OV_INSTALL_HINT}") from None
     if precision == "bf16" and not (cpu or cpu_record()).native_bf16:
         raise BundleError(f"bf16 on OpenVINO needs a CPU with native bf16 (AVX-512 BF16 or AMX); this one has none "
-                          f"({(cpu or cpu_record()).describe()}), where OpenVINO would run fp32 under a bf16 label; use "
+                          f"({(cpu or cpu_record()).describe()}), where OpenVINO would run fp32 under a bf16 label; "
+                          "use "
                           "precision fp32")
     config = compile_config(threads or _cores(), precision)
     core = ov.Core()
