@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     a = build_parser().parse_args(argv)
     cfg = ServerConfig(bundles=a.bundles, redis_url=a.redis_url, host=a.host, port=a.port, backend=a.backend,
+                       precision=a.precision,
                        threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, device=a.device, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
