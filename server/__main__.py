@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from .config import ServerConfig, add_common_arguments
+from .config import ServerConfig, add_common_arguments, check_range
 from .front import parse_api_keys
 from .logs import add_logging_arguments
 
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     a = build_parser().parse_args(argv)
     cfg = ServerConfig(bundles=a.bundles, redis_url=a.redis_url, host=a.host, port=a.port, backend=a.backend,
+                       precision=a.precision,
                        threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, device=a.device, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,

@@ -67,16 +67,13 @@ def build_app(cfg: ServerConfig, a: argparse.Namespace, drain: DrainState | None
 
 def validate_http_flags(a: argparse.Namespace) -> None:
     """The HTTP front's flags (ValueError naming the flag and the accepted range)."""
-    if a.http_threads < 1:
-        raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
-    if not 0 < a.header_timeout_s <= 60:
-        raise ValueError(f"--header-timeout-s must be > 0 and <= 60 seconds (granian's limit), got {a.header_timeout_s}")
-    if not a.body_timeout_s > 0:
-        raise ValueError(f"--body-timeout-s must be > 0 seconds, got {a.body_timeout_s}")
-    if a.body_min_rate < 1:
-        raise ValueError(f"--body-min-rate must be >= 1 byte/s, got {a.body_min_rate}")
-    if a.max_connections < 1:
-        raise ValueError(f"--max-connections must be >= 1, got {a.max_connections}")
+    from .config import check_range
+
+    check_range("--http-threads", a.http_threads, 1)
+    check_range("--header-timeout-s", a.header_timeout_s, 0.001, 60, "granian's limit")
+    check_range("--body-timeout-s", a.body_timeout_s, 0.001, 86400)
+    check_range("--body-min-rate", a.body_min_rate, 1)
+    check_range("--max-connections", a.max_connections, 1)
 
 
 def body_policy(cfg: ServerConfig, a: argparse.Namespace):
