@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from .config import ServerConfig, add_common_arguments, check_range
+from .config import ServerConfig, add_common_arguments
 from .front import parse_api_keys
 from .logs import add_logging_arguments
 
