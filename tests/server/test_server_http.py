@@ -287,6 +287,8 @@ NUMERIC_FLAGS_OUT_OF_RANGE = [
     ("--max-images", "0"), ("--max-tta-views", "0"), ("--max-tta-scale", "0.5"), ("--max-tta-scale", "inf"),
     ("--max-request-pixels", "-1"), ("--http-threads", "0"), ("--drain-timeout", "-1"),
     ("--drain-timeout", "nan"), ("--reply-ttl-s", "0"), ("--reply-ttl-s", "-60"),
+    ("--header-timeout-s", "0"), ("--header-timeout-s", "61"), ("--body-timeout-s", "0"),
+    ("--body-timeout-s", "nan"), ("--body-min-rate", "0"), ("--max-connections", "0"),
 ]
 
 
