@@ -41,6 +41,7 @@ class ServerConfig:
     max_tta_scale: float = 2.0            # largest TTA resize, relative to the bundle's resize size
     max_request_pixels: int = 100_000_000  # per request: decoded + resized pixels, from the headers
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_decode_memory: int | None = None  # bytes decoding may hold process-wide; None: 1/4 of the memory limit
     jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
     prefix: str = "srv"                   # Redis key prefix
     reply_ttl_s: int = 60
@@ -63,6 +64,8 @@ class ServerConfig:
             raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
         if self.max_tta_scale < 1.0:
             raise ValueError(f"--max-tta-scale must be >= 1 (1: no TTA resize above the bundle's), got {self.max_tta_scale}")
+        if self.max_decode_memory is not None and self.max_decode_memory < 1:
+            raise ValueError(f"--max-decode-memory must be > 0 bytes (such as 1G or 512M), got {self.max_decode_memory}")
         if self.timeout_s <= 0 or self.max_delay_ms < 0:
             raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
         trust_policy(self.trusted_keys, self.require_signature)   # unreadable key, or required without one

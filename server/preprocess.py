@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,13 +31,20 @@ class DecodeLimits:
     jpeg_draft: bool = False
 
 
-def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
-    """Header check only: (format, width, height). Raises APIError 400/413/415."""
+class ImageHeader(NamedTuple):
+    format: str
+    width: int
+    height: int
+    mode: str   # PIL's mode: what decoding converts from (server.budget.decode_cost)
+
+
+def sniff(data: bytes, name: str, limits: DecodeLimits) -> ImageHeader:
+    """Header check only. Raises APIError 400/413/415."""
     if not data:
         raise APIError(400, f"{name}: empty image (0 bytes); send the file's contents")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt, (w, h) = img.format or "?", img.size
+            fmt, (w, h), mode = img.format or "?", img.size, img.mode
     except Image.DecompressionBombError as exc:
         raise APIError(413, f"{name}: image dimensions are far above the limit of {limits.max_pixels / 1e6:.1f} "
                             f"megapixels (--max-pixels): possible decompression bomb ({exc})") from exc
@@ -51,7 +59,7 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
     if w * h > limits.max_pixels:
         raise APIError(413, f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels is above the limit of "
                             f"{limits.max_pixels / 1e6:.1f} (--max-pixels); downscale it first")
-    return fmt, w, h
+    return ImageHeader(fmt, w, h, mode)
 
 
 def _decode_draft(data: bytes, name: str, resize_size: int) -> np.ndarray:
@@ -73,7 +81,7 @@ def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimit
                fmt: str | None = None) -> np.ndarray:
     """(H, W, 3) uint8, after the header checks (``fmt``: ``sniff`` already ran and said so)."""
     if fmt is None:
-        fmt, _, _ = sniff(data, name, limits)
+        fmt = sniff(data, name, limits).format
     try:
         if limits.jpeg_draft and fmt == "JPEG":
             return _decode_draft(data, name, spec.resize_size)
