@@ -5,7 +5,8 @@
 
 Starts ``python -m server`` (granian front, embedded mode) on a free loopback port, warms it up
 with one small request, reads the serving process's idle RSS, then sends --concurrency requests at
-once, each a --size x --size PNG (a simple pattern: ~100 kB on the wire, --size^2 pixels decoded).
+once (after the same number of small requests at once, so the idle figure includes every
+thread the burst needs), each a --size x --size PNG (a simple pattern: ~100 kB on the wire, --size^2 pixels decoded).
 Reported per burst: the answers by status code, the serving process's peak RSS (the kernel's
 VmHWM, so no sampling can miss it), its RSS right after the burst and --settle seconds later, and
 the ratio of the latter to the idle figure. The serving process is granian's worker (a child of
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, url = start_server(a.bundle, shlex.split(a.server_args))
         try:
             pid = serving_pid(proc)
-            post(url, small_png(), 30)
+            warm = burst(url, [small_png()] * n, a.timeout)   # as many threads as the burst, small images
             time.sleep(1.0)
             idle = proc_status(pid)["VmRSS"]
             t0 = time.time()
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             took = time.time() - t0
             st = proc_status(pid)
             waited, settled = settle_rss(pid, 1.2 * idle, a.settle)
-            row = {"concurrency": n, "statuses": counts, "burst_s": round(took, 2),
+            row = {"concurrency": n, "statuses": counts, "warm_up_statuses": warm, "burst_s": round(took, 2),
                    "idle_rss_mib": round(idle / 2**20), "peak_rss_mib": round(st["VmHWM"] / 2**20),
                    "after_burst_rss_mib": round(st["VmRSS"] / 2**20), "settled_rss_mib": round(settled / 2**20),
                    "settled_after_s": round(waited, 1), "settled_over_idle": round(settled / idle, 2)}

@@ -18,13 +18,12 @@ of crops:
   cgroup v2 ``memory.max``, cgroup v1 ``memory.limit_in_bytes``, else the physical memory), which
   leaves the rest for the models, the request bodies, the batches and the interpreter.
 
-A request's cost is its peak working memory: the largest image's decoding peak (images of one
-request decode one after the other) plus the crops every image leaves (twice: the per-image blocks
-and their concatenation). The decoding peak per pixel (``DECODE_BYTES_PER_PIXEL``) was measured
-with the server's decoder on 36-megapixel images of each mode (peak RSS growth; the numbers hold
-PIL's own copy, ``tobytes``'s and numpy's, plus a mode conversion where there is one), and
-``tests/server/test_server_budget.py`` checks that every estimate stays at or above the measured
-peak.
+A request's cost is its peak working memory: the largest image's peak (images of one request
+decode one after the other) plus the crops every image leaves (twice: the per-image blocks and
+their concatenation). The peaks per pixel (``DECODE_BYTES_PER_PIXEL``, ``PREPROCESS_BYTES_PER_PIXEL``)
+were measured with the server's decoder and malloc settings on 2000x2000 and 3000x3000 images of
+each mode, as the growth of the kernel's peak RSS (VmHWM), and rounded up by about 10%; ``tests/server/test_server_budget.py`` measures
+them again: every estimate must stay at or above the measured peak (and within 4x of it).
 """
 from __future__ import annotations
 
@@ -43,17 +42,24 @@ MiB = 1 << 20
 # the share of the memory limit that decoding may hold when --max-decode-memory is not given
 DEFAULT_SHARE = 0.25
 
-# peak bytes per decoded pixel while one image is decoded to an (H, W, 3) uint8 array, by PIL mode
-# (measured; see the module docstring). JPEG RGB/L decode through libjpeg-turbo straight into the
-# array (3 B/px) plus a rotated copy when EXIF says so; the rest go through PIL: its image (4 B/px
-# for RGB-like modes), a mode conversion, tobytes() and the array.
-DECODE_BYTES_PER_PIXEL = {
-    ("JPEG", "RGB"): 6, ("JPEG", "L"): 6,
-    "RGB": 10, "RGBX": 10, "L": 11, "1": 11, "P": 12, "LA": 12, "PA": 14, "La": 12,
-    "RGBA": 14, "RGBa": 14, "CMYK": 14, "YCbCr": 14, "LAB": 14, "HSV": 14,
+# Bytes per decoded pixel, measured (tests/server/test_server_budget.py measures them again): the
+# peak while an image is decoded to an (H, W, 3) uint8 array, and what decoding leaves resident
+# (freed but kept by malloc, not reusable by the resize's large blocks) while it is preprocessed.
+# JPEG RGB/L decode through libjpeg-turbo straight into the array (3 B/px; 6 with an EXIF-rotated
+# copy) and leave nothing; the rest go through PIL: its image (4 B/px for RGB-like modes, plus a
+# mode conversion), tobytes()'s chunks and their join, and the array.
+DECODE_BYTES_PER_PIXEL = {   # mode (or (format, mode)) -> (decoding peak, left resident)
+    ("JPEG", "RGB"): (6, 0), ("JPEG", "L"): (6, 0),
+    "RGB": (15, 7), "RGBX": (15, 7), "L": (16, 8), "1": (16, 8), "LA": (17, 9), "La": (17, 9),
+    "P": (17, 9), "PA": (19, 11), "RGBA": (19, 11), "RGBa": (19, 11), "CMYK": (19, 11), "YCbCr": (19, 11),
+    "LAB": (19, 11), "HSV": (19, 11),
 }
-# 16-bit and 32-bit greys (I;16*, I, F) and anything unlisted: the 16-bit path's peak (float64)
-WORST_BYTES_PER_PIXEL = 26
+# 16-bit and 32-bit greys (I;16*, I, F) and anything unlisted: the 16-bit path's (it goes through float64)
+WORST_BYTES_PER_PIXEL = (40, 24)
+# preprocessing the (H, W, 3) array, per decoded pixel: the uint8 kernel reads it in place (a
+# channels-last view); TTA views copy it to (3, H, W) and torch's antialiased uint8 resize packs
+# that to 4 channels; the float32 kernel makes a float32 copy
+PREPROCESS_BYTES_PER_PIXEL = {("uint8", False): 3, ("uint8", True): 15, ("float32", False): 23, ("float32", True): 23}
 
 
 def default_decode_memory(limit: int) -> int:
@@ -61,13 +67,9 @@ def default_decode_memory(limit: int) -> int:
 
 
 def bytes_per_pixel(fmt: str, mode: str, spec: PreprocessSpec, tta: bool) -> int:
-    """Peak bytes per decoded pixel of decoding plus the resize that reads the decoded image."""
-    decode = DECODE_BYTES_PER_PIXEL.get((fmt, mode), DECODE_BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL))
-    if spec.resize_kernel == "float32":   # the array, its (3, H, W) copy and that copy in float32
-        preprocess = 3 + 3 + 12
-    else:   # the uint8 kernel reads the array in place; TTA views copy it to (3, H, W) first
-        preprocess = 6 if tta else 3
-    return max(decode, preprocess)
+    """Peak bytes per decoded pixel of decoding an image and preprocessing it."""
+    peak, resident = DECODE_BYTES_PER_PIXEL.get((fmt, mode), DECODE_BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL))
+    return max(peak, resident + PREPROCESS_BYTES_PER_PIXEL[spec.resize_kernel, tta])
 
 
 def decode_cost(headers: list[tuple[str, str, int, int]], spec: PreprocessSpec, views: list[TTAView]) -> int:

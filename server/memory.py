@@ -1,21 +1,23 @@
 """Process memory: glibc malloc settings for the serving processes, returning freed memory after a
 burst, and the memory limit the process runs under (cgroup or physical memory).
 
-Malloc settings (``configure_malloc``). Every request allocates a few arrays of hundreds of kB (the
-decoded image, the resized copy, the batch). With glibc's defaults such blocks come from mmap or
-from the top of the heap, which is trimmed back to the OS after each free, so every request pays
+Malloc settings (``keep_freed_memory``). Every request allocates a few arrays of hundreds of kB
+(the decoded image, the resized copy, the batch). With glibc's defaults such blocks come from mmap
+or from the top of the heap, which is trimmed back to the OS after each free, so every request pays
 for fresh pages: measured here, decode + resize of a 500x375 JPEG took 2.7-3.0 ms that way and
 1.4 ms with a high trim threshold (the memory stays in the process for the next request instead).
 That threshold also keeps what a burst of large images freed (a 36-megapixel PNG decodes through
-~360 MB of PIL blocks and arrays), in every malloc arena a request thread used: 16 such requests
+~500 MB of PIL blocks and arrays), in every malloc arena a request thread used: 16 such requests
 left the serving process at 3.9 GiB for good. So:
 
-- the number of arenas is bounded (``M_ARENA_MAX``, default 2 x cores): each arena keeps its own
-  freed memory, and glibc's default of 8 x cores lets the 64 HTTP threads spread a burst over 16
-  arenas on 2 cores;
+- the number of arenas is bounded (``M_ARENA_MAX``, 2 x cores unless ``MALLOC_ARENA_MAX`` is set in
+  the environment, which glibc reads itself): each arena keeps its own freed memory, and glibc's
+  default of 8 x cores lets the 64 HTTP threads spread a burst over 16 arenas on 2 cores;
 - ``IdleTrimmer`` calls ``malloc_trim(0)`` once the process has gone quiet after a burst (no
   decoding in flight for ``quiet_s``), which returns the free pages of every arena, middle of the
-  heap included; between bursts nothing is trimmed and small requests keep their fast pages.
+  heap included; between bursts nothing is trimmed and small requests keep their fast pages. A
+  lower trim threshold instead does not do it: with 64 MiB, RSS stayed at 1.6-2x idle after a
+  burst (freed blocks in the middle of a heap are never trimmed automatically).
 
 The figures that chose these (``benchmarks/memory.py``) are in docs/server.md, section Memory.
 
@@ -64,15 +66,15 @@ def default_arena_max() -> int:
 def keep_freed_memory(mmap_threshold: int = 32 * 1024 * 1024, trim_threshold: int = 512 * 1024 * 1024,
                       arena_max: int | None = None) -> bool:
     """Serve blocks below mmap_threshold from the heap, keep up to trim_threshold of free heap per
-    arena, and use at most ``arena_max`` arenas (None: 2 x cores; 0: glibc's own default).
+    arena, and use at most ``arena_max`` arenas (None: 2 x cores unless MALLOC_ARENA_MAX is set; 0: leave
+    glibc's setting).
 
     Returns False (and changes nothing) where the C library is not glibc."""
     libc = _libc()
     if libc is None:
         return False
-    arena_max = default_arena_max() if arena_max is None else arena_max
-    arena_max = int(os.environ.get("TMP_ARENA_MAX", arena_max))  # TMPHOOK
-    trim_threshold = int(os.environ.get("TMP_TRIM_THRESHOLD", trim_threshold))  # TMPHOOK
+    if arena_max is None:   # MALLOC_ARENA_MAX in the environment (glibc reads it at start-up) wins
+        arena_max = 0 if os.environ.get("MALLOC_ARENA_MAX") else default_arena_max()
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
     if arena_max > 0:
         ok = bool(libc.mallopt(M_ARENA_MAX, arena_max)) and ok
@@ -116,8 +118,7 @@ class IdleTrimmer:
                 continue
             self._armed.clear()
             t0 = time.perf_counter()
-            if not os.environ.get("TMP_NO_TRIM"):  # TMPHOOK
-                self.trim()
+            self.trim()
             self.trims += 1
             log.debug("memory: malloc_trim after a burst took %.1f ms", (time.perf_counter() - t0) * 1e3)
 
