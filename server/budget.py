@@ -39,6 +39,7 @@ from .errors import APIError
 from .limits import Deadline
 
 MiB = 1 << 20
+NO_TTA = [TTAView()]
 # the share of the memory limit that decoding may hold when --max-decode-memory is not given
 DEFAULT_SHARE = 0.25
 
@@ -74,7 +75,7 @@ def bytes_per_pixel(fmt: str, mode: str, spec: PreprocessSpec, tta: bool) -> int
 
 def decode_cost(headers: list[tuple[str, str, int, int]], spec: PreprocessSpec, views: list[TTAView]) -> int:
     """Peak bytes of decoding one request: ``headers`` are (format, mode, width, height) per image."""
-    tta = not (len(views) == 1 and views[0] == TTAView())
+    tta = views != NO_TTA
     scales = {v.resize or spec.resize_size for v in views}
     per_resized_pixel = 3 + (12 if spec.resize_kernel == "float32" else 0)
     ch, cw = spec.crop_size

@@ -156,14 +156,14 @@ def load_benchmark(name: str):
 @pytest.mark.slow
 @linux_only
 def test_a_burst_of_64_large_pngs_stays_under_2_gib_and_memory_comes_back(digits_bundle):
-    """64 concurrent 6000x6000 PNGs (36 MP, ~125 kB each) with --max-decode-memory 1100M (two of them
-    decoded at a time, ~515 MiB reserved each): each answer
-    200 or 503, the serving process's peak RSS (VmHWM) under 2 GiB, and its RSS back under 1.2x the
-    idle figure after the burst (polled for up to 30 s: a bound, not a timing). Before the budget,
-    16 such requests peaked at 4.9-5.8 GiB and stayed at 3.9 GiB."""
+    """64 concurrent 6000x6000 PNGs (36 MP, ~125 kB each) with --max-decode-memory 1G (the default
+    in a 4 GiB container; ~515 MiB reserved per image): each answer 200 or 503, the serving
+    process's peak RSS (VmHWM) under 2 GiB, and its RSS back under 1.2x the idle figure after the
+    burst (polled for up to 30 s: a bound, not a timing). Before the budget, 16 such requests
+    peaked at 4.9-5.8 GiB and stayed at 3.9 GiB."""
     bench = load_benchmark("memory")
     body = bench.pattern_png(6000)
-    proc, url = bench.start_server(str(digits_bundle), ["--max-decode-memory", "1100M", "--timeout-s", "60"])
+    proc, url = bench.start_server(str(digits_bundle), ["--max-decode-memory", "1G", "--timeout-s", "60"])
     try:
         pid = bench.serving_pid(proc)
         assert bench.burst(url, [bench.small_png()] * 64, timeout=60) == {"200": 64}   # every thread started
