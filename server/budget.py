@@ -105,6 +105,7 @@ class DecodeBudget:
             raise ValueError(f"--max-decode-memory must be > 0 bytes, got {capacity}")
         self.capacity, self.source = capacity, source
         self.on_idle, self.idle_after = on_idle, idle_after
+        self.trimmer = None          # the server.memory.IdleTrimmer behind on_idle, if any (its count is a metric)
         self.in_flight = 0           # bytes reserved now
         self.pixels_in_flight = 0    # decoded pixels of the requests holding them
         self.waiting = 0             # requests waiting for the budget now
@@ -142,8 +143,8 @@ class DecodeBudget:
             with self._cond:
                 self.refused_too_large += 1
             raise APIError(413, f"decoding this request needs about {nbytes / MiB:,.0f} MiB, more than the whole "
-                                f"decode memory budget of {self.capacity / MiB:,.0f} MiB (--max-decode-memory, "
-                                f"from {self.source}): send smaller or fewer images, or raise --max-decode-memory")
+                                f"decode memory budget of {self.capacity / MiB:,.0f} MiB ({self.source}): send "
+                                "smaller or fewer images, or raise --max-decode-memory")
         with self._cond:
             if not self._queue and self.in_flight + nbytes <= self.capacity:
                 self._take(nbytes, pixels)
@@ -197,5 +198,5 @@ class DecodeBudget:
                "before it could be decoded" if waited else
                f"{self.waiting_bytes / MiB:,.0f} MiB of requests are already waiting for it")
         return APIError(503, f"the server is decoding {self.in_flight / MiB:,.0f} MiB of images, its decode memory "
-                             f"budget is {self.capacity / MiB:,.0f} MiB (--max-decode-memory) and this request "
+                             f"budget is {self.capacity / MiB:,.0f} MiB ({self.source}) and this request "
                              f"needs {nbytes / MiB:,.0f} MiB; {why}: retry after {retry:.0f}s", retry_after=retry)

@@ -129,7 +129,7 @@ class ServerMetrics:
             "requests refused by the decode memory budget: busy (503, their deadline would pass first) or "
             "too_large (413, more than the whole budget)",
             lambda: {"busy": budget.refused_busy, "too_large": budget.refused_too_large}, "reason")
-        trimmer = getattr(budget, "trimmer", None)
+        trimmer = budget.trimmer
         if trimmer is not None:
             self.live.plain_counters[f"{p}_memory_trims"] = (
                 "malloc_trim calls after a burst of decoding (server.memory)", lambda: trimmer.trims)

@@ -180,7 +180,8 @@ def decode_budget(cfg: ServerConfig) -> DecodeBudget:
         capacity, source = cfg.max_decode_memory, "--max-decode-memory"
     else:
         limit, where = memory_limit()
-        capacity, source = default_decode_memory(limit), f"{limit / 2**30:.1f} GiB of {where}"
+        capacity = default_decode_memory(limit)
+        source = f"--max-decode-memory not given: a quarter of {limit / 2**30:.1f} GiB, {where}"
     budget = DecodeBudget(capacity, source)
     trimmer = IdleTrimmer(busy=lambda: budget.in_flight > 0)
     budget.on_idle = trimmer.burst_ended
