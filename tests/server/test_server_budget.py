@@ -22,7 +22,7 @@ from server.budget import DecodeBudget, MiB, decode_cost
 from server.config import ServerConfig
 from server.errors import APIError
 from server.limits import Deadline
-from server.redisq import Keys
+from server.redisq import Keys, bundle_checksum
 from server_fixtures import make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
 
 ROUTES = ("raw", "multipart", "json", "kserve")
@@ -149,7 +149,7 @@ def serve(request):
             app = create_app(ServerConfig(redis_url=request.getfixturevalue("redis_url"), **cfg), models=[model])
             disp = app.extensions["inference"].dispatcher
             request.addfinalizer(disp.close)
-            queued = lambda: int(disp.client.xlen(Keys("srv").jobs("fake")))   # noqa: E731
+            queued = lambda: int(disp.client.xlen(Keys("srv").jobs("fake", bundle_checksum(model))))   # noqa: E731
         else:
             app = create_app(ServerConfig(**cfg), models=[model])
             queued = lambda: 0   # noqa: E731
