@@ -22,8 +22,9 @@ A request's cost is its peak working memory: the largest image's peak (images of
 decode one after the other) plus the crops every image leaves (twice: the per-image blocks and
 their concatenation). The peaks per pixel (``DECODE_BYTES_PER_PIXEL``, ``PREPROCESS_BYTES_PER_PIXEL``)
 were measured with the server's decoder and malloc settings on 2000x2000 and 3000x3000 images of
-each mode, as the growth of the kernel's peak RSS (VmHWM), and rounded up by about 10%; ``tests/server/test_server_budget.py`` measures
-them again: every estimate must stay at or above the measured peak (and within 4x of it).
+each mode, as the growth of the kernel's peak RSS (VmHWM), and rounded up by about 10%;
+``tests/server/test_server_budget.py`` measures them again: every estimate must stay at or above
+the measured peak (and within 4x of it).
 """
 from __future__ import annotations
 

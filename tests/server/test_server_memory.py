@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 
 from conftest import REPO
 from server.memory import IdleTrimmer, keep_freed_memory, memory_limit, parse_size
-from server_fixtures import digits_bundle, free_port  # noqa: F401
+from server_fixtures import digits_bundle  # noqa: F401
 
 GiB = 1 << 30
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc only")
