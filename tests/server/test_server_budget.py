@@ -261,6 +261,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and clear_refs are Linux's")
 def test_decode_cost_covers_the_measured_peak_of_every_mode():
     env_path = f"{REPO / 'python'}:{REPO}"
