@@ -27,7 +27,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
         cfg.validate()
         embedded = cfg.redis_url is None
         models = [load_served_model(b, cfg.backend, with_weights=embedded, layout=cfg.layout_request(),
-                                    device=cfg.device, trust=(cfg.trusted_keys, cfg.require_signature))
+                                    device=cfg.device, trust=(cfg.trusted_keys, cfg.require_signature),
+                                    precision=cfg.precision)
                   for b in cfg.bundles]
     model_set = ModelSet(models)
     metrics = ServerMetrics()

@@ -1,11 +1,13 @@
 """Decode step: encoded image bytes -> (V, 3, H, W) uint8 views, exactly as the bundle manifest says.
 
 Limits are checked from the header before any pixel is decoded (empty, unknown or disallowed
-format, too many pixels). Decoding itself is ``trainer.data.images.decode_image`` and the crop is
-``trainer.data.transforms.eval_transform`` / ``trainer.tta.apply_views``: the server never keeps a
-second copy of the preprocessing. With ``jpeg_draft`` a JPEG is decoded at the smallest DCT scale
-that still leaves the shorter side >= the resize size (PIL's ``Image.draft``), which is several
-times faster for photos much larger than the model input, at the cost of not being bit-exact.
+format, too many pixels). The accepted formats are training's (``trainer.data.images.IMAGE_FORMATS``,
+MPO included). Decoding itself is ``trainer.data.images.decode_image`` (which also refuses a JPEG
+with too many scans) and the crop is ``trainer.data.transforms.eval_transform`` /
+``trainer.tta.apply_views``: the server never keeps a second copy of the preprocessing. With
+``jpeg_draft`` a JPEG is decoded at the smallest DCT scale that still leaves the shorter side >= the
+resize size (``decode_image(draft_size=...)``), which is several times faster for photos much larger
+than the model input, at the cost of not being bit-exact.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from trainer.data.images import ImageDecodeError, _to_rgb_array, decode_image
+from trainer.data.images import IMAGE_FORMATS, ImageDecodeError, check_jpeg_scans, decode_image
 from trainer.data.transforms import PreprocessSpec, eval_transform
 from trainer.tta import TTAView, apply_views
 
@@ -27,7 +29,7 @@ from .errors import APIError
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 40_000_000
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+    allowed_formats: tuple[str, ...] = IMAGE_FORMATS
     jpeg_draft: bool = False
 
 
@@ -39,7 +41,7 @@ class ImageHeader(NamedTuple):
 
 
 def sniff(data: bytes, name: str, limits: DecodeLimits) -> ImageHeader:
-    """Header check only. Raises APIError 400/413/415."""
+    """Header check only. Raises APIError 400/413/415/422."""
     if not data:
         raise APIError(400, f"{name}: empty image (0 bytes); send the file's contents")
     try:
@@ -59,22 +61,11 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> ImageHeader:
     if w * h > limits.max_pixels:
         raise APIError(413, f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels is above the limit of "
                             f"{limits.max_pixels / 1e6:.1f} (--max-pixels); downscale it first")
-    return ImageHeader(fmt, w, h, mode)
-
-
-def _decode_draft(data: bytes, name: str, resize_size: int) -> np.ndarray:
-    """JPEG decoded at a reduced DCT scale; then the same conversions as decode_image."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            short = min(w, h)
-            # draft keeps both sides >= the request, so the shorter side stays >= resize_size
-            img.draft("RGB", (max(1, w * resize_size // short), max(1, h * resize_size // short)))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)   # as decode_image: no copy when upright
-            return _to_rgb_array(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"{name}: unreadable image ({exc or type(exc).__name__})") from exc
+        check_jpeg_scans(data, name)   # before any decoding: each scan is another pass over the image
+    except ImageDecodeError as exc:
+        raise APIError(422, str(exc)) from exc
+    return ImageHeader(fmt, w, h, mode)
 
 
 def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimits,
@@ -83,9 +74,7 @@ def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimit
     if fmt is None:
         fmt = sniff(data, name, limits).format
     try:
-        if limits.jpeg_draft and fmt == "JPEG":
-            return _decode_draft(data, name, spec.resize_size)
-        return decode_image(data, name=name)
+        return decode_image(data, name=name, draft_size=spec.resize_size if limits.jpeg_draft else None)
     except ImageDecodeError as exc:
         raise APIError(422, f"{exc}; the file may be truncated or corrupt") from exc
 

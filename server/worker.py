@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
+    cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend,
+                       precision=args.precision, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host, device=args.device,
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_url(cfg.redis_url)
         trust = (cfg.trusted_keys, cfg.require_signature)
-        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device, trust=trust) for b in cfg.bundles]
+        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device, trust=trust,
+                                    precision=cfg.precision) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
