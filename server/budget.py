@@ -55,8 +55,10 @@ DECODE_BYTES_PER_PIXEL = {   # mode (or (format, mode)) -> (decoding peak, left 
     "RGB": (15, 7), "RGBX": (15, 7), "L": (16, 8), "1": (16, 8), "LA": (17, 9), "La": (17, 9),
     "P": (17, 9), "PA": (19, 11), "RGBA": (19, 11), "RGBa": (19, 11), "CMYK": (19, 11), "YCbCr": (19, 11),
     "LAB": (19, 11), "HSV": (19, 11),
+    # 16-bit grey, converted in integers: PIL's 2 B/px, the integer arithmetic and the RGB array
+    "I;16": (8, 6), "I;16B": (8, 6), "I;16L": (8, 6), "I;16N": (8, 6),
 }
-# 16-bit and 32-bit greys (I;16*, I, F) and anything unlisted: the 16-bit path's (it goes through float64)
+# 32-bit modes (I, F) and anything unlisted: what the 16-bit path cost when it went through float64
 WORST_BYTES_PER_PIXEL = (40, 24)
 # preprocessing the (H, W, 3) array, per decoded pixel: the uint8 kernel reads it in place (a
 # channels-last view); TTA views copy it to (3, H, W) and torch's antialiased uint8 resize packs
