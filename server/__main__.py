@@ -18,8 +18,16 @@ import sys
 from .config import ServerConfig, add_common_arguments
 from .front import parse_api_keys
 from .logs import add_logging_arguments
+from .memory import parse_size
 
 API_KEY_ENV = "SERVER_API_KEY"
+
+
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-pixels", type=int, default=100_000_000,
                    help="per request, from the image headers before decoding: decoded pixels plus the pixels "
                         "of every resize the TTA views need; more get 413")
+    p.add_argument("--max-decode-memory", type=size_argument, default=None, metavar="SIZE",
+                   help="bytes that decoding and preprocessing may hold at once, process-wide (such as 1G or "
+                        "512M): a request that does not fit waits within its deadline, then 503 + Retry-After; "
+                        "one that needs more than all of it gets 413. Default: a quarter of the memory limit "
+                        "(cgroup memory.max / memory.limit_in_bytes, else physical memory); see GET /models")
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs at a reduced DCT scale (faster for large photos, not bit-exact)")
     p.add_argument("--http", choices=("granian", "granian-wsgi", "werkzeug"), default="granian",
@@ -97,6 +110,7 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argpa
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
                        max_tta_views=a.max_tta_views, max_tta_scale=a.max_tta_scale,
                        max_request_pixels=a.max_request_pixels, max_queue_rows=a.max_queue_rows,
+                       max_decode_memory=a.max_decode_memory,
                        drain_timeout_s=a.drain_timeout, trusted_keys=tuple(a.trusted_keys),
                        require_signature=a.require_signature,
                        api_keys=parse_api_keys(a.api_keys, os.environ.get(API_KEY_ENV)))

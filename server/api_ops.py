@@ -23,4 +23,4 @@ def metrics():
 def models():
     svc = current_app.extensions["inference"]
     return jsonify({"default": svc.models.default, "models": [m.describe() for m in svc.models],
-                    "mode": "redis" if svc.cfg.redis_url else "embedded"})
+                    "mode": "redis" if svc.cfg.redis_url else "embedded", "decode_memory": svc.budget.describe()})

@@ -61,6 +61,7 @@ class ServerConfig:
     max_tta_scale: float = 2.0            # largest TTA resize, relative to the bundle's resize size
     max_request_pixels: int = 100_000_000  # per request: decoded + resized pixels, from the headers
     allowed_formats: tuple[str, ...] = DEFAULT_FORMATS
+    max_decode_memory: int | None = None  # bytes decoding may hold process-wide; None: 1/4 of the memory limit
     jpeg_draft: bool = False              # decode JPEGs at a reduced DCT scale (faster, not bit-exact)
     prefix: str = "srv"                   # Redis key prefix
     reply_ttl_s: int = 60
@@ -102,6 +103,7 @@ class ServerConfig:
             ("max_tta_views", self.max_tta_views, 1, None, ""),
             ("max_tta_scale", self.max_tta_scale, 1.0, None, "1: no TTA resize above the bundle's"),
             ("max_request_pixels", self.max_request_pixels, 1, None, ""),
+            ("max_decode_memory", self.max_decode_memory, 1, None, "bytes, such as 1G or 512M"),
             ("reply_ttl_s", self.reply_ttl_s, 1, None, "seconds a Redis reply is kept"),
         ]
 

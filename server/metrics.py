@@ -27,6 +27,8 @@ class LiveValues:
         self.gauges: dict[str, tuple[str, dict]] = {}
         self.counters: dict[str, tuple[str, dict]] = {}
         self.plain: dict[str, tuple[str, object]] = {}
+        # process-wide counters: (help, fn) -> a number, or (help, fn, label) -> {label value: number}
+        self.plain_counters: dict[str, tuple] = {}
         self.info: dict[str, tuple[str, dict[str, dict[str, str]]]] = {}   # name -> (help, {model: labels})
         self.workers = None   # Redis front: () -> [(model, consumer, {device, backend, provider})]
 
@@ -55,6 +57,14 @@ class LiveValues:
             yield c
         for name, (doc, fn) in self.plain.items():
             yield GaugeMetricFamily(name, doc, value=float(fn()))
+        for name, (doc, fn, *label) in self.plain_counters.items():
+            if not label:
+                yield CounterMetricFamily(name, doc, value=float(fn()))
+                continue
+            c = CounterMetricFamily(name, doc, labels=label)
+            for value, n in fn().items():
+                c.add_metric([value], float(n))
+            yield c
 
 
 class ServerMetrics:
@@ -101,6 +111,28 @@ class ServerMetrics:
     def watch_workers(self, fn) -> None:
         """Redis front: ``fn()`` lists the live workers' (model, consumer, execution) at scrape time."""
         self.live.workers = fn
+
+    def watch_decode_budget(self, budget) -> None:
+        """The process-wide decode memory budget (server.budget), read at scrape time."""
+        p = self.prefix
+        self.live.plain[f"{p}_decode_memory_limit_bytes"] = (
+            "decode memory budget of this process (--max-decode-memory)", lambda: budget.capacity)
+        self.live.plain[f"{p}_decode_memory_in_flight_bytes"] = (
+            "decode memory reserved by requests being decoded now", lambda: budget.in_flight)
+        self.live.plain[f"{p}_decode_pixels_in_flight"] = (
+            "decoded pixels of the requests being decoded now", lambda: budget.pixels_in_flight)
+        self.live.plain[f"{p}_decode_memory_waiting_requests"] = (
+            "requests waiting for the decode memory budget now", lambda: budget.waiting)
+        self.live.plain_counters[f"{p}_decode_memory_waits"] = (
+            "requests that waited for the decode memory budget", lambda: budget.waits)
+        self.live.plain_counters[f"{p}_decode_memory_refusals"] = (
+            "requests refused by the decode memory budget: busy (503, their deadline would pass first) or "
+            "too_large (413, more than the whole budget)",
+            lambda: {"busy": budget.refused_busy, "too_large": budget.refused_too_large}, "reason")
+        trimmer = budget.trimmer
+        if trimmer is not None:
+            self.live.plain_counters[f"{p}_memory_trims"] = (
+                "malloc_trim calls after a burst of decoding (server.memory)", lambda: trimmer.trims)
 
     def watch_in_flight(self, fn) -> None:
         self.live.plain[f"{self.prefix}_requests_in_flight"] = (

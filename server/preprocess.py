@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,13 +33,20 @@ class DecodeLimits:
     jpeg_draft: bool = False
 
 
-def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
-    """Header check only: (format, width, height). Raises APIError 400/413/415."""
+class ImageHeader(NamedTuple):
+    format: str
+    width: int
+    height: int
+    mode: str   # PIL's mode: what decoding converts from (server.budget.decode_cost)
+
+
+def sniff(data: bytes, name: str, limits: DecodeLimits) -> ImageHeader:
+    """Header check only. Raises APIError 400/413/415/422."""
     if not data:
         raise APIError(400, f"{name}: empty image (0 bytes); send the file's contents")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            fmt, (w, h) = img.format or "?", img.size
+            fmt, (w, h), mode = img.format or "?", img.size, img.mode
     except Image.DecompressionBombError as exc:
         raise APIError(413, f"{name}: image dimensions are far above the limit of {limits.max_pixels / 1e6:.1f} "
                             f"megapixels (--max-pixels): possible decompression bomb ({exc})") from exc
@@ -57,14 +65,14 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
         check_jpeg_scans(data, name)   # before any decoding: each scan is another pass over the image
     except ImageDecodeError as exc:
         raise APIError(422, str(exc)) from exc
-    return fmt, w, h
+    return ImageHeader(fmt, w, h, mode)
 
 
 def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimits,
                fmt: str | None = None) -> np.ndarray:
     """(H, W, 3) uint8, after the header checks (``fmt``: ``sniff`` already ran and said so)."""
     if fmt is None:
-        fmt, _, _ = sniff(data, name, limits)
+        fmt = sniff(data, name, limits).format
     try:
         return decode_image(data, name=name, draft_size=spec.resize_size if limits.jpeg_draft else None)
     except ImageDecodeError as exc:

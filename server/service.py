@@ -12,6 +12,7 @@ import numpy as np
 from trainer.tta import TTAView
 
 from .batching import BatchResult, Job, topk
+from .budget import DecodeBudget, decode_cost, default_decode_memory
 from .config import ServerConfig
 from .embedded import EmbeddedBatcher
 from .errors import APIError
@@ -19,6 +20,7 @@ from .front import current_request_id
 from .layout import choose_layout, usable_cores
 from .limits import (Deadline, RequestLimits, check_image_count, check_policy_text, check_request_pixels,
                      check_rows, check_views)
+from .memory import IdleTrimmer, memory_limit
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel
 from .preprocess import DecodeLimits, decode_to_views, sniff
@@ -68,6 +70,8 @@ class InferenceService:
         self.cfg, self.models, self.dispatcher, self.metrics = cfg, models, dispatcher, metrics
         self.limits = DecodeLimits(cfg.max_pixels, tuple(cfg.allowed_formats), cfg.jpeg_draft)
         self.request_limits = RequestLimits.from_config(cfg)
+        self.budget = decode_budget(cfg)
+        metrics.watch_decode_budget(self.budget)
         for m in models:
             metrics.watch_model(m.name, lambda name=m.name: dispatcher.depth(name),
                                 lambda name=m.name: dispatcher.solo_batches(name))
@@ -111,13 +115,16 @@ class InferenceService:
         request's rows and pixels are within their limits."""
         check_rows(len(images), len(views), self.request_limits)
         sniffed = [sniff(data, name, self.limits) for name, data in images]   # headers only
-        check_request_pixels([(w, h) for _, w, h in sniffed], model.spec, views, self.request_limits)
-        blocks = []
-        with self.dispatcher.arriving(model.name):
-            for (name, data), (fmt, _, _) in zip(images, sniffed):
-                deadline.check("decoding")
-                blocks.append(decode_to_views(data, name, model.spec, views, self.limits, fmt).numpy())
-        return np.concatenate(blocks, axis=0)
+        check_request_pixels([(s.width, s.height) for s in sniffed], model.spec, views, self.request_limits)
+        cost = decode_cost([(s.format, s.mode, s.width, s.height) for s in sniffed], model.spec, views)
+        # the process-wide budget (server.budget): waits, or 503/413, before any pixel is decoded
+        with self.budget.reserve(cost, sum(s.width * s.height for s in sniffed), deadline):
+            blocks = []
+            with self.dispatcher.arriving(model.name):
+                for (name, data), header in zip(images, sniffed):
+                    deadline.check("decoding")
+                    blocks.append(decode_to_views(data, name, model.spec, views, self.limits, header.format).numpy())
+            return np.concatenate(blocks, axis=0)
 
     def classify_images(self, images: list[tuple[str, bytes]], model_name: str | None = None,
                         tta: str | None = None, k: int = 5, arrival: float | None = None) -> dict:
@@ -158,6 +165,22 @@ class InferenceService:
         _, views = self.views(model, tta)
         pixels = self.decode(model, images, views, deadline)
         return self.run_job(model, pixels, len(images), len(views), deadline).probs
+
+
+def decode_budget(cfg: ServerConfig) -> DecodeBudget:
+    """The process's decode memory budget: --max-decode-memory, or a share of the memory limit; its
+    end of a burst arms a malloc_trim for when the process is quiet (server.memory)."""
+    if cfg.max_decode_memory is not None:
+        capacity, source = cfg.max_decode_memory, "--max-decode-memory"
+    else:
+        limit, where = memory_limit()
+        capacity = default_decode_memory(limit)
+        source = f"--max-decode-memory not given: a quarter of {limit / 2**30:.1f} GiB, {where}"
+    budget = DecodeBudget(capacity, source)
+    trimmer = IdleTrimmer(busy=lambda: budget.in_flight > 0)
+    budget.on_idle = trimmer.burst_ended
+    budget.trimmer = trimmer
+    return budget
 
 
 def check_topk(k, n_classes: int) -> int:
