@@ -129,7 +129,11 @@ class OutputFolder:
             self._lock.close()
             raise OutputError(f"--out {self.root}: another python -m batch job is writing to this folder; wait "
                               "for it or use another --out") from None
-        self._check_identity()
+        try:
+            self._check_identity()
+        except BaseException:
+            self._lock.close()
+            raise
         self.stale_temps = self._remove_temps()
         self._next = max((int(m.group(1)) for m in map(PART_RE.match, os.listdir(self.root)) if m), default=-1) + 1
 
