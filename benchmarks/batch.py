@@ -13,8 +13,9 @@ loading the model to the last row:
 - ``trainer_predict``: ``trainer.predict.predict_checkpoint`` on the bundle's source checkpoint (eager
   PyTorch, its default workers), which is what ``python -m trainer predict`` runs;
 - ``embedded``: ``batch.run_batch`` with its defaults (one decode worker per core, the auto backend);
-- ``ray``: the same job on a local Ray instance started here with ``--ray-cpus`` CPUs and as many actors
-  (start-up of Ray itself reported apart, not in the rate);
+- ``ray``: the same job on a local Ray instance started with ``--ray-cpus`` CPUs and as many actors, in
+  its own process (start-up of Ray itself reported apart, not in the rate; the time to the first
+  part, which includes the actors' start-up, and the steady rate after it reported too);
 - ``resume``: the embedded job stopped after half its parts (an exception from the part hook, as a
   crash) and run again: the two runs' time against one uninterrupted run, and the time to read the
   done-manifest back.
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +57,28 @@ def make_images(data: Path, out: Path, n: int, size=(500, 375), seed: int = 0) -
         Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(str(path))
     return paths
+
+
+RAY_SIDE = """
+import json, os, sys, time
+import ray
+from batch import BatchOptions, run_batch
+bundle, images, out, backend, cpus = sys.argv[1:6]
+t0 = time.perf_counter()
+ray.init(num_cpus=int(cpus), include_dashboard=False, address="local", log_to_driver=False,
+         runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
+t1 = time.perf_counter()
+stamps = []  # (rows so far, time) at each part: the rate once the actors are up
+summary = run_batch(BatchOptions(bundle=bundle, images=images, out=out, backend=backend, progress=False,
+                                 ray_address="auto", ray_workers=int(cpus), part_size=int(sys.argv[6])),
+                    on_part=lambda path, parts: stamps.append(time.perf_counter()))
+t2 = time.perf_counter()
+ray.shutdown()
+part = int(sys.argv[6])
+steady = (len(stamps) - 1) * part / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None
+print(json.dumps({"ray_start_s": round(t1 - t0, 1), "seconds": t2 - t1, "steady_images_per_s": steady,
+                  "first_part_s": round(stamps[0] - t1, 1)}))
+"""
 
 
 def timed(fn) -> tuple[float, object]:
@@ -159,16 +183,17 @@ def main(argv=None) -> int:
           f"{n} rows read in {t_manifest * 1000:.0f} ms", flush=True)
 
     if not args.no_ray:
-        import ray
-
-        t_ray, _ = timed(lambda: ray.init(num_cpus=args.ray_cpus, include_dashboard=False, address="local",
-                                          log_to_driver=False,
-                                          runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:2])}}))
-        try:
-            seconds, _ = side_batch(opts("ray", ray_address="auto", ray_workers=args.ray_cpus))
-        finally:
-            ray.shutdown()
-        record("ray", seconds, ray_start_s=round(t_ray, 1), actors=args.ray_cpus)
+        # its own process: Ray puts the driver script's folder on its workers' path, and this file's name
+        # (batch.py) would shadow the batch package there
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO)]))
+        proc = subprocess.run([sys.executable, "-c", RAY_SIDE, args.bundle, str(images_dir), str(work / "ray"),
+                               args.backend, str(args.ray_cpus), str(max(1, n // 10))], env=env, cwd=work, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"the Ray side failed:\n{proc.stderr[-4000:]}")
+        ray_result = json.loads(proc.stdout.strip().splitlines()[-1])
+        record("ray", ray_result["seconds"], ray_start_s=ray_result["ray_start_s"], actors=args.ray_cpus,
+               first_part_s=ray_result["first_part_s"],
+               steady_images_per_s=round(ray_result["steady_images_per_s"] or 0, 1))
 
     base = result["sides"]["plain_loop"]["seconds"]
     for side in result["sides"].values():

@@ -1,5 +1,4 @@
-"""Fixtures for python -m batch: tiny TorchScript bundles (fast to export), an ensemble, a folder of
-images with an unreadable one among them.
+"""Fixtures for python -m batch: a tiny bundle, an ensemble, a folder of images with an unreadable one.
 
 Not a conftest.py, and tests/batch is no package, for two reasons: a second conftest module would
 replace the root one in sys.modules (see tests/server/server_fixtures.py), and a package named
@@ -12,24 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _export, _train
+
+@pytest.fixture(scope="session")
+def hflip_bundle(bundle_a) -> Path:
+    """resnet18 32 px, the bundle's default TTA hflip (two views per image); the tests use its TorchScript.
+    tests/conftest.py's bundle_a, which the native and conformance tests build anyway in a full run."""
+    return bundle_a
 
 
 @pytest.fixture(scope="session")
-def hflip_bundle(tiny_digits, tmp_path_factory) -> Path:
-    """resnet18 32 px, TorchScript only, the bundle's default TTA hflip (two views per image)."""
-    root = tmp_path_factory.mktemp("batch_bundle")
-    return _export(_train(tiny_digits, root / "run", seed=0), root / "bundle", ["torchscript"], tta="hflip")
-
-
-@pytest.fixture(scope="session")
-def ensemble_bundle(hflip_bundle, bundle_b, tmp_path_factory) -> Path:
-    """Two members with different preprocessing (32 px bilinear, 28 px bicubic), weighted 3:1."""
-    from export.ensemble import build_ensemble
-
-    path, _ = build_ensemble([str(hflip_bundle), str(bundle_b)], str(tmp_path_factory.mktemp("batch_ens") / "ens"),
-                             [3.0, 1.0], "weighted", tta="hflip", say=lambda *a, **k: None)
-    return Path(path)
+def ensemble_bundle(ensembles) -> Path:
+    """bundle_a + bundle_b (32 px bilinear, 28 px bicubic preprocessing), weighted 3:1, TTA hflip."""
+    return ensembles["weighted"]
 
 
 @pytest.fixture(scope="session")
