@@ -15,7 +15,7 @@ loading the model to the last row:
 - ``embedded``: ``batch.run_batch`` with its defaults (one decode worker per core, the auto backend);
 - ``ray``: the same job on a local Ray instance started with ``--ray-cpus`` CPUs and as many actors, in
   its own process (start-up of Ray itself reported apart, not in the rate; the time to the first
-  part, which includes the actors' start-up, and the steady rate after it reported too);
+  part, which includes the actors' start-up, reported too);
 - ``resume``: the embedded job stopped after half its parts (an exception from the part hook, as a
   crash) and run again: the two runs' time against one uninterrupted run, and the time to read the
   done-manifest back.
@@ -68,16 +68,13 @@ t0 = time.perf_counter()
 ray.init(num_cpus=int(cpus), include_dashboard=False, address="local", log_to_driver=False,
          runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
 t1 = time.perf_counter()
-stamps = []  # (rows so far, time) at each part: the rate once the actors are up
+stamps = []  # the time of each committed part: the first one says how long the actors took to start
 summary = run_batch(BatchOptions(bundle=bundle, images=images, out=out, backend=backend, progress=False,
                                  ray_address="auto", ray_workers=int(cpus), part_size=int(sys.argv[6])),
                     on_part=lambda path, parts: stamps.append(time.perf_counter()))
 t2 = time.perf_counter()
 ray.shutdown()
-part = int(sys.argv[6])
-steady = (len(stamps) - 1) * part / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None
-print(json.dumps({"ray_start_s": round(t1 - t0, 1), "seconds": t2 - t1, "steady_images_per_s": steady,
-                  "first_part_s": round(stamps[0] - t1, 1)}))
+print(json.dumps({"ray_start_s": round(t1 - t0, 1), "seconds": t2 - t1, "first_part_s": round(stamps[0] - t1, 1)}))
 """
 
 
@@ -192,8 +189,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"the Ray side failed:\n{proc.stderr[-4000:]}")
         ray_result = json.loads(proc.stdout.strip().splitlines()[-1])
         record("ray", ray_result["seconds"], ray_start_s=ray_result["ray_start_s"], actors=args.ray_cpus,
-               first_part_s=ray_result["first_part_s"],
-               steady_images_per_s=round(ray_result["steady_images_per_s"] or 0, 1))
+               first_part_s=ray_result["first_part_s"])
 
     base = result["sides"]["plain_loop"]["seconds"]
     for side in result["sides"].values():
