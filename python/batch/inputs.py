@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.errors import MissingFileError, UserError
+from trainer.errors import UserError
 from trainer.predict import list_images
 
 log = logging.getLogger("batch.inputs")
@@ -109,4 +109,4 @@ def _no_column(src: Path, column: str, names: list[str]) -> str:
             "paths with --column")
 
 
-__all__ = ["Inputs", "InputError", "MissingFileError", "list_inputs"]
+__all__ = ["Inputs", "InputError", "list_inputs"]

@@ -14,6 +14,8 @@ from conftest import REPO
 from test_batch import rows_by_path
 
 ray = pytest.importorskip("ray", reason="the dev extra installs ray[data]: pip install -e '.[dev]'")
+# Ray Data's own DataContext reads its deprecated fields when it is pickled to the actors
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
 
 
 @pytest.fixture(scope="module")
