@@ -68,7 +68,9 @@ def _table_column(src: Path, column: str) -> tuple[list[str], list[int]]:
             if column not in names:
                 raise InputError(_no_column(src, column, names))
             # the column as text: numeric file names stay paths
-            table = pacsv.read_csv(src, convert_options=pacsv.ConvertOptions(
+            # empty lines are rows too: counted and reported as blank, like null cells
+            table = pacsv.read_csv(src, parse_options=pacsv.ParseOptions(ignore_empty_lines=False),
+                                   convert_options=pacsv.ConvertOptions(
                 include_columns=[column], column_types={column: pa.string()}, strings_can_be_null=True))
         else:
             import pyarrow.parquet as pq

@@ -211,3 +211,13 @@ def test_progress_lines_when_not_a_terminal(caplog):
         "batch: 600/1000 images (60.0%), 2 errors, 20.0 images/s, ETA 0:00:20"]
     progress.close()
     assert "400 classified by this run in 20.0 s (20.0 images/s)" in caplog.records[-1].getMessage()
+
+
+def test_blank_lines_and_repeats_in_a_one_column_csv_are_counted(tmp_path):
+    """A one-column CSV writes a null as an empty line, which a CSV reader skips by default: here it is
+    a reported blank row, never a silent drop; a repeated path is one input."""
+    table = tmp_path / "index.csv"
+    pacsv.write_csv(pa.table({"path": ["a.png", None, "sub/b.png", "a.png"]}), table)
+    listed = list_inputs(table)
+    assert listed.paths == [str(tmp_path / "a.png"), str(tmp_path / "sub" / "b.png")]
+    assert (listed.repeated, listed.blank_rows) == (1, [1])
