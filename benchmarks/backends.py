@@ -3,13 +3,17 @@
     python benchmarks/backends.py --calibration data/digits/train --threads 2 \
         --accuracy-checkpoint runs/digits/best.pt --accuracy-data data/digits --out benchmarks/results
     python benchmarks/backends.py --quick ...          # fewer repeats, for a busy machine
+    python benchmarks/backends.py --calibration data/digits/train --models resnet50 mobilenet_v3_large \
+        --batches 1 8 --backends onnxruntime onnxruntime_int8 openvino_f32 openvino_bf16 openvino_int8 --quick
     python benchmarks/backends.py --device cuda --models resnet50 mobilenet_v3_large --batches 1 8 32 64 \
         --threads 16 --calibration data/digits/train --quick   # GPU columns next to the CPU ones
 
 Per model (resnet50, mobilenet_v3_large, efficientnet_b0 at 224 px, untrained weights: speed does
 not depend on them) and batch size (1, 8, 32): median latency and images/s of eager PyTorch,
-eager channels-last, TorchScript, ONNX Runtime fp32, ONNX Runtime int8 and AOTInductor .pt2, all
-with the same thread count; ratios are to eager. Each model is exported once with
+eager channels-last, TorchScript, ONNX Runtime fp32, ONNX Runtime int8, AOTInductor .pt2 and
+OpenVINO f32, bf16 (only where the CPU has native bf16) and int8 (the same QDQ model.int8.onnx as
+ONNX Runtime int8), all with the same thread count; ratios are to eager. ``--backends`` picks columns
+(eager is always measured: the ratios' base); formats no column needs are not exported. Each model is exported once with
 ``python -m export``'s library (verified), so export time per format is reported too. int8
 accuracy is measured separately on a trained model (--accuracy-checkpoint) and its validation set.
 Writes backends.json, backends.md and backends.png under --out; the last stdout line is JSON.
@@ -46,7 +50,8 @@ from export.samples import calibration_images  # noqa: E402
 
 MODELS = ["resnet50", "mobilenet_v3_large", "efficientnet_b0"]
 BATCHES = [1, 8, 32]
-BACKENDS = ["eager", "eager_channels_last", "torchscript", "onnxruntime", "onnxruntime_int8", "pt2"]
+BACKENDS = ["eager", "eager_channels_last", "torchscript", "onnxruntime", "onnxruntime_int8", "pt2", "openvino_f32",
+            "openvino_bf16", "openvino_int8"]
 
 
 def cuda_backends(precisions: list[str]) -> list[str]:
@@ -86,7 +91,7 @@ def time_call(fn, x, warmup: int, repeats: int, min_seconds: float) -> float:
 
 def cuda_runners(bundle_dir: Path, device: str, precisions: list[str]) -> dict:
     from export.cuda_export import DTYPES
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     manifest = export.read_manifest(bundle_dir)
     out = {}
@@ -106,10 +111,27 @@ def cuda_runners(bundle_dir: Path, device: str, precisions: list[str]) -> dict:
     return out
 
 
-def runners(bundle_dir: Path, threads: int, int8_path: Path) -> dict:
+def openvino_runners(bundle_dir: Path, threads: int, int8_path: Path, names: list[str]) -> dict:
+    """OpenVINO columns: model.onnx in f32 and bf16 (native bf16 CPUs only; elsewhere the column is left
+    out rather than timing fp32 under a bf16 label) and the int8 QDQ model, each compiled explicitly."""
+    from export import openvino_backend as ovb
+
+    out = {}
+    if "openvino_f32" in names:
+        out["openvino_f32"] = export.load_bundle(bundle_dir, backend="openvino", threads=threads,
+                                                 precision="fp32").predict_tensor
+    if "openvino_bf16" in names and ovb.cpu_native_bf16():
+        out["openvino_bf16"] = export.load_bundle(bundle_dir, backend="openvino", threads=threads,
+                                                  precision="bf16").predict_tensor
+    if "openvino_int8" in names:
+        out["openvino_int8"] = ovb.open_openvino(int8_path, threads, "fp32")
+    return out
+
+
+def runners(bundle_dir: Path, threads: int, int8_path: Path, names: list[str] = BACKENDS) -> dict:
     manifest = export.read_manifest(bundle_dir)
     loaded = export.load_bundle(bundle_dir, backend="eager", threads=threads)
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     net = probability_model(model_from_checkpoint(manifest["provenance"]["checkpoint"]).model,
                             preprocess_spec(manifest))
@@ -121,16 +143,27 @@ def runners(bundle_dir: Path, threads: int, int8_path: Path) -> dict:
 
     out = {"eager": loaded.predict_tensor, "eager_channels_last": eager_cl}
     for name, backend in (("torchscript", "torchscript"), ("onnxruntime", "onnxruntime"), ("pt2", "pt2")):
-        out[name] = export.load_bundle(bundle_dir, backend=backend, threads=threads).predict_tensor
-    out["onnxruntime_int8"] = open_runtime(int8_path, "onnx", threads=threads)
+        if name in names:
+            out[name] = export.load_bundle(bundle_dir, backend=backend, threads=threads).predict_tensor
+    if "onnxruntime_int8" in names:
+        out["onnxruntime_int8"] = open_runtime(int8_path, "onnx", threads=threads)
+    out.update(openvino_runners(bundle_dir, threads, int8_path, names))
     torch.set_num_threads(threads)
     return out
+
+
+def formats_for(names: list[str]) -> list[str]:
+    """The artifact formats the asked-for columns run (ONNX for every ONNX Runtime / OpenVINO column)."""
+    need = {"torchscript": "torchscript", "pt2": "pt2"}
+    fmts = [need[n] for n in names if n in need]
+    return fmts + (["onnx"] if any(n.startswith(("onnxruntime", "openvino")) for n in names) else [])
 
 
 def bench_model(arch: str, args, work: Path) -> dict:
     ckpt = untrained_checkpoint(work / f"{arch}.pt", arch, args.img_size, args.num_classes)
     cuda = args.device.startswith("cuda")
-    opts = ExportOptions(str(ckpt), str(work / arch), ["all"], max_batch=max(args.batches), force=True,
+    opts = ExportOptions(str(ckpt), str(work / arch), formats_for(args.backends), max_batch=max(args.batches),
+                         force=True,
                          device=args.device, precisions=args.precisions if cuda else ["fp32"], verify=not cuda)
     bundle, manifest = build_bundle(opts, say=print)
     spec = preprocess_spec(manifest)
@@ -138,11 +171,12 @@ def bench_model(arch: str, args, work: Path) -> dict:
     # weights cannot; its speed is the same (int8_accuracy below measures top-1 on a trained model)
     int8_path = work / f"{arch}.int8.onnx"
     t0 = time.perf_counter()
-    quantize_int8(bundle / manifest["artifacts"]["onnx"]["file"], int8_path,
-                  calibration_images(spec, args.calibration, args.calibration_count).images)
+    if any(n.endswith("int8") for n in args.backends):
+        quantize_int8(bundle / manifest["artifacts"]["onnx"]["file"], int8_path,
+                      calibration_images(spec, args.calibration, args.calibration_count).images)
     int8_seconds = time.perf_counter() - t0
-    fns = runners(bundle, args.threads, int8_path)
-    names = list(BACKENDS)
+    fns = runners(bundle, args.threads, int8_path, args.backends)
+    names = [n for n in dict.fromkeys(["eager", *args.backends]) if n in fns]
     if cuda:
         fns.update(cuda_runners(bundle, args.device, args.precisions))
         names += cuda_backends(args.precisions)
@@ -206,6 +240,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--batches", nargs="+", type=int, default=BATCHES)
+    p.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS,
+                   help="CPU columns to measure (eager always: the ratios' base)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -242,7 +278,11 @@ def main(argv=None) -> int:
             result["export_seconds"][arch] = r["export_seconds"]
     keyed = {(r["model"], r["batch"], r["backend"]): r["latency_ms"] for r in result["rows"]}
     result["int8_speedup_batch1"] = {m: keyed[(m, 1, "onnxruntime")] / keyed[(m, 1, "onnxruntime_int8")]
-                                     for m in args.models if (m, 1, "onnxruntime") in keyed}
+                                     for m in args.models if (m, 1, "onnxruntime_int8") in keyed
+                                     and (m, 1, "onnxruntime") in keyed}
+    from export import openvino_backend as ovb
+
+    result["cpu"] = ovb.cpu_record().describe()
     best = {}  # images/s at batch 1 and at the best batch, per model and backend
     for r in result["rows"]:
         k = f"{r['model']}/{r['backend']}"

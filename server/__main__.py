@@ -15,7 +15,7 @@ import os
 import shlex
 import sys
 
-from .config import ServerConfig, add_common_arguments
+from .config import ServerConfig, add_common_arguments, check_range
 from .front import parse_api_keys
 from .logs import add_logging_arguments
 
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
     a = build_parser().parse_args(argv)
     cfg = ServerConfig(bundles=a.bundles, redis_url=a.redis_url, host=a.host, port=a.port, backend=a.backend,
+                       precision=a.precision,
                        threads=a.threads, runners=a.runners, solo_threads=a.solo_threads, max_batch=a.max_batch, device=a.device, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue,
                        timeout_s=a.timeout_s, max_request_bytes=a.max_request_bytes, max_pixels=a.max_pixels,
                        max_images=a.max_images, jpeg_draft=a.jpeg_draft, prefix=a.prefix, reply_ttl_s=a.reply_ttl_s,
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, a = config_from_args(argv)
         cfg.validate()
-        if a.http_threads < 1:
-            raise ValueError(f"--http-threads must be >= 1, got {a.http_threads}")
+        check_range("--http-threads", a.http_threads, 1)
         for bundle in cfg.bundles:   # fail fast, in this process, on a missing, unreadable or unsigned bundle
             read_trusted_manifest(bundle, cfg.trusted_keys, cfg.require_signature)
     except (ValueError, OSError) as exc:

@@ -16,6 +16,9 @@ import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .errors import APIError
+from .front import AUTHORIZED
+from .jsonbody import parse_json_body
+from .limits import check_image_count
 
 bp = Blueprint("kserve", __name__, url_prefix="/v2")
 
@@ -40,17 +43,32 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
+    """Open to probes without a key, so an unauthenticated answer is the status alone: the model
+    names and the reasons (a Redis host, worker counts) go only to a caller the front layer
+    authorized (a valid key, or no keys configured); /v2/models/NAME/ready is behind the key."""
     svc = _svc()
     states = {m.name: svc.dispatcher.ready(m.name) for m in svc.models}
     ok = all(s for s, _ in states.values())
-    body = {"ready": ok, "models": {n: {"ready": s, "reason": r} for n, (s, r) in states.items()}}
+    body = {"ready": ok, "reason": "every model is ready" if ok else
+            "a model is not ready (the reasons: this route or /v2/models/NAME/ready with an API key)"}
+    if request.environ.get(AUTHORIZED):
+        body["models"] = {n: {"ready": s, "reason": r} for n, (s, r) in states.items()}
     return jsonify(body), 200 if ok else 503
+
+
+def _model(name: str, version: str | None):
+    """The served model ``name``; with a ``versions/V`` route, only when V is the loaded version."""
+    m = _svc().models.get(name)
+    if version is not None and version != m.version:
+        raise APIError(404, f"model {m.name!r} has no version {version!r}; the one served is {m.version!r} "
+                            f"(or leave out /versions/V)")
+    return m
 
 
 @bp.get("/models/<name>")
 @bp.get("/models/<name>/versions/<version>")
 def model_metadata(name: str, version: str | None = None):
-    m = _svc().models.get(name)
+    m = _model(name, version)
     ch, cw = m.spec.crop_size
     return jsonify({"name": m.name, "versions": [m.version], "platform": f"shipclassifier_{m.kind}",
                     "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 3, ch, cw]}],
@@ -63,7 +81,7 @@ def model_metadata(name: str, version: str | None = None):
 @bp.get("/models/<name>/ready")
 @bp.get("/models/<name>/versions/<version>/ready")
 def model_ready(name: str, version: str | None = None):
-    m = _svc().models.get(name)
+    m = _model(name, version)
     ok, reason = _svc().dispatcher.ready(m.name)
     return jsonify({"name": m.name, "ready": ok, "reason": reason}), 200 if ok else 503
 
@@ -97,36 +115,50 @@ def _read_request() -> tuple[dict, bytes]:
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    try:
-        req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"inference request header is not valid JSON ({exc})") from exc
+    req = parse_json_body(head, "inference request header")
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
         raise APIError(400, "inference request needs \"inputs\": [{\"name\", \"shape\", \"datatype\", \"data\"}]")
     return req, binary
 
 
 def _bytes_elements(raw: bytes, count: int) -> list[bytes]:
+    """The ``count`` elements (already within --max-images) of binary BYTES data; never more are read."""
     out, off = [], 0
-    while off < len(raw):
+    while off < len(raw) and len(out) < count:
         if off + 4 > len(raw):
             raise APIError(400, "BYTES tensor data is truncated (each element is a 4-byte length then its bytes)")
         (n,) = struct.unpack_from("<I", raw, off)
+        if off + 4 + n > len(raw):
+            raise APIError(400, f"BYTES element {len(out)} declares {n} bytes; only {len(raw) - off - 4} follow")
         out.append(raw[off + 4:off + 4 + n])
         off += 4 + n
-    if len(out) != count or off != len(raw):
+    if len(out) < count:
         raise APIError(400, f"BYTES tensor holds {len(out)} elements, shape says {count}")
+    if off != len(raw):
+        raise APIError(400, f"BYTES tensor holds more than the {count} elements its shape says")
     return out
 
 
-def _input_tensor(inp, binary: bytes, offset: int) -> tuple[np.ndarray | list[bytes], int]:
+def _input_tensor(inp, binary: bytes, offset: int, model, limits) -> tuple[np.ndarray | list[bytes], int]:
+    """The input ``images`` -> (UINT8 pixels or encoded images, offset after its binary data). The
+    declared shape is checked (--max-images, the model's crop) before any element is read or built."""
     inp = _object(inp, "each of \"inputs\"")
     name, dtype, shape = inp.get("name"), inp.get("datatype"), inp.get("shape")
     if name != "images":
         raise APIError(400, f"unknown input {name!r}; this model has one input named 'images'")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise APIError(400, f"input 'images' shape must be a list of non-negative integers, got {shape!r}")
-    count = math.prod(shape)   # exact: a declared [2**40, 2**40] must not wrap around in int64
+        raise APIError(400, f"input 'images' shape must be a list of non-negative integers, got {_short(shape)}")
+    if dtype not in ("BYTES", "UINT8"):
+        raise APIError(400, f"input 'images' has datatype {_short(dtype)}; send UINT8 [N, 3, H, W] pixels or BYTES "
+                            "[N] encoded images")
+    ch, cw = model.spec.crop_size
+    if dtype == "BYTES" and len(shape) != 1:
+        raise APIError(400, f"BYTES input 'images' must have shape [N] (one encoded image each), got {_short(shape)}")
+    if dtype == "UINT8" and (len(shape) != 4 or shape[1:] != [3, ch, cw]):
+        raise APIError(400, f"input tensor has shape {_short(shape)}; model {model.name!r} takes [N, 3, {ch}, {cw}] "
+                            "uint8 (resized and cropped as its manifest says)")
+    check_image_count(shape[0], limits)   # a declared [10000000] is refused before anything is built
+    count = math.prod(shape)
     size = _binary_size(_object(inp.get("parameters"), "input 'images' parameters"))
     if size is not None:
         raw = binary[offset:offset + size]
@@ -134,8 +166,6 @@ def _input_tensor(inp, binary: bytes, offset: int) -> tuple[np.ndarray | list[by
             raise APIError(400, f"binary data for 'images' is {len(raw)} bytes, binary_data_size says {size}")
         offset += size
     if dtype == "BYTES":
-        if len(shape) != 1:
-            raise APIError(400, f"BYTES input 'images' must have shape [N] (one encoded image each), got {shape}")
         if size is not None:
             return _bytes_elements(raw, count), offset
         data = inp.get("data")
@@ -145,14 +175,15 @@ def _input_tensor(inp, binary: bytes, offset: int) -> tuple[np.ndarray | list[by
             return [base64.b64decode(d, validate=True) for d in data], offset
         except ValueError as exc:
             raise APIError(400, f"BYTES input 'images': invalid base64 ({exc})") from exc
-    if dtype != "UINT8":
-        raise APIError(400, f"input 'images' has datatype {dtype!r}; send UINT8 [N, 3, H, W] pixels or BYTES [N] "
-                            "encoded images")
     if size is not None:
         if len(raw) != count:
             raise APIError(400, f"UINT8 input 'images' has {len(raw)} bytes for shape {shape}")
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape), offset
     data = inp.get("data")
+    # flat (count values) or nested by the shape (shape[0] lists): anything longer is refused unread
+    if not isinstance(data, list) or len(data) > count:
+        got = f"{len(data)} values" if isinstance(data, list) else type(data).__name__
+        raise APIError(400, f"input 'images' \"data\" must be a list of {count} integers for shape {shape}, got {got}")
     try:
         arr = np.asarray(data, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -164,31 +195,38 @@ def _input_tensor(inp, binary: bytes, offset: int) -> tuple[np.ndarray | list[by
     return arr.astype(np.uint8).reshape(shape), offset
 
 
+def _short(value, limit: int = 80) -> str:
+    """repr of a client's value for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @bp.post("/models/<name>/infer")
 @bp.post("/models/<name>/versions/<version>/infer")
 def infer(name: str, version: str | None = None):
     svc = _svc()
-    m = svc.models.get(name)
+    m = _model(name, version)
     req, binary = _read_request()
     if len(req["inputs"]) != 1:
         raise APIError(400, f"{len(req['inputs'])} inputs given; this model has one input named 'images'")
-    x, _ = _input_tensor(req["inputs"][0], binary, 0)
     params = _object(req.get("parameters"), "request \"parameters\"")
-    if isinstance(x, list):
-        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"),
-                                     arrival=g.get("arrival"))
-    else:
-        probs = svc.probs_for_tensor(m, x, arrival=g.get("arrival"))
-    probs = np.ascontiguousarray(probs, dtype=np.float32)
+    # the outputs asked for are checked before the work, not after it
     wanted = req.get("outputs") or [{"name": "probs"}]
     if not isinstance(wanted, list):
         raise APIError(400, f"\"outputs\" must be a list of {{\"name\": \"probs\"}} objects, got {type(wanted).__name__}")
     wanted = [_object(o, "each of \"outputs\"") for o in wanted]
     for o in wanted:
         if o.get("name") != "probs":
-            raise APIError(400, f"unknown output {o.get('name')!r}; this model has one output named 'probs'")
+            raise APIError(400, f"unknown output {_short(o.get('name'))}; this model has one output named 'probs'")
     binary_out = bool(params.get("binary_data_output")) or any(
         _object(o.get("parameters"), "output parameters").get("binary_data") for o in wanted)
+    x, _ = _input_tensor(req["inputs"][0], binary, 0, m, svc.request_limits)
+    if isinstance(x, list):
+        probs = svc.probs_for_images(m, [(f"images[{i}]", b) for i, b in enumerate(x)], params.get("tta"),
+                                     arrival=g.get("arrival"))
+    else:
+        probs = svc.probs_for_tensor(m, x, arrival=g.get("arrival"))
+    probs = np.ascontiguousarray(probs, dtype=np.float32)
     out = {"name": "probs", "datatype": "FP32", "shape": list(probs.shape)}
     resp = {"model_name": m.name, "model_version": m.version, "outputs": [out]}
     if "id" in req:

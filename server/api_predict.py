@@ -8,6 +8,8 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from .errors import APIError
 from .fastpath import OPTIONS, RAW_TYPES, read_raw_body
+from .jsonbody import parse_json_body
+from .limits import check_image_count
 
 bp = Blueprint("predict", __name__)
 
@@ -27,20 +29,24 @@ def parse_predict_request() -> tuple[list[tuple[str, bytes]], dict]:
     """-> ([(name, encoded bytes)], options {model, tta, topk})."""
     ctype = (request.mimetype or "").lower()
     opts = {k: request.args.get(k) for k in OPTIONS if request.args.get(k) is not None}
+    limits = current_app.extensions["inference"].request_limits
     if ctype == "multipart/form-data":
-        images = [(f.filename or f"{field}[{i}]", f.read())
-                  for field in request.files for i, f in enumerate(request.files.getlist(field))]
-        if not images:
+        files = [(field, i, f) for field in request.files for i, f in enumerate(request.files.getlist(field))]
+        if not files:
             raise APIError(400, "multipart request without a file field; send the image as -F file=@photo.jpg")
+        check_image_count(len(files), limits)   # before any file is read into memory
+        images = [(f.filename or f"{field}[{i}]", f.read()) for field, i, f in files]
         opts.update({k: request.form[k] for k in OPTIONS if k in request.form})
         return images, opts
     if ctype == "application/json":
-        body = request.get_json(silent=True)
+        body = parse_json_body(request.get_data(cache=False), "JSON body",
+                               "; send {\"images\": [\"<base64>\", ...]}")
         if not isinstance(body, dict):
             raise APIError(400, "body is not a JSON object; send {\"images\": [\"<base64>\", ...]}")
         raw = body.get("images", [body["image"]] if "image" in body else None)
         if not isinstance(raw, list):
             raise APIError(400, "JSON body needs \"images\": a list of base64 strings (or \"image\": one)")
+        check_image_count(len(raw), limits)   # before a million "" become a million names and buffers
         images = [(f"images[{i}]", _b64(v, f"images[{i}]")) for i, v in enumerate(raw)]
         opts.update({k: body[k] for k in OPTIONS if body.get(k) is not None})
         return images, opts

@@ -27,7 +27,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
         cfg.validate()
         embedded = cfg.redis_url is None
         models = [load_served_model(b, cfg.backend, with_weights=embedded, layout=cfg.layout_request(),
-                                    device=cfg.device, trust=(cfg.trusted_keys, cfg.require_signature))
+                                    device=cfg.device, trust=(cfg.trusted_keys, cfg.require_signature),
+                                    precision=cfg.precision)
                   for b in cfg.bundles]
     model_set = ModelSet(models)
     metrics = ServerMetrics()
@@ -35,7 +36,8 @@ def create_app(config: ServerConfig | dict | None = None, models: list[ServedMod
         if cfg.redis_url:
             from .redis_front import RedisDispatcher
             dispatcher = RedisDispatcher(cfg.redis_url, cfg.prefix, cfg.max_queue, max_queue_rows=cfg.max_queue_rows,
-                                         models=list(model_set), timeout_s=cfg.timeout_s)
+                                         models=list(model_set), timeout_s=cfg.timeout_s,
+                                         reply_ttl_s=cfg.reply_ttl_s)
         else:
             dispatcher = EmbeddedDispatcher(model_set, cfg)
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 from dataclasses import dataclass, field
+
+from trainer.image_formats import IMAGE_FORMATS   # torch-free, unlike trainer.data
 
 from .layout import LayoutRequest
 
@@ -14,7 +17,23 @@ def trust_policy(trusted_keys, require_signature: bool):
 
     return policy(trusted_keys, require_signature)
 
-DEFAULT_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+
+
+DEFAULT_FORMATS = IMAGE_FORMATS   # training's list (MPO included): one list, never a second copy
+# fields whose flag is not "--" + the field name with dashes
+FLAG_NAMES = {"drain_timeout_s": "--drain-timeout"}
+MIN_TIMEOUT_S = 0.001
+MAX_WAIT_S = 86400.0   # a day; far larger waits overflow threading's timeouts (OverflowError at run time)
+
+
+def check_range(flag: str, value, low: float, high: float | None = None, note: str = "") -> None:
+    """A numeric flag within [low, high] (finite: argparse's float() takes nan and inf), else a
+    ValueError naming the flag, the bound and the value."""
+    bound = f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low \
+        and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{flag} must be {bound}{f' ({note})' if note else ''}, got {value!r}")
 
 
 @dataclass
@@ -24,6 +43,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     backend: str = "auto"                 # which bundle artifact runs in embedded mode
+    precision: str = "auto"               # fp32, bf16 (openvino) or auto (export.load_bundle precision)
     # embedded mode's layout (server.layout.choose_layout); None: chosen at start-up per model
     threads: int | None = None            # intra-op threads of each runner's session
     runners: int | None = None            # batches in flight at once per model
@@ -50,23 +70,40 @@ class ServerConfig:
     require_signature: bool = False       # refuse unsigned bundles (--require-signature)
 
     def validate(self) -> "ServerConfig":
+        """Every setting in range, or a ValueError naming the flag, the bound and the value
+        (``python -m server`` prints it and exits 2 before anything starts)."""
         if not self.bundles:
             raise ValueError("no model: pass --bundle DIR (a bundle written by `python -m export`)")
-        for name, v in (("max_batch", self.max_batch), ("max_queue", self.max_queue), ("max_images", self.max_images),
-                        ("runners", self.runners), ("threads", self.threads), ("max_queue_rows", self.max_queue_rows),
-                        ("max_tta_views", self.max_tta_views), ("max_request_pixels", self.max_request_pixels)):
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.solo_threads is not None and self.solo_threads < 0:
-            raise ValueError(f"--solo-threads must be >= 0 (0: no solo session), got {self.solo_threads}")
-        if self.drain_timeout_s < 0:
-            raise ValueError(f"--drain-timeout must be >= 0 seconds, got {self.drain_timeout_s}")
-        if self.max_tta_scale < 1.0:
-            raise ValueError(f"--max-tta-scale must be >= 1 (1: no TTA resize above the bundle's), got {self.max_tta_scale}")
-        if self.timeout_s <= 0 or self.max_delay_ms < 0:
-            raise ValueError("--timeout-s must be > 0 and --max-delay-ms >= 0")
+        for name, value, low, high, note in self._ranges():
+            if value is not None:
+                check_range(FLAG_NAMES.get(name, "--" + name.replace("_", "-")), value, low, high, note)
+        if self.max_delay_ms >= self.timeout_s * 1000:
+            raise ValueError(f"--max-delay-ms {self.max_delay_ms:g} is not below the request deadline --timeout-s "
+                             f"{self.timeout_s:g}: every request would time out waiting for its batch to fill")
         trust_policy(self.trusted_keys, self.require_signature)   # unreadable key, or required without one
         return self
+
+    def _ranges(self) -> list[tuple[str, object, float, float | None, str]]:
+        """(field, value, lowest, highest or None, what the bound means) for every numeric setting."""
+        return [
+            ("port", self.port, 1, 65535, ""),
+            ("threads", self.threads, 1, None, ""),
+            ("runners", self.runners, 1, None, ""),
+            ("solo_threads", self.solo_threads, 0, None, "0: no solo session"),
+            ("max_batch", self.max_batch, 1, None, ""),
+            ("max_delay_ms", self.max_delay_ms, 0, None, "0: no wait for a batch to fill"),
+            ("max_queue", self.max_queue, 1, None, ""),
+            ("max_queue_rows", self.max_queue_rows, 1, None, ""),
+            ("drain_timeout_s", self.drain_timeout_s, 0, MAX_WAIT_S, "seconds"),
+            ("timeout_s", self.timeout_s, MIN_TIMEOUT_S, MAX_WAIT_S, "seconds"),
+            ("max_request_bytes", self.max_request_bytes, 1, None, ""),
+            ("max_pixels", self.max_pixels, 1, None, ""),
+            ("max_images", self.max_images, 1, None, ""),
+            ("max_tta_views", self.max_tta_views, 1, None, ""),
+            ("max_tta_scale", self.max_tta_scale, 1.0, None, "1: no TTA resize above the bundle's"),
+            ("max_request_pixels", self.max_request_pixels, 1, None, ""),
+            ("reply_ttl_s", self.reply_ttl_s, 1, None, "seconds a Redis reply is kept"),
+        ]
 
     def layout_request(self) -> LayoutRequest:
         """The tuning flags as given (None: the server chooses; server.layout)."""
@@ -78,6 +115,7 @@ class WorkerConfig:
     redis_url: str
     bundles: list[str] = field(default_factory=list)
     backend: str = "auto"
+    precision: str = "auto"
     threads: int | None = None
     max_batch: int = 32
     max_delay_ms: float = 2.0
@@ -97,7 +135,13 @@ class WorkerConfig:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", dest="bundles", action="append", default=[], metavar="DIR",
                    help="bundle directory (repeat for several models; the first is the default)")
-    p.add_argument("--backend", default="auto", help="export.load_bundle backend: auto, onnxruntime, onnxruntime-int8, torchscript, pt2")
+    p.add_argument("--backend", default="auto",
+                   help="export.load_bundle backend: auto, onnxruntime, onnxruntime-int8, openvino, openvino-int8, "
+                        "torchscript, pt2 (python -m server: auto measures onnxruntime and OpenVINO at start-up and "
+                        "keeps onnxruntime unless another is 1.1x faster; GET /models shows the figures)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="fp32, bf16 (backend openvino, on a CPU with native bf16) or auto: bf16 only where the CPU "
+                        "has it natively and the bundle was exported with --verify-precision bf16, else fp32")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per model (default: every core; python -m server: per runner, chosen at "
                         "start-up, see GET /models)")

@@ -6,14 +6,18 @@ It wraps everything, the raw-body fast path included, so no route escapes it:
 - ``X-Request-ID``: a client's (printable ASCII, at most 128 characters) or a fresh one; returned on
   every response, errors too, set in a context variable that ``server.logs`` puts into every log
   line and ``InferenceService`` into ``Job.request_id``.
-- API keys (``--api-key`` / ``SERVER_API_KEY``): ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``,
-  compared in constant time; health and readiness stay open (orchestrators probe them without a key).
+- API keys (``--api-key`` / ``SERVER_API_KEY``): ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``;
+  the sha256 of the key sent is compared with each configured key's (``hmac.compare_digest`` of two
+  32-byte digests: the time says nothing about a key's length or content). Liveness and readiness
+  stay open (orchestrators probe them without a key); ``environ["server.authorized"]`` tells a
+  route whether this caller may see details (readiness shows model names and reasons only then).
 - Drain: requests in flight are counted in a ``DrainState`` that may live in shared memory (the
   granian parent process waits on it); once draining, readiness answers 503 at once.
 """
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import hmac
 import json
 import multiprocessing
@@ -24,7 +28,8 @@ import time
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")   # printable ASCII without spaces: safe in headers and logs
-OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/healthz")
+OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/healthz")   # /healthz: liveness (server.api_ops)
+AUTHORIZED = "server.authorized"   # environ key: True when no keys are configured or a valid one was sent
 READY_PATHS = ("/v2/health/ready",)
 # not counted as requests in flight: probes and scrapes must not hold a drain open
 UNCOUNTED_PATHS = OPEN_PATHS + ("/metrics",)
@@ -101,16 +106,18 @@ def _json_response(start_response, status: str, body: dict, headers: list) -> li
 class FrontLayer:
     def __init__(self, wsgi_app, api_keys: tuple[str, ...] = (), drain: DrainState | None = None, metrics=None):
         self.next, self.drain = wsgi_app, drain or DrainState()
-        self._keys = [k.encode() for k in api_keys]
+        # digests, not the keys: compare_digest on inputs of unequal length returns early, which
+        # would tell a caller how long the keys are
+        self._keys = [hashlib.sha256(k.encode()).digest() for k in api_keys]
         self._auth_failures = metrics.auth_failures if metrics is not None else None
 
     def _authorized(self, environ) -> bool:
         auth = environ.get("HTTP_AUTHORIZATION", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else environ.get("HTTP_X_API_KEY", "")
-        given_b = given.encode("utf-8", "replace")
+        given_digest = hashlib.sha256(given.encode("utf-8", "replace")).digest()
         ok = False
         for key in self._keys:   # every key compared, whatever matched: constant time in the key count too
-            ok |= hmac.compare_digest(given_b, key)
+            ok |= hmac.compare_digest(given_digest, key)
         return ok
 
     def __call__(self, environ, start_response):
@@ -127,7 +134,9 @@ class FrontLayer:
             def start(status, headers, exc_info=None):
                 return start_response(status, [*headers, ("X-Request-ID", rid)], exc_info)
 
-            if self._keys and path not in OPEN_PATHS and not self._authorized(environ):
+            authorized = not self._keys or self._authorized(environ)
+            environ[AUTHORIZED] = authorized
+            if not authorized and path not in OPEN_PATHS:
                 if self._auth_failures is not None:
                     self._auth_failures.inc()
                 return _json_response(start, "401 UNAUTHORIZED", {

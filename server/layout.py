@@ -1,7 +1,7 @@
 """How the embedded server runs a model on this machine: runners, intra-op threads, the lone-batch
 session and the batch limit, chosen at start-up unless the flags say otherwise.
 
-    python -m server --bundle bundles/resnet50     # no tuning flags: layout chosen from cores + a short measurement
+    python -m server --bundle bundles/resnet50     # no tuning flags: backend, precision and layout chosen at start-up
     curl -s http://127.0.0.1:8000/models           # each model's "layout": values, which were chosen, why
 
 The decision rule (``choose_layout``) is a pure function of the flags, the usable cores, whether the
@@ -9,6 +9,12 @@ backend takes concurrent calls (onnxruntime sessions do; other backends run one 
 a start-up measurement (``measure_timings``, ~1-2 s for resnet50 on 2 cores): the model's images/s
 at a small batch as one call with every core ("pooled") against one single-thread call per core
 side by side ("split"). Explicit flags always win; the missing ones are filled around them.
+
+Before that, with ``--backend auto --precision auto``, the backend: ``backend_candidates`` lists the
+backend x precision pairs the bundle allows (onnxruntime fp32, OpenVINO fp32, OpenVINO bf16 only on a
+bundle whose manifest records bf16 verified at export and a CPU with native bf16), each is measured
+(``measure_backend``) and ``choose_backend`` keeps onnxruntime fp32, today's default, unless another
+is BACKEND_MARGIN faster.
 """
 from __future__ import annotations
 
@@ -90,17 +96,23 @@ class Layout:
     chosen: tuple[str, ...] = ()           # the fields the server chose (the others came from flags)
     reason: str = ""
     timings: LayoutTimings | None = field(default=None, compare=False)
+    backend: "BackendChoice | None" = field(default=None, compare=False)   # auto's backend choice (None: given)
 
     def describe(self) -> dict:
         d = {"runners": self.runners, "threads": self.threads, "solo_threads": self.solo_threads,
              "max_batch": self.max_batch, "auto": list(self.chosen), "reason": self.reason}
+        if self.backend is not None:
+            d["backend"] = self.backend.describe()
         if self.timings is not None:
             d["measured"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self.timings).items()}
         return d
 
     def summary(self) -> str:
         took = f" (measured in {self.timings.seconds:.1f} s)" if self.timings is not None else ""
-        return (f"runners {self.runners} x {self.threads} thread(s), solo session {self.solo_threads or 'none'}, "
+        chose = (f"backend {self.backend.backend} {self.backend.precision} ({self.backend.reason}); "
+                 if self.backend is not None else "")
+        return chose + (f"runners {self.runners} x {self.threads} thread(s), solo session "
+                        f"{self.solo_threads or 'none'}, "
                 f"max batch {self.max_batch} (auto: {', '.join(self.chosen) or 'none'}): {self.reason}{took}")
 
 
@@ -206,3 +218,92 @@ def measure_timings(single: Callable[[np.ndarray], object], pooled: Callable[[np
     return LayoutTimings(batch=batch, pooled_images_per_s=batch * 1e3 / best["pb"],
                          split_images_per_s=cores * batch * 1e3 / best["sb"], pooled_batch1_ms=best["p1"],
                          single_batch1_ms=best["s1"], seconds=time.perf_counter() - t0)
+
+
+# ---- which backend x precision runs the model (embedded mode, --backend auto --precision auto) ---------
+# Today's default. Another candidate replaces it only when it measures at least BACKEND_MARGIN times
+# its images/s: a start-up measurement on a busy machine reads +-5-10%, and picking a backend that is
+# really no faster would make the default slower on a bad draw (the issue's rule: never slower than today).
+BASELINE = ("onnxruntime", "fp32")
+BACKEND_MARGIN = 1.10
+
+
+@dataclass(frozen=True)
+class BackendTiming:
+    backend: str
+    precision: str
+    images_per_s: float        # one call of MEASURE_BATCH rows on every core
+    batch1_ms: float           # a lone image on every core
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    precision: str
+    reason: str
+    candidates: tuple[tuple[str, str], ...] = ()
+    timings: tuple[BackendTiming, ...] = ()
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "precision": self.precision, "reason": self.reason,
+                "candidates": [f"{b}/{p}" for b, p in self.candidates],
+                "measured": {f"{t.backend}/{t.precision}": {"images_per_s": round(t.images_per_s, 2),
+                                                            "batch1_ms": round(t.batch1_ms, 3)}
+                             for t in self.timings}}
+
+
+def backend_candidates(artifacts, bf16_verified: bool, native_bf16: bool,
+                       have_openvino: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """-> (the backend x precision pairs auto may run for a bundle with these ``artifacts``, why each other
+    one is out). Only fp32, or a precision the bundle verified at export AND the CPU runs natively (a CPU
+    record faked in tests plays one without bf16); int8 never (its accuracy is a separate choice: --backend
+    onnxruntime-int8 / openvino-int8)."""
+    if "onnx" not in artifacts:
+        return [], ["no model.onnx: the first of pt2, torchscript (export.load_bundle auto)"]
+    out, why = [BASELINE], []
+    if not have_openvino:
+        return out, ["openvino is not installed"]
+    out.append(("openvino", "fp32"))
+    if not bf16_verified:
+        why.append("bf16: the bundle records no bf16 verification (export --verify-precision bf16)")
+    elif not native_bf16:
+        why.append("bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+    else:
+        out.append(("openvino", "bf16"))
+    return out, why
+
+
+def choose_backend(timings: list[BackendTiming], excluded: list[str] = ()) -> BackendChoice:
+    """The fastest measured candidate by images/s among those that beat the baseline (onnxruntime fp32)
+    on both counts: BACKEND_MARGIN times its images/s, and a lone image no slower (a backend that wins
+    batches but loses batch 1 would make a quiet server's answers slower); the baseline when none does."""
+    base = next((t for t in timings if (t.backend, t.precision) == BASELINE), None)
+    cands = tuple((t.backend, t.precision) for t in timings)
+    note = f"; not tried: {'; '.join(excluded)}" if excluded else ""
+    if base is None:
+        best = max(timings, key=lambda t: t.images_per_s)
+        return BackendChoice(best.backend, best.precision, f"fastest measured{note}", cands, tuple(timings))
+    better = [t for t in timings if t is not base and t.images_per_s >= BACKEND_MARGIN * base.images_per_s
+              and t.batch1_ms <= base.batch1_ms]
+    if not better:
+        return BackendChoice(*BASELINE, f"no candidate reached {BACKEND_MARGIN:.2f}x onnxruntime fp32's "
+                             f"{base.images_per_s:.1f} images/s at batch {MEASURE_BATCH} with batch 1 no slower than "
+                             f"its {base.batch1_ms:.1f} ms{note}", cands, tuple(timings))
+    best = max(better, key=lambda t: t.images_per_s)
+    return BackendChoice(best.backend, best.precision,
+                         f"{best.images_per_s / base.images_per_s:.2f}x onnxruntime fp32's images/s "
+                         f"({best.images_per_s:.1f} vs {base.images_per_s:.1f}) at batch {MEASURE_BATCH}; batch 1 "
+                         f"{best.batch1_ms:.1f} vs {base.batch1_ms:.1f} ms{note}", cands, tuple(timings))
+
+
+def measure_backend(run: Callable[[np.ndarray], object], shape: tuple[int, int, int], batch: int = MEASURE_BATCH,
+                    rounds: int = 3) -> tuple[float, float]:
+    """(images/s at ``batch``, batch-1 ms) of one every-core session: the fastest of ``rounds`` calls
+    each, after one warm-up call per shape."""
+    rng = np.random.default_rng(0)
+    x1 = rng.integers(0, 256, (1, *shape), dtype=np.uint8)
+    xb = np.repeat(x1, batch, axis=0)
+    run(x1), run(xb)
+    b1 = min(_call_ms(lambda: run(x1)) for _ in range(rounds))
+    bb = min(_call_ms(lambda: run(xb)) for _ in range(rounds))
+    return batch * 1e3 / bb, b1

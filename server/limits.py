@@ -3,6 +3,8 @@
 Every route ends in ``InferenceService`` (fast path, Flask routes, KServe v2; embedded and Redis
 mode), which applies these checks in the same order:
 
+0. the number of images, declared or counted, at most ``--max-images`` (413), before any list of
+   them is built: the JSON ``images`` list, the multipart files, a KServe input's declared shape;
 1. the TTA policy text (length and type) before it is parsed;
 2. a client-chosen policy's views: at most ``--max-tta-views`` per image, resizes at most
    ``--max-tta-scale`` x the bundle's resize size (a bigger one costs memory and time quadratically:
@@ -59,6 +61,17 @@ class Deadline:
             raise APIError(504, f"request deadline of {self.timeout_s:g}s (--timeout-s) passed while {doing} "
                                 f"({now - self.arrival:.2f}s after arrival); send fewer or smaller images, or "
                                 "retry when the server is less busy")
+
+
+def check_image_count(n: int, limits: RequestLimits) -> None:
+    """The images of a request, counted or declared (a KServe shape), before any list of them is
+    built: the same limit and message on every route."""
+    if n < 1:
+        raise APIError(400, "no image in the request; send a file field, a raw image body, JSON "
+                            "{\"images\": [base64, ...]} or a KServe input 'images' of shape [N] with N >= 1")
+    if n > limits.max_images:
+        raise APIError(413, f"{n:,} images in one request; the limit is {limits.max_images} (--max-images): "
+                            "split the request")
 
 
 def check_policy_text(policy) -> str | None:

@@ -5,6 +5,8 @@ needs the manifest (classes, preprocessing, TTA), so it never loads weights.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from trainer.tta import TTAError, TTAView, check_views, parse_policy, views_from
 
 from .batching import PredictFn
 from .errors import APIError
-from .layout import Layout, LayoutRequest, choose_layout, device_layout, measure_timings, usable_cores
+from .layout import (BackendChoice, BackendTiming, Layout, LayoutRequest, backend_candidates, choose_backend,
+                     choose_layout, device_layout, measure_backend, measure_timings, usable_cores)
 
 log = logging.getLogger("server.layout")
 
@@ -93,6 +96,8 @@ class ServedModel:
         if self.backend.startswith("onnxruntime"):
             provider = ("TensorrtExecutionProvider" if "tensorrt" in self.backend else "CUDAExecutionProvider") \
                 if self.device.startswith("cuda") else "CPUExecutionProvider"
+        elif self.backend.startswith("openvino"):
+            provider = "OpenVINO CPU"
         else:
             provider = f"torch {self.device}"
         return {"device": self.device, "backend": self.backend, "provider": provider}
@@ -153,12 +158,59 @@ def _bundle_predict(bundle) -> tuple[PredictFn, Callable | None]:
     return one_at_a_time, combine
 
 
-def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str = "cpu", trust=((), False)):
-    """-> (bundle for the runners, solo bundle or None, layout). Auto: the every-core session is
+def _choose_backend(root: Path, trust, cores: int) -> BackendChoice | None:
+    """--backend auto --precision auto on the CPU: each backend x precision the bundle allows, measured
+    on every core, the choice by server.layout.choose_backend. None where there is nothing to choose
+    (an ensemble, a bundle without model.onnx, no openvino): export.load_bundle's auto then decides."""
+    from export.loader import bf16_verification
+
+    manifest = read_trusted_manifest(root, *trust)
+    if manifest.get("kind") != "model":
+        return None
+    try:
+        import openvino  # noqa: F401
+
+        from export.openvino_backend import cpu_record
+        have_ov, native_bf16 = True, cpu_record().native_bf16
+    except ImportError:
+        have_ov, native_bf16 = False, False
+    cands, excluded = backend_candidates(manifest["artifacts"], bf16_verification(manifest) is not None,
+                                         native_bf16, have_ov)
+    if len(cands) < 2:
+        return None
+    load_bundle = _trusted_loader(trust)
+    shape = (3, *_spec_from_manifest(manifest, root).crop_size)
+    timings = []
+    for backend, precision in cands:
+        bundle = load_bundle(str(root), backend=backend, threads=cores, precision=precision)
+        images_per_s, batch1_ms = measure_backend(_bundle_predict(bundle)[0], shape)
+        timings.append(BackendTiming(backend, precision, images_per_s, batch1_ms))
+        del bundle   # one model's weights at a time
+    return choose_backend(timings, excluded)
+
+
+def _load_with_layout(root: Path, backend: str, req: LayoutRequest, device: str = "cpu", trust=((), False),
+                      precision: str = "auto"):
+    """-> (bundle for the runners, solo bundle or None, layout). With --backend auto --precision auto on
+    the CPU the backend and precision are chosen first (_choose_backend). Auto: the every-core session is
     loaded first (one runner's, or the solo session's); a backend that takes concurrent calls also
     gets a single-thread session, both are timed, and the layout keeps the sessions it uses. On a
     CUDA device nothing is measured (server.layout.device_layout)."""
-    load_bundle = _trusted_loader(trust)
+    choice = None
+    if device == "cpu" and backend == "auto" and precision == "auto":
+        choice = _choose_backend(root, trust, usable_cores())
+        if choice is not None:
+            backend, precision = choice.backend, choice.precision
+    bundle, solo, layout = _load_sessions(root, backend, req, device, trust, precision)
+    if choice is None:
+        given = "from --backend/--precision" if (backend, precision) != ("auto", "auto") else \
+            "export.load_bundle's auto (nothing to choose between)"
+        choice = BackendChoice(bundle.backend, bundle.precision, f"{given}: {bundle.precision_reason}")
+    return bundle, solo, dataclasses.replace(layout, backend=choice)
+
+
+def _load_sessions(root: Path, backend: str, req: LayoutRequest, device: str, trust, precision: str):
+    load_bundle = functools.partial(_trusted_loader(trust), precision=precision)
 
     if device != "cpu":
         layout = device_layout(req, device)
@@ -200,7 +252,8 @@ def _trusted_loader(trust):
 
 def load_served_model(path: str | Path, backend: str = "auto", threads: int | None = None,
                       with_weights: bool = True, solo_threads: int = 0,
-                      layout: LayoutRequest | None = None, device: str = "cpu", trust=((), False)) -> ServedModel:
+                      layout: LayoutRequest | None = None, device: str = "cpu", trust=((), False),
+                      precision: str = "auto") -> ServedModel:
     """``layout`` (embedded mode): the tuning flags; the rest is chosen here (server.layout) and
     ``threads``/``solo_threads`` are ignored. Without it, one session with ``threads`` and, if
     solo_threads > 0 and the backend allows concurrent calls (onnxruntime), a second one with that
@@ -214,13 +267,14 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
 
         device = str(parse_device(device))   # "cuda" -> "cuda:0"; a typo is a BundleError naming the choices
     if with_weights and layout is not None:
-        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout, device, trust)
+        bundle, solo_bundle, chosen = _load_with_layout(root, backend, layout, device, trust, precision)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)
         solo = _bundle_predict(solo_bundle)[0] if solo_bundle is not None else None
         log.info("layout for %s: %s", manifest.get("name") or root.name, chosen.summary())
     elif with_weights:
-        load_bundle = _trusted_loader(trust)  # the one bundle reader (signature, sha256, schema, members)
+        # the one bundle reader (signature, sha256, schema, members)
+        load_bundle = functools.partial(_trusted_loader(trust), precision=precision)
         bundle = load_bundle(str(root), backend=backend, threads=threads, device=device)
         manifest = bundle.manifest
         predict, combine = _bundle_predict(bundle)

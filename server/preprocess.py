@@ -1,11 +1,13 @@
 """Decode step: encoded image bytes -> (V, 3, H, W) uint8 views, exactly as the bundle manifest says.
 
 Limits are checked from the header before any pixel is decoded (empty, unknown or disallowed
-format, too many pixels). Decoding itself is ``trainer.data.images.decode_image`` and the crop is
-``trainer.data.transforms.eval_transform`` / ``trainer.tta.apply_views``: the server never keeps a
-second copy of the preprocessing. With ``jpeg_draft`` a JPEG is decoded at the smallest DCT scale
-that still leaves the shorter side >= the resize size (PIL's ``Image.draft``), which is several
-times faster for photos much larger than the model input, at the cost of not being bit-exact.
+format, too many pixels). The accepted formats are training's (``trainer.data.images.IMAGE_FORMATS``,
+MPO included). Decoding itself is ``trainer.data.images.decode_image`` (which also refuses a JPEG
+with too many scans) and the crop is ``trainer.data.transforms.eval_transform`` /
+``trainer.tta.apply_views``: the server never keeps a second copy of the preprocessing. With
+``jpeg_draft`` a JPEG is decoded at the smallest DCT scale that still leaves the shorter side >= the
+resize size (``decode_image(draft_size=...)``), which is several times faster for photos much larger
+than the model input, at the cost of not being bit-exact.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from trainer.data.images import ImageDecodeError, _to_rgb_array, decode_image
+from trainer.data.images import IMAGE_FORMATS, ImageDecodeError, check_jpeg_scans, decode_image
 from trainer.data.transforms import PreprocessSpec, eval_transform
 from trainer.tta import TTAView, apply_views
 
@@ -26,7 +28,7 @@ from .errors import APIError
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = 40_000_000
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+    allowed_formats: tuple[str, ...] = IMAGE_FORMATS
     jpeg_draft: bool = False
 
 
@@ -51,22 +53,11 @@ def sniff(data: bytes, name: str, limits: DecodeLimits) -> tuple[str, int, int]:
     if w * h > limits.max_pixels:
         raise APIError(413, f"{name}: {w}x{h} = {w * h / 1e6:.1f} megapixels is above the limit of "
                             f"{limits.max_pixels / 1e6:.1f} (--max-pixels); downscale it first")
-    return fmt, w, h
-
-
-def _decode_draft(data: bytes, name: str, resize_size: int) -> np.ndarray:
-    """JPEG decoded at a reduced DCT scale; then the same conversions as decode_image."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            short = min(w, h)
-            # draft keeps both sides >= the request, so the shorter side stays >= resize_size
-            img.draft("RGB", (max(1, w * resize_size // short), max(1, h * resize_size // short)))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)   # as decode_image: no copy when upright
-            return _to_rgb_array(img)
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageDecodeError(f"{name}: unreadable image ({exc or type(exc).__name__})") from exc
+        check_jpeg_scans(data, name)   # before any decoding: each scan is another pass over the image
+    except ImageDecodeError as exc:
+        raise APIError(422, str(exc)) from exc
+    return fmt, w, h
 
 
 def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimits,
@@ -75,9 +66,7 @@ def decode_rgb(data: bytes, name: str, spec: PreprocessSpec, limits: DecodeLimit
     if fmt is None:
         fmt, _, _ = sniff(data, name, limits)
     try:
-        if limits.jpeg_draft and fmt == "JPEG":
-            return _decode_draft(data, name, spec.resize_size)
-        return decode_image(data, name=name)
+        return decode_image(data, name=name, draft_size=spec.resize_size if limits.jpeg_draft else None)
     except ImageDecodeError as exc:
         raise APIError(422, f"{exc}; the file may be truncated or corrupt") from exc
 

@@ -17,7 +17,8 @@ from .embedded import EmbeddedBatcher
 from .errors import APIError
 from .front import current_request_id
 from .layout import choose_layout, usable_cores
-from .limits import Deadline, RequestLimits, check_policy_text, check_request_pixels, check_rows, check_views
+from .limits import (Deadline, RequestLimits, check_image_count, check_policy_text, check_request_pixels,
+                     check_rows, check_views)
 from .metrics import ServerMetrics
 from .models import ModelSet, ServedModel
 from .preprocess import DecodeLimits, decode_to_views, sniff
@@ -124,12 +125,7 @@ class InferenceService:
         deadline = Deadline(self.cfg.timeout_s, arrival)
         t0 = time.perf_counter()
         model = self.models.get(model_name)
-        if not images:
-            raise APIError(400, "no image in the request; send a file field, a raw image body or JSON "
-                                "{\"images\": [base64, ...]}")
-        if len(images) > self.cfg.max_images:
-            raise APIError(413, f"{len(images)} images in one request; the limit is {self.cfg.max_images} "
-                                "(--max-images): split the request")
+        check_image_count(len(images), self.request_limits)
         k = check_topk(k, len(model.classes))
         policy, views = self.views(model, tta)
         pixels = self.decode(model, images, views, deadline)   # (n_images * V, 3, H, W) uint8
@@ -150,8 +146,7 @@ class InferenceService:
         if x.ndim != 4 or x.shape[1:] != (3, ch, cw):
             raise APIError(400, f"input tensor has shape {list(x.shape)}; model {model.name!r} takes "
                                 f"[N, 3, {ch}, {cw}] uint8 (resized and cropped as its manifest says)")
-        if x.shape[0] < 1 or x.shape[0] > self.cfg.max_images:
-            raise APIError(400, f"batch of {x.shape[0]} images; send 1 to {self.cfg.max_images} (--max-images)")
+        check_image_count(x.shape[0], self.request_limits)
         check_rows(x.shape[0], 1, self.request_limits)
         return self.run_job(model, np.ascontiguousarray(x, dtype=np.uint8), x.shape[0], 1,
                             Deadline(self.cfg.timeout_s, arrival)).probs
@@ -159,8 +154,7 @@ class InferenceService:
     def probs_for_images(self, model: ServedModel, images: list[tuple[str, bytes]], tta: str | None = None,
                          arrival: float | None = None) -> np.ndarray:
         deadline = Deadline(self.cfg.timeout_s, arrival)
-        if not images or len(images) > self.cfg.max_images:
-            raise APIError(400, f"send 1 to {self.cfg.max_images} encoded images (--max-images), got {len(images)}")
+        check_image_count(len(images), self.request_limits)
         _, views = self.views(model, tta)
         pixels = self.decode(model, images, views, deadline)
         return self.run_job(model, pixels, len(images), len(views), deadline).probs

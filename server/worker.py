@@ -2,293 +2,46 @@
 
     python -m server.worker --redis-url redis://127.0.0.1:6379/0 --bundle bundles/digits [--bundle ...]
 
-Run any number of them, on any machine. Each reads with XREADGROUP, gathers up to --max-batch rows
-or until --max-delay-ms passes, runs one batched inference, then writes each reply and XACKs it in
-one Lua script (so a job is answered once even if two workers end up holding it). Entries a dead
-worker left pending are reclaimed with XAUTOCLAIM after --claim-idle-ms; one delivered more than
---max-deliveries times goes to the dead-letter stream and its client gets an error. Jobs whose
-deadline has passed (on Redis' clock) are acknowledged without being computed; jobs sent for
-another bundle version are answered 409. SIGTERM drains: the batch in hand is answered and
-acknowledged, the consumer leaves the group, and the process exits 0 within --drain-timeout.
+Run any number of them, on any machine. Each reads the stream of its bundle (keys named by the
+bundle checksum: a worker holding another bundle of the model neither takes these jobs nor counts
+as live for its fronts) with XREADGROUP, gathers up to --max-batch rows or until --max-delay-ms
+passes, runs one batched inference, then writes each reply and XACKs it in one Lua script (so a job
+is answered once even if two workers end up holding it). While a batch runs, a keeper thread
+refreshes its entries (XCLAIM ... JUSTID) and the heartbeat, so a long batch is neither reclaimed
+nor taken for a dead worker. Entries a dead worker left pending are reclaimed with XAUTOCLAIM after
+--claim-idle-ms; one delivered more than --max-deliveries times goes to the dead-letter stream and
+its client gets an error. Jobs whose deadline has passed (on Redis' clock) are acknowledged without
+being computed; a job naming another bundle (written by hand into this stream) is answered 409.
+SIGTERM drains: the batch in hand is answered and acknowledged, the consumer leaves the group, and
+the process exits 0 within --drain-timeout.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import math
 import signal
 import sys
 import threading
 import time
 
-import redis
-
-from .batching import Job, run_batch
 from .config import WorkerConfig, add_common_arguments
 from .logs import add_logging_arguments, setup_logging
 from .metrics import ServerMetrics
-from .models import ServedModel, load_served_model
-from .redis_front import check_url, connect, redact_url
-from .redisq import (GROUP, HEARTBEAT_SCRIPT, LEAVE_SCRIPT, REPLY_SCRIPT, Keys, bundle_checksum, decode_job,
-                     encode_reply, stream_id_key)
+from .models import load_served_model
+from .redis_front import check_url, redact_url
+from .redis_worker import MIN_CLAIM_IDLE_MS, ModelWorker
 
 log = logging.getLogger("server.worker")
-DEAD_CONSUMER_IDLE_MS = 60_000   # a consumer silent this long, holding nothing, belonged to a killed worker
-
-
-class ModelWorker(threading.Thread):
-    def __init__(self, cfg: WorkerConfig, model: ServedModel, metrics: ServerMetrics, stop: threading.Event):
-        super().__init__(name=f"worker-{model.name}", daemon=True)
-        self.cfg, self.model, self.metrics, self.stop = cfg, model, metrics, stop
-        self.keys = Keys(cfg.prefix)
-        self.stream = self.keys.jobs(model.name)
-        self.r = connect(cfg.redis_url)
-        self._reply = self.r.register_script(REPLY_SCRIPT)
-        self._beat = self.r.register_script(HEARTBEAT_SCRIPT)
-        self._leave = self.r.register_script(LEAVE_SCRIPT)
-        self._next_beat = self._next_claim = self._next_sweep = 0.0
-        self._group_missing = False
-        self.max_rows = min(cfg.max_batch, model.max_batch)
-        self.checksum = bundle_checksum(model)
-        self._execution = json.dumps(model.execution(), separators=(",", ":"))   # fronts report it
-        self.clock_offset_s = 0.0   # Redis TIME - this machine's time.time(), measured at each heartbeat
-        self.drained = threading.Event()   # set when the loop has left (after a stop: batch answered)
-
-    # -- Redis plumbing -------------------------------------------------------------------------
-    def ensure_group(self) -> None:
-        try:   # from id 0: jobs added before any worker existed are served (or skipped as expired)
-            self.r.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def prepare(self) -> None:
-        """Create the group and send the first heartbeat before saying "ready" (a front refuses
-        jobs for a model with no live worker). Redis being down is not fatal: the loop retries."""
-        try:
-            self.ensure_group()
-            self.heartbeat()
-            self._next_beat = time.time() + 1.0
-        except redis.RedisError as exc:
-            log.warning("Redis at %s: %s (%s); will keep retrying", redact_url(self.cfg.redis_url),
-                        type(exc).__name__, exc)
-
-    def _finish(self, entry_id, reply_key: str, job_id: str, payload: bytes, stat: str, rows: int,
-                dead_reason: str = "") -> bool:
-        m = self.model.name
-        keys = [self.stream, reply_key, self.keys.stats(m), self.keys.dead(m) if dead_reason else "", self.keys.rows(m)]
-        return bool(self._reply(keys=keys, args=[GROUP, entry_id, payload, self.cfg.reply_ttl_s, stat, job_id,
-                                                 dead_reason, rows]))
-
-    def _dead_letter(self, entry_id, fields: dict, reason: str) -> None:
-        reply = fields.get(b"reply", b"").decode() or self.keys.reply("unknown")
-        job_id = fields.get(b"id", b"?").decode()
-        msg = f"job {job_id} {reason}; moved to the dead-letter stream {self.keys.dead(self.model.name)}"
-        payload = encode_reply({"error": msg, "status": 500})
-        self._finish(entry_id, reply, job_id, payload, "dead", _rows(fields), reason)
-        self.metrics.dead_letters.labels(self.model.name).inc()
-        self.metrics.count_prediction(self.model.name, ok=False)
-        log.error("%s", msg, extra=_rid(fields.get(b"rid", b"").decode(errors="replace") or job_id))
-
-    def _refuse(self, entry_id, job: Job, reply: str) -> None:
-        """A job for another bundle: answer it with an error naming both, never with our labels."""
-        msg = (f"model {self.model.name!r}: the front sent this job for version {job.model_version or '?'} "
-               f"(bundle sha256 {job.bundle_checksum[:12] or '?'}) but worker {self.cfg.consumer} holds version "
-               f"{self.model.version} (bundle sha256 {self.checksum[:12]}); run fronts and workers with the same "
-               "bundle (during a rolling upgrade, use another --prefix for the new version)")
-        log.error("%s", msg, extra=_rid(job.request_id or job.id))   # before the reply: the front returns on it
-        self.metrics.count_prediction(self.model.name, ok=False)
-        self._finish(entry_id, reply, job.id, encode_reply({"error": msg, "status": 409}), "refused", job.rows)
-
-    # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> None:
-        backoff = 0.1
-        try:
-            while not self.stop.is_set():
-                try:
-                    self.step()
-                    backoff = 0.1
-                except redis.ResponseError as exc:
-                    if "NOGROUP" in str(exc):   # Redis restarted empty, or the stream was deleted
-                        self._next_beat, self._group_missing = 0.0, True
-                        continue
-                    # OOM at maxmemory, READONLY after a failover, LOADING...: wait for Redis to recover
-                    backoff = self._retry_later(f"Redis refused a command ({type(exc).__name__}: {exc})", backoff)
-                except redis.RedisError as exc:   # connection lost, socket timeout, ...: wait for it to come back
-                    backoff = self._retry_later(f"Redis unreachable ({type(exc).__name__}: {exc})", backoff)
-            self.leave()
-        finally:
-            self.drained.set()
-
-    def _retry_later(self, why: str, backoff: float) -> float:
-        self._next_beat = self._next_claim = 0.0   # beat again as soon as Redis is back
-        log.warning("%s; retrying in %.1fs", why, backoff)
-        self.stop.wait(backoff)
-        return min(2.0, backoff * 2)
-
-    def leave(self) -> None:
-        """Clean shutdown: stop advertising this worker; forget the consumer if it holds nothing
-        (what it still holds stays pending, for another worker to reclaim)."""
-        try:
-            held = self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, self.cfg.consumer])
-            if held:
-                log.warning("consumer %s left entries pending on %s; another worker will reclaim them",
-                            self.cfg.consumer, self.stream)
-        except redis.RedisError as exc:
-            log.warning("could not deregister consumer %s (%s)", self.cfg.consumer, exc)
-
-    def withdraw(self) -> None:
-        """Drain starts: fronts stop counting this worker as live at once (a front with no other
-        worker for the model answers a fast 503 instead of queueing for nobody)."""
-        try:
-            self.r.zrem(self.keys.workers(self.model.name), self.cfg.consumer)
-        except redis.RedisError:
-            pass   # the heartbeat then simply ages out
-
-    def heartbeat(self) -> None:
-        if self.stop.is_set():   # draining: never advertise again
-            return
-        t0 = time.time()
-        sec, usec = self._beat(keys=[self.keys.workers(self.model.name), self.keys.execution(self.model.name)],
-                               args=[self.cfg.consumer, self._execution])
-        t1 = time.time()
-        self.clock_offset_s = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
-
-    def step(self) -> None:
-        if self._group_missing:   # here, inside the loop's error handling (Redis may be gone again)
-            self.ensure_group()
-            self._group_missing = False
-        now = time.time()
-        if now >= self._next_beat:
-            self.heartbeat()
-            self._next_beat = now + 1.0
-        if now >= self._next_claim:
-            self.reclaim()
-            self._next_claim = now + max(0.1, self.cfg.claim_idle_ms / 2000.0)
-        if now >= self._next_sweep:
-            self.forget_dead_consumers()
-            self._next_sweep = now + 30.0
-        got = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=self.max_rows, block=500)
-        entries = got[0][1] if got else []
-        if not entries:
-            return
-        rows = sum(_rows(f) for _, f in entries)
-        # Fill the batch for at most max_delay_ms with non-blocking reads 1 ms apart: Redis wakes a
-        # blocked reader on new entries at once, but only notices a short BLOCK timeout at its next
-        # cron tick (up to 100 ms at the default hz 10), so BLOCK cannot time a 2 ms window.
-        # A stop (drain) ends the filling: what is in hand is answered, nothing more is taken.
-        end = time.monotonic() + self.cfg.max_delay_ms / 1000.0
-        while rows < self.max_rows and not self.stop.is_set():
-            more = self.r.xreadgroup(GROUP, self.cfg.consumer, {self.stream: ">"}, count=max(1, self.max_rows - rows))
-            if more and more[0][1]:
-                entries += more[0][1]
-                rows += sum(_rows(f) for _, f in more[0][1])
-                continue
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            time.sleep(min(left, 0.001))
-        self.process(entries)
-
-    def reclaim(self) -> None:
-        start = "0-0"
-        for _ in range(10):
-            if self.stop.is_set():   # draining: take nothing new, reclaimed entries included
-                return
-            res = self.r.xautoclaim(self.stream, GROUP, self.cfg.consumer, self.cfg.claim_idle_ms,
-                                    start_id=start, count=self.max_rows)
-            start, msgs = res[0], [m for m in res[1] if m and m[1]]
-            if msgs:
-                ids = sorted((m[0] for m in msgs), key=stream_id_key)   # numeric order: "-10" after "-9"
-                pend = self.r.xpending_range(self.stream, GROUP, min=ids[0], max=ids[-1], count=len(ids) * 4 + 10,
-                                             consumername=self.cfg.consumer)
-                times = {p["message_id"]: p["times_delivered"] for p in pend}
-                log.warning("reclaimed %d stalled job(s) from %s", len(msgs), self.stream)
-                live = []
-                for eid, fields in msgs:
-                    n = times.get(eid, 1)
-                    if n > self.cfg.max_deliveries:
-                        self._dead_letter(eid, fields, f"failed on {n - 1} deliveries to workers")
-                    else:
-                        live.append((eid, fields))
-                if live:
-                    self.process(live)
-            if start in (b"0-0", "0-0"):
-                break
-
-    def forget_dead_consumers(self) -> None:
-        """Consumers of killed workers stay in the group after their entries were reclaimed; drop
-        those that hold nothing and were silent for a minute (the script re-checks atomically)."""
-        try:
-            consumers = self.r.xinfo_consumers(self.stream, GROUP)
-        except redis.ResponseError:   # no group yet
-            return
-        for c in consumers:
-            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-            if name != self.cfg.consumer and c["pending"] == 0 and c["idle"] > DEAD_CONSUMER_IDLE_MS:
-                self._leave(keys=[self.stream, self.keys.workers(self.model.name)], args=[GROUP, name])
-
-    def process(self, entries: list) -> None:
-        jobs: list[tuple[bytes, Job, str]] = []
-        now = time.time()
-        for eid, fields in entries:
-            try:
-                job, reply = decode_job(self.model.name, fields, eid, self.clock_offset_s)
-            except ValueError as exc:
-                self._dead_letter(eid, fields, f"is malformed ({exc})")
-                continue
-            if job.expired(now):
-                self._finish(eid, reply, job.id, b"", "expired", job.rows)
-                self.metrics.expired.labels(self.model.name).inc()
-                log.info("job %s expired before a worker took it; skipped", job.id, extra=_rid(job.request_id))
-                continue
-            if (job.model_version, job.bundle_checksum) != (self.model.version, self.checksum):
-                self._refuse(eid, job, reply)
-                continue
-            jobs.append((eid, job, reply))
-        if not jobs:
-            return
-        try:
-            results = run_batch([j for _, j, _ in jobs], self.model.predict, self.max_rows, self.model.combine)
-            groups = [(jobs, results)]
-        except Exception:
-            log.exception("batch of %d jobs failed (requests %s); retrying them one by one", len(jobs),
-                          ", ".join(j.request_id or j.id for _, j, _ in jobs))
-            groups = []
-            for item in jobs:
-                try:
-                    groups.append(([item], run_batch([item[1]], self.model.predict, self.max_rows, self.model.combine)))
-                except Exception:   # left pending: reclaimed later, dead-lettered after max_deliveries
-                    self.metrics.count_prediction(self.model.name, ok=False)
-                    log.exception("job %s failed", item[1].id, extra=_rid(item[1].request_id))
-        for items, results in groups:
-            r0 = results[0]
-            self.metrics.observe_result(self.model.name, r0.batch_rows, r0.queue_s, r0.infer_s, 0)
-            for (eid, job, reply), res in zip(items, results):
-                meta = {"batch_rows": res.batch_rows, "queue_s": res.queue_s, "infer_s": res.infer_s,
-                        "worker": self.cfg.consumer}
-                if self._finish(eid, reply, job.id, encode_reply(meta, res.probs), "replied", job.rows):
-                    self.metrics.images.labels(self.model.name).inc(job.n_images)
-                    self.metrics.count_prediction(self.model.name, ok=True)
-
-
-def _rid(request_id: str) -> dict:
-    """``extra`` for a job's log lines: its HTTP request id (server.logs prints it), else none."""
-    return {"request_id": request_id or "-"}
-
-
-def _rows(fields: dict) -> int:
-    try:
-        return int(fields[b"shape"].split(b",")[0])
-    except (KeyError, ValueError):
-        return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("--redis-url", required=True, help="e.g. redis://127.0.0.1:6379/0")
     add_common_arguments(p)
-    p.add_argument("--claim-idle-ms", type=int, default=5000, help="reclaim jobs pending this long")
+    p.add_argument("--claim-idle-ms", type=int, default=5000,
+                   help=f"reclaim jobs pending this long (>= {MIN_CLAIM_IDLE_MS}; a running batch's entries are "
+                        "refreshed every third of it, so only a dead or stalled worker's are taken)")
     p.add_argument("--max-deliveries", type=int, default=3, help="then dead-letter the job")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to finish and acknowledge the batch in hand before exiting 0")
@@ -300,16 +53,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_worker_args(a: argparse.Namespace) -> None:
+    """Refuse a worker flag that could only misbehave (a batch of 0 rows, replies that expire at
+    once, reclaiming running batches...), naming the flag and what it accepts. Raises ValueError."""
+    if not a.bundles:
+        raise ValueError("pass --bundle DIR (a bundle written by `python -m export`)")
+    for flag, v, low, what in (("--max-batch", a.max_batch, 1, "model rows per batched call"),
+                               ("--threads", a.threads, 1, "intra-op threads per model"),
+                               ("--max-deliveries", a.max_deliveries, 1, "deliveries before a job is dead-lettered"),
+                               ("--reply-ttl-s", a.reply_ttl_s, 1, "seconds an unread reply stays in Redis"),
+                               ("--claim-idle-ms", a.claim_idle_ms, MIN_CLAIM_IDLE_MS,
+                                "ms a pending entry must be idle before another worker reclaims it")):
+        if v is not None and v < low:
+            raise ValueError(f"{flag} must be >= {low} ({what}), got {v}")
+    for flag, v, what in (("--max-delay-ms", a.max_delay_ms, "longest wait for a batch to fill"),
+                          ("--drain-timeout", a.drain_timeout, "seconds to finish the batch in hand on SIGTERM")):
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{flag} must be a finite number >= 0 ({what}), got {v}")
+    if a.metrics_port is not None and not 1 <= a.metrics_port <= 65535:
+        raise ValueError(f"--metrics-port must be a TCP port 1-65535 (leave it out for no /metrics), got {a.metrics_port}")
+    for flag, v in (("--prefix", a.prefix), ("--consumer", a.consumer), ("--metrics-host", a.metrics_host)):
+        if v is not None and (not v.strip() or v != v.strip()):
+            raise ValueError(f"{flag} must be a non-empty name without surrounding spaces, got {v!r}")
+    check_url(a.redis_url)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .memory import keep_freed_memory
 
     keep_freed_memory()
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    if not args.bundles:
-        print("error: pass --bundle DIR (a bundle written by `python -m export`)", file=sys.stderr)
+    try:
+        check_worker_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend, threads=args.threads,
+    cfg = WorkerConfig(redis_url=args.redis_url, bundles=args.bundles, backend=args.backend,
+                       precision=args.precision, threads=args.threads,
                        max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, claim_idle_ms=args.claim_idle_ms,
                        max_deliveries=args.max_deliveries, prefix=args.prefix, reply_ttl_s=args.reply_ttl_s,
                        metrics_port=args.metrics_port, metrics_host=args.metrics_host, device=args.device,
@@ -320,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_url(cfg.redis_url)
         trust = (cfg.trusted_keys, cfg.require_signature)
-        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device, trust=trust) for b in cfg.bundles]
+        models = [load_served_model(b, cfg.backend, cfg.threads, device=cfg.device, trust=trust,
+                                    precision=cfg.precision) for b in cfg.bundles]
     except (ValueError, OSError) as exc:   # bundle refusals name the file and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -329,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics.model_info(m.name, version=m.version, **m.execution())
     if cfg.metrics_port:
         from prometheus_client import start_http_server
-        start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
+        try:
+            start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=metrics.registry)
+        except OSError as exc:   # port taken, address not on this machine
+            print(f"error: --metrics-host {cfg.metrics_host} --metrics-port {cfg.metrics_port}: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -41,10 +41,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on machines with
     raise ImportError(f"classify_native: the compiled module is missing or does not load ({exc}); "
                       f"{BUILD_HINT}") from exc
 
-# Make load_bundle(..., backend="native") work once this package is imported.
-from . import backend as _backend  # noqa: E402
-
-_backend.register()
+# load_bundle(..., backend="native") finds classify_native.backend:native_backend by name (export.loader.PLUGINS);
+# this package does not import the export package (no import circle).
 
 __all__ = ["Runtime", "NativeError", "BundleError", "ImageError", "OptionError", "decode_file", "decode_bytes",
            "preprocess", "parse_tta_policy", "file_sha256", "check_torch", "BUILT_FOR_TORCH"]

@@ -1,7 +1,6 @@
 """The native runtime as a backend of the Python bundle loader (export.load_bundle).
 
-    import classify_native.backend; classify_native.backend.register()
-    from export import load_bundle
+    from export import load_bundle        # finds native_backend by name (export.loader.PLUGINS)
     bundle = load_bundle("bundles/digits", backend="native", threads=2)
 
 The loader keeps decoding, preprocessing and TTA in Python and calls this backend for the model
@@ -39,13 +38,3 @@ def native_backend(folder: Path, manifest: dict, threads: int | None, device: st
 
     return run
 
-
-def register() -> bool:
-    """Register backend 'native' with export.loader; False when the export package is absent."""
-    try:
-        from export.loader import list_backends, register_backend
-    except ImportError:
-        return False
-    if BACKEND_NAME not in list_backends():
-        register_backend(BACKEND_NAME, native_backend)
-    return True

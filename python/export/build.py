@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoints import model_from_checkpoint
+from trainer.inference import model_from_checkpoint
 from trainer.engine.checkpoint import file_sha256 as checkpoint_sha256
 from trainer.tta import MERGES, check_views, parse_policy
 
@@ -32,6 +32,7 @@ from .manifest import (ARTIFACT_FILES, INPUT_NAME, OUTPUT_NAME, PRECISIONS, SCHE
 from .onnx_metadata import embed_onnx_metadata
 from .quantize import CALIBRATION_METHODS
 from .portable import compiled_for, resolve_isa
+from .precision import check_precision_options
 from .samples import calibration_images, validation_images
 from .verify import check_parity
 
@@ -70,6 +71,8 @@ class ExportOptions:
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     cuda_tolerance: float = 1e-3  # fp32 CUDA artifacts vs eager fp32 on the GPU (cuda_export.py says why)
     half_tolerance: float | None = None  # None: fp16 1e-2, bf16 5e-2
+    # reduced precisions of model.onnx to measure against fp32 at export (export.precision): "bf16"
+    verify_precisions: list[str] = field(default_factory=list)
 
 
 def resolve_formats(names: list[str]) -> list[str]:
@@ -115,6 +118,13 @@ def _check_options(o: ExportOptions) -> None:
         raise BundleError(f"--max-accuracy-drop must be a number of percentage points, got {o.max_accuracy_drop}")
     if o.quantize and "onnx" not in o.formats:
         o.formats.append("onnx")  # the int8 model is quantized from the fp32 ONNX
+    check_precision_options(o.verify_precisions)
+    if o.verify_precisions and not math.isfinite(o.max_accuracy_drop):
+        raise BundleError(f"--max-accuracy-drop must be a number of percentage points, got {o.max_accuracy_drop}")
+    if o.verify_precisions and not o.verify:
+        raise BundleError("--verify-precision measures against the verified fp32 artifacts; drop --no-verify")
+    if o.verify_precisions and "onnx" not in o.formats:
+        o.formats.append("onnx")  # bf16 runs model.onnx (OpenVINO)
     bad = [n for n in o.pt2_static_batches if not 1 <= n <= o.max_batch]
     if bad:
         raise BundleError(f"--pt2-static-batches {bad}: each size must be between 1 and --max-batch {o.max_batch}")
@@ -189,8 +199,13 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
             return net(x)
 
     half = any(p != "fp32" for p in opts.precisions)
-    need_val = opts.validation_limit if opts.quantize or half else 8  # top-1 checks want many images
+    gated = opts.quantize or opts.verify_precisions
+    need_val = opts.validation_limit if gated or half else 8  # top-1 checks want many images
     val = validation_images(spec, classes, opts.data, opts.calibration, limit=need_val)
+    if opts.verify_precisions and val.labels is None:
+        raise BundleError(f"--verify-precision needs labelled validation images to measure top-1, and {val.source} "
+                          "has no labels; give --data DATA (a dataset with a val split, class folders or a list "
+                          "file). No bundle was written.")
     if opts.quantize and val.labels is None:
         raise BundleError(f"--quantize int8 needs labelled validation images to check its top-1, and {val.source} "
                           "has no labels; give --data DATA (a dataset with a val split, class folders or a list "
@@ -253,6 +268,12 @@ def build_bundle(opts: ExportOptions, say=print) -> tuple[Path, dict]:
 
             embedded = {k: v for k, v in manifest.items() if k != "artifacts"}
             manifest["artifacts"].update(build_cuda_artifacts(opts, tmp, loaded.model, spec, val, embedded, say))
+        if opts.verify_precisions:
+            from .precision import verify_bf16
+
+            onnx = manifest["artifacts"]["onnx"]
+            onnx["precision_checks"] = {"bf16": verify_bf16(tmp / onnx["file"], eager, val, opts.max_batch,
+                                                            opts.max_accuracy_drop, say)}
         if opts.quantize:
             manifest["artifacts"]["onnx_int8"] = _int8(opts, tmp, manifest, spec, eager, val, say)
         write_manifest(tmp, manifest)

@@ -5,6 +5,8 @@
         --device cuda --precision fp32 fp16       # + TorchScript and .pt2 compiled for the GPU (docs/export.md)
     python -m export --checkpoint runs/digits/best.pt --format onnx --quantize int8 \
         --calibration data/digits/train --data data/digits --out bundles/digits-int8
+    python -m export --checkpoint runs/digits/best.pt --format onnx --verify-precision bf16 --data data/digits \
+        --out bundles/digits     # bf16 top-1 measured (OpenVINO) and recorded: precision auto may then run bf16
     python -m export ensemble --members bundles/a bundles/b --fusion mean --out bundles/ab
     python -m export triton bundles/digits --out models        # Triton model repository: models/digits/
     python -m export --checkpoint runs/digits/best.pt --format triton --triton-repo models --out bundles/digits
@@ -51,8 +53,12 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="how --quantize int8 picks activation ranges (onnxruntime CalibrationMethod)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, metavar="POINTS",
-                   help="--quantize int8 fails (exit 1, no bundle) when int8 top-1 on the labelled validation "
-                        "images is more than this many percentage points below fp32")
+                   help="--quantize int8 and --verify-precision bf16 fail (exit 1, no bundle) when their top-1 on the "
+                        "labelled validation images is more than this many percentage points below fp32")
+    p.add_argument("--verify-precision", nargs="+", default=[], metavar="P", choices=["bf16"],
+                   help="bf16: measure model.onnx in bf16 (OpenVINO, on this CPU's native bf16) against fp32 on the "
+                        "--data validation images (top-1, probability gap) and record it in the manifest; only such "
+                        "a bundle runs bf16 under precision auto (loader, server). Needs a CPU with AVX-512 BF16 or AMX")
     p.add_argument("--data", help="dataset whose validation split verifies the bundle and scores int8")
     p.add_argument("--name", help="bundle name (default: <dataset>-<architecture>)")
     p.add_argument("--tta", default="none", help="default TTA policy written into the manifest")
@@ -106,7 +112,7 @@ def _cmd_export(argv) -> int:
                          pt2_static_batches=sorted(set(a.pt2_static_batches)), pt2_isa=a.pt2_isa,
                          pt2_program=a.pt2_program, device=a.device,
                          precisions=list(dict.fromkeys(a.precision)), cuda_tolerance=a.cuda_tolerance,
-                         half_tolerance=a.half_tolerance)
+                         half_tolerance=a.half_tolerance, verify_precisions=list(dict.fromkeys(a.verify_precision)))
     out, manifest = build_bundle(opts)
     if triton:
         from .triton_repo import write_triton_model

@@ -191,6 +191,22 @@ def _onnx_cuda_runner(session, index: int, keep_on_device: bool) -> Runtime:
     return run
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` for one call and restored afterwards (None: left
+    alone). torch has no per-module thread pool, only the process-wide setting: set at load time, one
+    model's threads=1 used to become every later model's and the trainer's."""
+    prev = torch.get_num_threads()
+    if not threads or threads == prev:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def open_runtime(source: Source, fmt: str, threads: int | None = None, device: str = "cpu",
                  static_batch_models: dict | None = None, keep_on_device: bool = False,
                  tensorrt: bool = False) -> Runtime:
@@ -215,8 +231,6 @@ def open_runtime(source: Source, fmt: str, threads: int | None = None, device: s
 
         return run_onnx
     require_cuda(dev, f"{fmt} device")
-    if threads:
-        torch.set_num_threads(threads)  # process-wide: torch has no per-module thread pool
     target = torch.device(str(dev))
     if fmt == "torchscript":
         with warnings.catch_warnings():  # "torch.jit.load is deprecated": still the format C++ loads
@@ -229,7 +243,7 @@ def open_runtime(source: Source, fmt: str, threads: int | None = None, device: s
         raise BundleError(f"unknown artifact format {fmt!r}")
 
     def run_torch(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             out = module(x.to(target, non_blocking=True).contiguous())
             return out if keep_on_device else out.cpu()
 

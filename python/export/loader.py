@@ -10,9 +10,21 @@ Backends: ``onnxruntime`` (model.onnx), ``onnxruntime-int8`` (model.int8.onnx), 
 (model.ts), ``pt2`` (model.pt2), ``eager`` (rebuilds the model from the source checkpoint that the
 manifest records; only where that file still exists with the recorded sha256: a bundle copied to
 another machine has no eager backend) and ``auto`` (the first of onnxruntime, pt2, torchscript the
-bundle has). ``register_backend`` adds more (the native C++ module registers ``native``). Every
-backend reads the artifact once, checks the sha256 of those bytes and loads from them (never from the
-path again: manifest.read_artifact).
+bundle has), ``openvino`` (model.onnx on OpenVINO's CPU plugin) and ``openvino-int8``
+(model.int8.onnx on it), ``native`` (the C++ runtime: export.loader knows its factory by name,
+``classify_native.backend:native_backend``, and imports it only when asked; the plugin does not
+register itself, so neither package imports the other at import time). ``register_backend`` adds
+more. Every backend reads the artifact once, checks the sha256 of those bytes and loads from them
+(never from the path again: manifest.read_artifact).
+
+``precision``: ``fp32``, ``bf16`` (backend ``openvino`` only, on a CPU with native bf16) or ``auto``
+(the default): bf16 only where the backend runs it, the CPU has native bf16 AND the manifest records
+that bf16 was verified at export (``python -m export ... --verify-precision bf16``); fp32 otherwise.
+``bundle.precision`` and ``bundle.precision_reason`` say what was chosen and why.
+
+``threads``: the model's own intra-op threads. onnxruntime and OpenVINO take them per session;
+TorchScript, ``.pt2`` and eager have only torch's process-wide setting, so they set it for the
+duration of each call and restore it afterwards (a load never changes it).
 
 Signatures (export.signing, docs/BUNDLE.md "Trust"): ``load_bundle(path, trusted_keys=["pub.pem"],
 require_signature=True)`` refuses a bundle whose signature.json is missing, made by another key, or
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -41,7 +54,7 @@ from trainer.data import decode_image
 from trainer.tta import TTAView, apply_views, check_views, merge_probs, parse_policy, views_from_data
 
 from .devices import Device, parse_device, require_cuda
-from .formats import Runtime, open_runtime
+from .formats import Runtime, open_runtime, torch_threads
 from .manifest import (BundleError, artifact_key, file_sha256, manifest_path, preprocess_spec, read_artifact,
                        read_manifest_bytes, read_member)
 from .portable import pt2_problem, pt2_refusal
@@ -51,6 +64,12 @@ log = logging.getLogger("export.loader")
 
 BackendFactory = Callable[[Path, dict, "int | None", str], Runtime]  # (folder, manifest, threads, device)
 _BACKENDS: dict[str, BackendFactory] = {}
+# backends that take precision= (besides fp32): name -> the precisions they run
+_PRECISIONS: dict[str, tuple[str, ...]] = {}
+# backends living in other packages, found by name and imported only when asked for (no import circle:
+# the plugin may import export.loader, export.loader never imports the plugin at import time)
+PLUGINS = {"native": "classify_native.backend:native_backend"}
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 # sha256 of the manifest.json bytes being loaded (the ones whose signature and hashes were checked), set
 # while a backend factory runs: a backend that reads the bundle again itself (the native one) compares.
 _MANIFEST_SHA256: contextvars.ContextVar[str] = contextvars.ContextVar("manifest_sha256", default="")
@@ -67,16 +86,39 @@ _BACKEND_ARTIFACT = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx_int8", "to
                      "pt2": "pt2"}
 
 
-def register_backend(name: str, factory: BackendFactory, replace: bool = False) -> None:
+def register_backend(name: str, factory: BackendFactory, replace: bool = False,
+                     precisions: tuple[str, ...] = ("fp32",)) -> None:
     """Add a backend: ``factory(bundle_folder, manifest, threads, device)`` returns a callable that maps a
-    (N, 3, H, W) uint8 tensor (N <= max_batch) to (N, K) float32 probabilities (tensor or array)."""
+    (N, 3, H, W) uint8 tensor (N <= max_batch) to (N, K) float32 probabilities (tensor or array).
+    ``precisions`` other than fp32 only: the factory is called with ``precision=`` too."""
     if name in _BACKENDS and not replace:
         raise ValueError(f"backend {name!r} is already registered")
     _BACKENDS[name] = factory
+    if tuple(precisions) != ("fp32",):
+        _PRECISIONS[name] = tuple(precisions)
+    else:
+        _PRECISIONS.pop(name, None)
 
 
 def list_backends() -> list[str]:
-    return ["auto", *sorted(_BACKENDS)]
+    return ["auto", *sorted(set(_BACKENDS) | set(PLUGINS))]
+
+
+def backend_precisions(name: str) -> tuple[str, ...]:
+    """The precisions backend ``name`` runs (fp32 for every backend; bf16 for openvino)."""
+    return _PRECISIONS.get(name, ("fp32",))
+
+
+def _factory(name: str) -> BackendFactory:
+    """The registered factory, or a plugin's, imported now ('module:function' in PLUGINS)."""
+    if name in _BACKENDS:
+        return _BACKENDS[name]
+    module, func = PLUGINS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as exc:
+        raise BundleError(f"backend 'native' needs the compiled runtime ({exc}); build it with "
+                          "'bash scripts/setup.sh' or 'cmake -S . -B build && cmake --build build'") from None
 
 
 def compiled_artifact(manifest: dict, family: str, device: Device, precision: str = "fp32", folder="") -> str:
@@ -125,7 +167,7 @@ def _artifact_factory(key: str, precision: str = "fp32") -> BackendFactory:
 
 
 def _eager_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
 
     from .graph import probability_model
 
@@ -137,13 +179,11 @@ def _eager_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
     if file_sha256(ckpt) != prov.get("checkpoint_sha256"):
         raise BundleError(f"{ckpt}: changed since the bundle was exported (sha256 differs); re-export the bundle "
                           "or use an artifact backend")
-    if threads:
-        torch.set_num_threads(threads)
     loaded = model_from_checkpoint(ckpt, prov.get("weights", "auto"))
     net = probability_model(loaded.model, preprocess_spec(manifest)).to(device)
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch_threads(threads), torch.inference_mode():
             return net(x.to(device)).cpu()
 
     return run
@@ -167,6 +207,67 @@ def _tensorrt_factory(folder: Path, manifest: dict, threads, device) -> Runtime:
 
 register_backend("onnxruntime-tensorrt", _tensorrt_factory)
 register_backend("eager", _eager_factory)
+
+
+def _openvino_factory(key: str) -> BackendFactory:
+    def factory(folder: Path, manifest: dict, threads, device, precision: str = "fp32") -> Runtime:
+        from .openvino_backend import open_openvino
+
+        if parse_device(device).is_cuda:
+            raise BundleError(f"backend 'openvino' runs on the CPU (its CPU plugin); use device='cpu', or backend "
+                              f"'onnxruntime' for {device}")
+        return open_openvino(read_artifact(folder, manifest, key), threads, precision)
+
+    return factory
+
+
+register_backend("openvino", _openvino_factory("onnx"), precisions=("fp32", "bf16"))
+register_backend("openvino-int8", _openvino_factory("onnx_int8"))
+
+
+def bf16_verification(manifest: dict) -> dict | None:
+    """The manifest's record that bf16 kept top-1 within the gate at export (model.onnx), or None."""
+    return ((manifest.get("artifacts", {}).get("onnx") or {}).get("precision_checks") or {}).get("bf16")
+
+
+def resolve_precision(manifest: dict, backend: str, precision: str, cpu=None, folder="") -> tuple[str, str]:
+    """-> (precision, reason). ``auto``: bf16 only where ``backend`` runs it, ``cpu`` (an
+    openvino_backend.CpuRecord; this machine's by default) has native bf16 and the manifest records
+    bf16 verified at export; else fp32. ``bf16`` asked for explicitly is refused where the backend or
+    the CPU cannot run it, and warned about (not refused) on a bundle never verified."""
+    if precision not in PRECISION_CHOICES:
+        raise BundleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_CHOICES)}")
+    if precision == "fp32":
+        return "fp32", "fp32 asked for"
+    runs_bf16 = "bf16" in backend_precisions(backend)
+    if precision == "bf16" and not runs_bf16:
+        raise BundleError(f"precision bf16: backend {backend!r} runs fp32 only; use backend 'openvino' "
+                          "(model.onnx in bf16 on a CPU with native bf16) or precision fp32/auto")
+    if not runs_bf16:
+        return "fp32", f"backend {backend} runs fp32 only"
+    if cpu is None:
+        from .openvino_backend import cpu_record
+
+        cpu = cpu_record()
+    check = bf16_verification(manifest)
+    if precision == "bf16":
+        if not cpu.native_bf16:
+            raise BundleError(f"precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), and this one has "
+                              f"none ({cpu.describe()}): OpenVINO would run fp32 under a bf16 label. Use "
+                              "precision fp32 (or auto, which picks bf16 only where it is native)")
+        if check is None:
+            log.warning("%s: bf16 asked for, but the bundle records no bf16 verification; its top-1 in bf16 is "
+                        "unchecked (export with --verify-precision bf16 --data DIR to check it)", folder or "bundle")
+            return "bf16", "bf16 asked for (not verified at export)"
+        return "bf16", "bf16 asked for"
+    if check is None:
+        return "fp32", ("the bundle records no bf16 verification (export with --verify-precision bf16 --data DIR): "
+                        "fp32")
+    if not cpu.native_bf16:
+        return "fp32", f"{cpu.describe()}: fp32"
+    return "bf16", (f"bf16 verified at export (top-1 {check.get('top1_drop', 0):g} points from fp32 on "
+                    f"{check.get('validation_images')} images, gate {check.get('max_accuracy_drop')}) and native on "
+                    "this CPU")
 
 
 @dataclass
@@ -223,6 +324,7 @@ def _resolve_views(tta, default: list[TTAView]) -> list[TTAView]:
 class ModelBundle:
     def __init__(self, folder: Path, manifest: dict, run: Runtime, backend: str, tta=None):
         self.path, self.manifest, self.backend, self._run = folder, manifest, backend, run
+        self.precision, self.precision_reason = "fp32", ""   # set by the loader (resolve_precision)
         self.classes: list[str] = list(manifest["classes"])
         self.spec = preprocess_spec(manifest)
         self.max_batch: int = manifest["max_batch"]
@@ -279,6 +381,8 @@ class EnsembleBundle:
         self.merge: str = manifest["tta"]["merge"]
         self.views = _resolve_views(tta, views_from_data(manifest["tta"]["views"]))
         self.backend = ",".join(sorted({m.backend for m in members}))
+        self.precision = ",".join(sorted({m.precision for m in members}))
+        self.precision_reason = "; ".join(dict.fromkeys(m.precision_reason for m in members))
         self.max_batch = min(m.max_batch for m in members)
 
     def predict_tensor(self, batch) -> np.ndarray:
@@ -299,13 +403,7 @@ class EnsembleBundle:
 
 def _pick_backend(manifest: dict, backend: str, folder: Path, device: Device) -> str:
     if backend != "auto":
-        if backend == "native" and backend not in _BACKENDS:
-            try:  # the compiled module registers itself on import; it depends on us, not we on it
-                import classify_native  # noqa: F401
-            except ImportError as exc:
-                raise BundleError(f"backend 'native' needs the compiled runtime ({exc}); build it with "
-                                  "'bash scripts/setup.sh' or 'cmake -S . -B build && cmake --build build'") from None
-        if backend not in _BACKENDS:
+        if backend not in _BACKENDS and backend not in PLUGINS:
             raise BundleError(f"unknown backend {backend!r}; use one of {', '.join(list_backends())}")
         return backend
     if device.is_cuda:
@@ -329,10 +427,12 @@ def _pick_backend(manifest: dict, backend: str, folder: Path, device: Device) ->
 
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, threads: int | None = None,
-                device: str = "cpu", trusted_keys=(), require_signature: bool = False) -> ModelBundle | EnsembleBundle:
+                device: str = "cpu", trusted_keys=(), require_signature: bool = False,
+                precision: str = "auto") -> ModelBundle | EnsembleBundle:
     """Open a bundle folder (model or ensemble) with one backend; ``tta`` overrides the manifest's default.
 
     device: cpu, cuda or cuda:N (refused at once where that device does not exist).
+    precision: auto, fp32 or bf16 (module docstring; resolve_precision).
     trusted_keys: Ed25519 public key files (PEM, from 'python -m export keygen') or loaded keys; a
     signature.json that is present is then checked. require_signature: refuse unsigned bundles too."""
     dev = parse_device(device)
@@ -341,26 +441,32 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", tta=None, thread
     folder = manifest_path(path).parent
     manifest, raw = read_manifest_bytes(folder)
     check_signature(folder, raw, policy)
-    return _load(folder, manifest, hashlib.sha256(raw).hexdigest(), backend, tta, threads, dev)
+    if precision not in PRECISION_CHOICES:
+        raise BundleError(f"unknown precision {precision!r}; use one of {', '.join(PRECISION_CHOICES)}")
+    return _load(folder, manifest, hashlib.sha256(raw).hexdigest(), backend, tta, threads, dev, precision)
 
 
 def _load(folder: Path, manifest: dict, manifest_sha256: str, backend: str, tta, threads,
-          dev: Device) -> ModelBundle | EnsembleBundle:
+          dev: Device, precision: str = "auto") -> ModelBundle | EnsembleBundle:
     """``manifest_sha256``: of the bytes the manifest was parsed from (the native backend's C++ reader refuses
     a manifest changed since); members are pinned by the ensemble's manifest_sha256, which a signature covers."""
     if manifest["kind"] == "model":
         name = _pick_backend(manifest, backend, folder, dev)
+        prec, why = resolve_precision(manifest, name, precision, folder=folder)
+        extra = {"precision": prec} if name in _PRECISIONS else {}
         token = _MANIFEST_SHA256.set(manifest_sha256)
         try:
-            run = _BACKENDS[name](folder, manifest, threads, str(dev))
+            run = _factory(name)(folder, manifest, threads, str(dev), **extra)
         finally:
             _MANIFEST_SHA256.reset(token)
         check_output_width(run, manifest, folder, name)
-        return ModelBundle(folder, manifest, run, name, tta)
+        bundle = ModelBundle(folder, manifest, run, name, tta)
+        bundle.precision, bundle.precision_reason = prec, why
+        return bundle
     members = []
     for mem in manifest["members"]:
         sub, sub_manifest = read_member(folder, manifest, mem)  # pinned by manifest_sha256, a model, same classes
-        members.append(_load(sub, sub_manifest, mem["manifest_sha256"], backend, tta, threads, dev))
+        members.append(_load(sub, sub_manifest, mem["manifest_sha256"], backend, tta, threads, dev, precision))
     return EnsembleBundle(folder, manifest, members, tta)
 
 

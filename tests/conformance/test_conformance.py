@@ -19,7 +19,7 @@ import pytest
 import export
 
 from .bundle_cases import ENSEMBLE_CASES, MODEL_CASES
-from .image_cases import ARRAY_CASES
+from .image_cases import ARRAY_CASES, LARGE_IMAGE_CASES
 
 TOL = 1e-4
 CASES = [name for name, _, _ in MODEL_CASES + ENSEMBLE_CASES]
@@ -109,6 +109,19 @@ def test_bundle_case(name, bundle_cases, image_files, native, classify_bin):
             top2 = np.sort(ref[img])[-2:]
             if top2[1] - top2[0] > 2 * TOL:  # a near-tie may break either way within the tolerance
                 assert got[img].argmax() == ref[img].argmax(), f"{reader} on {img.name}: another top-1"
+
+
+@pytest.mark.parametrize("name, write", LARGE_IMAGE_CASES, ids=[c[0] for c in LARGE_IMAGE_CASES])
+def test_large_image_case(name, write, bundle_cases, native, classify_bin, tmp_path):
+    """A large image through the three readers with the plain model bundle: same probabilities."""
+    path = tmp_path / name
+    write(path)
+    case = bundle_cases["model"]
+    ref = run_python(case, [path], {})[1][path]
+    for reader, (_, got) in (("native", run_native(native, case, [path], {})),
+                             ("cli", run_cli(classify_bin, case, [path], {}))):
+        assert isinstance(got[path], np.ndarray), f"{reader} refused {name}: {got[path]}"
+        assert np.abs(got[path] - ref).max() <= TOL, f"{reader} on {name}: differs from Python"
 
 
 @pytest.mark.parametrize("name, make_array, category", ARRAY_CASES, ids=[c[0] for c in ARRAY_CASES])

@@ -51,7 +51,7 @@ def val_paths(tiny_digits) -> list[str]:
 
 def _reference_probs(checkpoint, paths) -> np.ndarray:
     """Eager PyTorch with the trainer's own preprocessing: the numbers every backend must reproduce."""
-    from trainer.checkpoints import model_from_checkpoint
+    from trainer.inference import model_from_checkpoint
     from trainer.data import Normalize, decode_image, eval_transform
 
     loaded = model_from_checkpoint(checkpoint)

@@ -1,6 +1,6 @@
 """Image cases where C++ and Python once decoded differently (issue 14): CMYK JPEGs with and without
 an Adobe marker, 16-bit grey PNGs of full and small range, orientation in PNG chunks (eXIf, the
-"Raw profile type exif" text chunk) and in XMP.
+"Raw profile type exif" text chunk) and in XMP; phone-camera MPO files and progressive JPEGs (issue 20).
 
 ``DECODE_CASES`` is a list of ``(file name, writer)``; ``writer(path)`` writes the image file. The
 conformance suite (tests/conformance/image_cases.py) has the same shape and joins this list.
@@ -98,6 +98,50 @@ def gray16_png(high: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
+def mpo_jpeg(orientation: int = 1) -> bytes:
+    """An MPO (a JPEG plus an MPF APP2 segment and a second frame, as phone and stereo cameras write):
+    PIL opens it as format "MPO"; both readers decode frame 0. ``orientation``: EXIF of frame 0."""
+    first = Image.fromarray(_smooth(36, 52, 11))
+    second = Image.fromarray(_smooth(36, 52, 12)[::-1])
+    kw: dict = {"exif": _exif_block(orientation)} if orientation != 1 else {}
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[second], quality=90, **kw)
+    return buf.getvalue()
+
+
+def progressive_jpeg(h: int = 45, w: int = 61) -> bytes:
+    """A progressive JPEG (PIL/libjpeg's default script: 10 scans for colour)."""
+    buf = io.BytesIO()
+    Image.fromarray(_smooth(h, w, 13)).save(buf, "JPEG", quality=90, progressive=True)
+    return buf.getvalue()
+
+
+def many_scans_jpeg(scans: int) -> bytes:
+    """A progressive JPEG with ``scans`` scans in all: its last scan (an AC refinement) repeated before
+    EOI. libjpeg only warns about a repeated scan, so without a limit every copy is one more pass over
+    the image. PIL writes no other FF DA pair (entropy data stuffs every FF), so rindex finds the scan."""
+    data = progressive_jpeg(24, 32)
+    assert data.count(b"\xff\xda") == 10 and data.endswith(b"\xff\xd9")
+    last = data[data.rindex(b"\xff\xda"):-2]
+    return data[:-2] + last * (scans - 10) + b"\xff\xd9"
+
+
+def sos_pairs_in_app_segment_jpeg() -> bytes:
+    """A progressive JPEG whose APP15 segment holds 600 FF DA byte pairs (as a thumbnail or an ICC
+    profile may): not scans. The cheap pair count exceeds the limit, the marker walk does not."""
+    data = progressive_jpeg()
+    payload = b"junk" + b"\xff\xda" * 600
+    return data[:2] + b"\xff\xef" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def _smooth(h: int, w: int, seed: int) -> np.ndarray:
+    """(H, W, 3) uint8 gradients plus noise (JPEG-friendly, every channel different)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = np.stack([128 + 100 * np.sin(x / 9 + seed), 128 + 100 * np.cos(y / 7), 128 + 90 * np.sin((x + y) / 11)], -1)
+    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
 def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
@@ -193,6 +237,11 @@ DECODE_CASES: list[tuple[str, Callable[[Path], None]]] = [
     ("xmp6_after_exif_without_tag.png", _writer(lambda: png_xmp_orientation(6, exif_without_orientation=True))),
     ("xmp7_only.jpg", _writer(lambda: jpeg_xmp_orientation(7))),
     ("raw_profile_not_hex.png", _writer(png_malformed_raw_profile)),
+    ("mpo_frame0.jpg", _writer(mpo_jpeg)),
+    ("mpo_exif6.jpg", _writer(lambda: mpo_jpeg(6))),
+    ("progressive.jpg", _writer(progressive_jpeg)),
+    ("scans_500.jpg", _writer(lambda: many_scans_jpeg(500))),   # at the limit: decoded
+    ("sos_pairs_in_app_segment.jpg", _writer(sos_pairs_in_app_segment_jpeg)),
 ]
 
 # name -> the EXIF orientation each case must come out with (PIL's exif_transpose numbering)
@@ -200,6 +249,7 @@ ORIENTATIONS: dict[str, int] = {
     "exif6_exif_chunk.png": 6, "exif6_raw_profile_text.png": 6, "exif8_raw_profile_ztxt.png": 8,
     "exif5_raw_profile_itxt.png": 5, "exif3_chunk_wins_over_text.png": 3, "xmp8_only.png": 8,
     "xmp6_after_exif_without_tag.png": 6, "xmp7_only.jpg": 7, "raw_profile_not_hex.png": 1,
+    "mpo_exif6.jpg": 6,
 }
 
 # name -> [((y, x), (r, g, b))]: centre pixels of the CMYK blocks, exact by the rule in docs/native.md

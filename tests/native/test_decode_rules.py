@@ -1,5 +1,6 @@
 """One decode rule in both readers: CMYK JPEG (Adobe marker or not), 16-bit grey PNG, orientation
-from PNG chunks and XMP; each case checked C++ against Python and against the rule itself.
+from PNG chunks and XMP, MPO (frame 0), progressive JPEG, the JPEG scan limit; each case checked C++
+against Python and against the rule itself.
 
     pytest -q tests/native/test_decode_rules.py
 """
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data.images import _to_rgb_array, decode_image
+from trainer.data.images import MAX_JPEG_SCANS, ImageDecodeError, _to_rgb_array, decode_image, jpeg_scans_exceed
 
 from . import decode_cases
 from .decode_cases import DECODE_CASES, KNOWN_COLOURS, ORIENTATIONS
@@ -88,9 +89,50 @@ def test_orientation_is_found_and_applied_in_both(native, case_bytes, name):
 
 def _plain_bytes(name: str) -> bytes:
     """The case's pixels with no metadata at all (JPEG: same encoder settings)."""
+    if name.startswith("mpo_"):
+        return decode_cases.mpo_jpeg()
     buf = io.BytesIO()
     if name.endswith(".jpg"):
         decode_cases._odd_rgb().save(buf, "JPEG", quality=90)
     else:
         decode_cases._odd_rgb().save(buf, "PNG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["mpo_frame0.jpg", "mpo_exif6.jpg", "progressive.jpg", "scans_500.jpg",
+                                  "sos_pairs_in_app_segment.jpg"])
+def test_mpo_and_progressive_are_bit_identical_to_pil_in_both(native, case_bytes, name):
+    """libjpeg-turbo in both readers, RGB output: no tolerance. An MPO is frame 0 (PIL's first frame)."""
+    with Image.open(io.BytesIO(case_bytes[name])) as img:
+        assert img.format == ("MPO" if name.startswith("mpo_") else "JPEG")
+        img.seek(0)
+        img.load()
+        turn = ORIENT.get(img.getexif().get(0x0112, 1), lambda a: a)
+        want = np.ascontiguousarray(turn(np.asarray(img.convert("RGB"))))
+    assert np.array_equal(decode_image(case_bytes[name]), want)
+    assert np.array_equal(native.decode_bytes(case_bytes[name], name), want)
+
+
+@pytest.mark.parametrize("scans", [MAX_JPEG_SCANS + 1, 3000])
+def test_a_jpeg_with_too_many_scans_is_refused_by_both(native, scans):
+    data = decode_cases.many_scans_jpeg(scans)
+    assert data.count(b"\xff\xda") == scans
+    with pytest.raises(ImageDecodeError, match=f"more than {MAX_JPEG_SCANS} scans"):
+        decode_image(data, name="scans.jpg")
+    with pytest.raises(native.NativeError, match=f"scans.jpg: .*more than {MAX_JPEG_SCANS} scans"):
+        native.decode_bytes(data, "scans.jpg")
+
+
+def test_the_scan_count_is_a_marker_walk():
+    """FF DA pairs inside a segment are not scans; a scan ends at the next real marker (stuffed
+    FF 00, fill bytes and RSTn are not markers); counting stops at the first EOI (MPO's frame 1)."""
+    assert not jpeg_scans_exceed(decode_cases.sos_pairs_in_app_segment_jpeg())
+    data = decode_cases.many_scans_jpeg(40)
+    assert jpeg_scans_exceed(data, 39) and not jpeg_scans_exceed(data, 40)
+    body = data[:-2]
+    # fill bytes before a marker and a stuffed FF 00 inside a scan do not change the count
+    filled = body.replace(b"\xff\xda", b"\xff\xff\xff\xda") + b"\xff\xd9"
+    assert jpeg_scans_exceed(filled, 39) and not jpeg_scans_exceed(filled, 40)
+    # a second frame after the first EOI (MPO) is not counted
+    two_frames = data + data
+    assert not jpeg_scans_exceed(two_frames, 40) and two_frames.count(b"\xff\xda") == 80

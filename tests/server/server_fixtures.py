@@ -203,3 +203,41 @@ def ensemble_bundle(digits_bundle) -> Path:
 def digit_images(tiny_digits: Path, n: int) -> list[Path]:
     files = sorted((tiny_digits / "val").glob("*/*.png"))
     return [files[i * len(files) // n] for i in range(n)]
+
+
+# -- Redis keys of one bundle (they are named by its checksum) ---------------------------------
+def keys_of(model, name: str | None = None, prefix: str = "srv"):
+    """The Redis keys of one bundle: ``model`` a ServedModel or a bundle directory (then ``name`` is
+    the model name, default the manifest's). keys_of(m).jobs -> 'srv:jobs:fake:<16 hex>'."""
+    from types import SimpleNamespace
+
+    from server.redisq import Keys, bundle_checksum, manifest_checksum
+
+    if isinstance(model, (str, Path)):
+        import json
+        checksum = manifest_checksum(model)
+        name = name or json.loads((Path(model) / "manifest.json").read_text())["name"]
+    else:
+        checksum, name = bundle_checksum(model), name or model.name
+    k = Keys(prefix)
+    return SimpleNamespace(checksum=checksum, jobs=k.jobs(name, checksum), dead=k.dead(name, checksum),
+                           workers=k.workers(name, checksum), execution=k.execution(name, checksum),
+                           rows=k.rows(name, checksum), stats=k.stats(name, checksum), bundles=k.bundles(name))
+
+
+def start_held_worker(redis_url: str, bundle: Path, hold_dir: Path, nth_call: int, *extra: str) -> subprocess.Popen:
+    """start_worker whose nth model call creates hold_dir/entered, then waits for hold_dir/release
+    (tests/server/held_worker.py): the test decides when the worker is inside a batch."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    script = Path(__file__).with_name("held_worker.py")
+    return subprocess.Popen([sys.executable, str(script), str(hold_dir), str(nth_call), "--", "--redis-url", redis_url,
+                             "--bundle", str(bundle), "--threads", "1", "--log-level", "WARNING", *extra], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_state(cond, timeout: float = 60.0) -> bool:
+    """Poll a state the test forced (a file, a key); the timeout only bounds a failing run."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(cond())

@@ -47,7 +47,7 @@ def test_a_redis_front_reports_how_each_live_worker_runs_the_model(redis_url):
     assert ('server_worker_info{backend="onnxruntime",consumer="gpu-box-1",device="cpu",model="fake",'
             'provider="CPUExecutionProvider"} 1.0') in metrics
     worker.leave()
-    worker.r.zrem(worker.keys.workers("fake"), "gpu-box-1")      # gone: no longer reported
+    worker.r.zrem(worker.workers_key, "gpu-box-1")      # gone: no longer reported
     assert front.get("/v2/models/fake").get_json()["parameters"]["execution"] == {}
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.redisq import GROUP, Keys, decode_job, encode_reply
+from server.redisq import GROUP, Keys, decode_job, encode_reply, manifest_checksum
 from server_fixtures import digits_bundle, redis_proc, redis_url  # noqa: F401
 from test_server_process import _start
 
@@ -109,23 +109,23 @@ def test_sigterm_drains_the_redis_front(redis_url, digits_bundle):
     the front is draining, then answers them all."""
     import redis
 
-    keys, model = Keys(), "digits"
+    keys, model, checksum = Keys(), "digits", manifest_checksum(digits_bundle)   # keys are per bundle
     r = redis.Redis.from_url(redis_url)
-    r.xgroup_create(keys.jobs(model), GROUP, id="0", mkstream=True)
+    r.xgroup_create(keys.jobs(model, checksum), GROUP, id="0", mkstream=True)
     stop, release = threading.Event(), threading.Event()
 
     def fake_worker():
         held = []
         while not stop.is_set():
-            r.zadd(keys.workers(model), {"fake": time.time()})
-            got = r.xreadgroup(GROUP, "fake", {keys.jobs(model): ">"}, count=10, block=100)
+            r.zadd(keys.workers(model, checksum), {"fake": time.time()})
+            got = r.xreadgroup(GROUP, "fake", {keys.jobs(model, checksum): ">"}, count=10, block=100)
             held += got[0][1] if got else []
             if release.is_set():
                 for eid, fields in held:
                     job, reply = decode_job(model, fields)
                     probs = np.full((job.n_images, 10), 0.1, np.float32)
                     r.rpush(reply, encode_reply({"batch_rows": job.rows, "queue_s": 0.0, "infer_s": 0.0}, probs))
-                    r.xack(keys.jobs(model), GROUP, eid)
+                    r.xack(keys.jobs(model, checksum), GROUP, eid)
                 held = []
 
     worker = threading.Thread(target=fake_worker, daemon=True)

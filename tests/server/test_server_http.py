@@ -180,3 +180,129 @@ def test_kserve_bad_tensors_are_4xx(client, inp, words):
     assert 400 <= r.status_code < 500 and words in r.get_json()["error"], r.get_json()
     assert client.post("/v2/models/fake/infer", data=b"{oops", content_type="application/json").status_code == 400
     assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_phone_photos_are_answered_and_a_many_scan_jpeg_is_refused(client, fake):
+    """An MPO (what phone cameras write; a 415 before issue 20) on every input path; a JPEG with
+    1,000 scans (the most this app's 200 KB body limit lets through) is a 422 naming the scan limit."""
+    from native.decode_cases import many_scans_jpeg, mpo_jpeg
+
+    data = mpo_jpeg()
+    want = expected(fake, data)
+    for r in (client.post("/predict", data=data, content_type="image/jpeg"),
+              client.post("/predict", data={"file": (io.BytesIO(data), "phone.jpg")}, content_type="multipart/form-data"),
+              client.post("/predict", json={"images": [base64.b64encode(data).decode()]})):
+        assert r.status_code == 200, r.get_json()
+        np.testing.assert_allclose(full_probs(r.get_json()["predictions"][0], 3), want, rtol=1e-4, atol=1e-5)
+    r = client.post("/predict", data=many_scans_jpeg(1000), content_type="image/jpeg")
+    assert r.status_code == 422 and "more than 500 scans" in r.get_json()["error"]
+
+
+# -- probes, keys, versions, flags ------------------------------------------------------------
+KEYS = ("key-one-aaaa", "key-two-bbbb")
+
+
+class ProbeDispatcher:
+    """Readiness as a Redis front reports it: reasons that name the Redis host."""
+
+    def __init__(self, ok: bool):
+        self.ok = ok
+
+    def ready(self, model):
+        return self.ok, "2 worker(s)" if self.ok else "Redis at redis://db.internal:6379/0 is unreachable (TimeoutError)"
+
+    def depth(self, model):
+        return 0
+
+    solo_batches = depth
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_readiness_shows_only_a_status_to_a_caller_without_a_key(fake, ok):
+    """Before: model names and the Redis host to anyone (readiness is open to probes)."""
+    app = create_app(ServerConfig(api_keys=KEYS), models=[fake], dispatcher=ProbeDispatcher(ok))
+    c = app.test_client()
+    for headers in ({}, {"X-API-Key": "wrong-key-xxxx"}):
+        r = c.get("/v2/health/ready", headers=headers)
+        text = r.get_data(as_text=True)
+        assert r.status_code == (200 if ok else 503) and r.get_json()["ready"] is ok
+        assert set(r.get_json()) == {"ready", "reason"}
+        assert "fake" not in text and "db.internal" not in text and "worker" not in text, text
+    for headers in ({"X-API-Key": KEYS[1]}, {"Authorization": f"Bearer {KEYS[0]}"}):
+        r = c.get("/v2/health/ready", headers=headers)   # authorized: the details
+        assert r.get_json()["models"]["fake"]["ready"] is ok and r.status_code == (200 if ok else 503)
+        assert ("2 worker(s)" if ok else "db.internal") in r.get_json()["models"]["fake"]["reason"]
+    assert c.get("/v2/models/fake/ready").status_code == 401   # the per-model route is behind the key
+    r = c.get("/v2/models/fake/ready", headers={"X-API-Key": KEYS[0]})
+    assert r.get_json()["ready"] is ok and r.get_json()["reason"]
+    # no keys configured: every caller is authorized, as for every other route
+    open_app = create_app(ServerConfig(), models=[fake], dispatcher=ProbeDispatcher(ok))
+    assert "fake" in open_app.test_client().get("/v2/health/ready").get_json()["models"]
+
+
+def test_api_keys_are_compared_as_fixed_length_digests(fake, monkeypatch):
+    """hmac.compare_digest returns early on inputs of unequal length: the time would tell a caller
+    the keys' length. Before: the key sent was compared as it came (1, 12, 300 bytes)."""
+    import server.front
+    seen = []
+    real = server.front.hmac.compare_digest
+    monkeypatch.setattr(server.front.hmac, "compare_digest", lambda a, b: (seen.append((len(a), len(b))), real(a, b))[1])
+    c = create_app(ServerConfig(api_keys=KEYS), models=[fake]).test_client()
+    for key, status in (("k", 401), ("x" * 300, 401), (KEYS[0][:-1], 401), (KEYS[0], 200), (KEYS[1], 200)):
+        assert c.get("/models", headers={"X-API-Key": key}).status_code == status, key
+    assert len(seen) == 5 * len(KEYS) and set(seen) == {(32, 32)}, seen
+
+
+def test_healthz_is_a_liveness_route_open_without_a_key(fake):
+    """Before: /healthz was an open path with no route (404)."""
+    c = create_app(ServerConfig(api_keys=KEYS), models=[fake], dispatcher=ProbeDispatcher(False)).test_client()
+    for path in ("/healthz", "/v2/health/live"):
+        r = c.get(path)
+        assert r.status_code == 200 and r.get_json() == {"live": True}, path   # live even while not ready
+
+
+def test_kserve_versions_answer_only_the_loaded_version(client, fake):
+    """Before: /versions/V was ignored (any V served the loaded model)."""
+    x = np.zeros((1, 3, 32, 32), np.uint8)
+    infer = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": x.reshape(-1).tolist()}]}
+    assert fake.version == "test"
+    for version, status in (("test", 200), ("1", 404), ("test2", 404), ("TEST", 404)):
+        prefix = f"/v2/models/fake/versions/{version}"
+        answers = (client.get(prefix), client.get(prefix + "/ready"), client.post(prefix + "/infer", json=infer))
+        for r in answers:
+            assert r.status_code == status, (version, r.get_json())
+            if status == 404:
+                assert "no version" in r.get_json()["error"] and "'test'" in r.get_json()["error"]
+    assert client.get("/v2/models/fake/versions/test").get_json()["versions"] == ["test"]
+
+
+NUMERIC_FLAGS_OUT_OF_RANGE = [
+    ("--port", "0"), ("--port", "70000"), ("--threads", "0"), ("--runners", "0"), ("--solo-threads", "-1"),
+    ("--max-batch", "0"), ("--max-delay-ms", "-1"), ("--max-delay-ms", "nan"), ("--max-delay-ms", "20000"),
+    ("--max-queue", "0"), ("--max-queue-rows", "0"), ("--timeout-s", "0"), ("--timeout-s", "-5"),
+    ("--timeout-s", "nan"), ("--timeout-s", "inf"), ("--max-request-bytes", "0"), ("--max-pixels", "0"),
+    ("--max-images", "0"), ("--max-tta-views", "0"), ("--max-tta-scale", "0.5"), ("--max-tta-scale", "inf"),
+    ("--max-request-pixels", "-1"), ("--http-threads", "0"), ("--drain-timeout", "-1"),
+    ("--drain-timeout", "nan"), ("--reply-ttl-s", "0"), ("--reply-ttl-s", "-60"),
+]
+
+
+@pytest.mark.parametrize("flag, value", NUMERIC_FLAGS_OUT_OF_RANGE)
+def test_every_numeric_flag_is_range_checked_at_start_up(flag, value, capsys):
+    """python -m server exits 2 with a message naming the flag, before reading any bundle.
+    Before: --reply-ttl-s 0, zero byte and pixel limits, a port over 65535, nan and inf (which pass
+    every comparison) were accepted."""
+    from server.__main__ import main
+    assert main(["--bundle", "/nonexistent/bundle", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}" in err and "manifest.json" not in err, err
+
+
+def test_the_range_table_covers_every_numeric_flag():
+    """A numeric flag added to python -m server without a range check fails here."""
+    from server.__main__ import build_parser
+    numeric = {opt for a in build_parser()._actions if a.type in (int, float) for opt in a.option_strings}
+    assert numeric == {flag for flag, _ in NUMERIC_FLAGS_OUT_OF_RANGE}

@@ -10,7 +10,8 @@ import pytest
 from server.__main__ import config_from_args
 from server.app import create_app
 from server.config import ServerConfig
-from server.layout import Layout, LayoutRequest, LayoutTimings, choose_layout, measure_timings, usable_cores
+from server.layout import (BackendTiming, Layout, LayoutRequest, LayoutTimings, backend_candidates, choose_backend,
+                           choose_layout, measure_timings, usable_cores)
 from server_fixtures import digits_bundle  # noqa: F401
 
 AUTO = LayoutRequest()
@@ -111,5 +112,42 @@ def test_server_without_tuning_flags_reports_its_auto_layout(digits_bundle):
     assert lay["runners"] * lay["threads"] == usable_cores() or lay["runners"] == 1
     assert batcher.runners == lay["runners"] and batcher.max_batch == min(lay["max_batch"], models[0]["max_batch"])
     assert (batcher.solo is not None) == (lay["solo_threads"] > 0)
-    if usable_cores() > 1:
+    # the backend was chosen too: both fp32 backends measured, bf16 not tried (the bundle never verified it)
+    choice = lay["backend"]
+    assert choice["candidates"] == ["onnxruntime/fp32", "openvino/fp32"] and choice["precision"] == "fp32"
+    assert set(choice["measured"]) == set(choice["candidates"]) and "no bf16 verification" in choice["reason"]
+    assert models[0]["execution"]["backend"] == choice["backend"]
+    if usable_cores() > 1 and choice["backend"] == "onnxruntime":   # concurrent sessions: split vs pooled timed
         assert lay["measured"]["split_images_per_s"] > 0 and lay["measured"]["pooled_batch1_ms"] > 0
+
+
+ORT, OV, OV16 = ("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "bf16")
+
+
+def test_backend_candidates_allow_bf16_only_verified_and_native():
+    """A faked CPU record plays each machine: bf16 needs both the bundle's verification and the CPU's."""
+    arts = {"onnx": {}, "torchscript": {}}
+    assert backend_candidates(arts, bf16_verified=True, native_bf16=True, have_openvino=True)[0] == [ORT, OV, OV16]
+    cands, why = backend_candidates(arts, bf16_verified=True, native_bf16=False, have_openvino=True)
+    assert cands == [ORT, OV] and "no native bf16" in why[0]
+    cands, why = backend_candidates(arts, bf16_verified=False, native_bf16=True, have_openvino=True)
+    assert cands == [ORT, OV] and "no bf16 verification" in why[0]
+    assert backend_candidates(arts, True, True, have_openvino=False)[0] == [ORT]
+    assert backend_candidates({"torchscript": {}, "pt2": {}}, True, True, True)[0] == []
+
+
+def bt(backend_precision, images_per_s, batch1_ms) -> BackendTiming:
+    return BackendTiming(*backend_precision, images_per_s, batch1_ms)
+
+
+def test_choose_backend_never_slower_than_onnxruntime_fp32():
+    # a CPU without bf16 (no bf16 candidate): OpenVINO f32 within the margin, or faster but slower at batch 1
+    assert choose_backend([bt(ORT, 100, 10), bt(OV, 105, 9)]).backend == "onnxruntime"
+    assert choose_backend([bt(ORT, 100, 10), bt(OV, 150, 12)]).backend == "onnxruntime"
+    assert choose_backend([bt(ORT, 100, 10), bt(OV, 80, 8)]).backend == "onnxruntime"
+    won = choose_backend([bt(ORT, 100, 10), bt(OV, 115, 9)])
+    assert (won.backend, won.precision) == OV and "1.15x" in won.reason
+    # the issue's resnet50 figures on a bf16 CPU: bf16 twice onnxruntime's images/s, half its batch-1 time
+    won = choose_backend([bt(ORT, 13.0, 42.6), bt(OV, 12.8, 38.0), bt(OV16, 26.6, 19.7)], ["x"])
+    assert (won.backend, won.precision) == OV16 and "not tried: x" in won.reason
+    assert won.describe()["measured"]["openvino/bf16"] == {"images_per_s": 26.6, "batch1_ms": 19.7}

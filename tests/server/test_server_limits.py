@@ -7,6 +7,7 @@ import base64
 import contextlib
 import io
 import json
+import struct
 import threading
 import time
 from types import SimpleNamespace
@@ -20,7 +21,7 @@ from server.config import ServerConfig
 from server.embedded import EmbeddedBatcher
 from server.errors import APIError
 from server.limits import MAX_TTA_POLICY_CHARS
-from server.redisq import Keys
+from server.redisq import Keys, bundle_checksum
 from server_fixtures import make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
 
 ROUTES = ("raw", "multipart", "json", "kserve")
@@ -37,7 +38,7 @@ def serve(request):
             app = create_app(ServerConfig(redis_url=url, **cfg), models=[model])
             disp = app.extensions["inference"].dispatcher
             request.addfinalizer(disp.close)
-            return app.test_client(), calls, lambda: int(disp.client.xlen(Keys("srv").jobs("fake")))
+            return app.test_client(), calls, lambda: int(disp.client.xlen(Keys("srv").jobs("fake", bundle_checksum(model))))
         app = create_app(ServerConfig(**cfg), models=[model])
         return app.test_client(), calls, lambda: 0
     return make
@@ -242,8 +243,9 @@ GOOD_INPUT = {"name": "images", "datatype": "BYTES", "shape": [1], "data": [base
     ({"inputs": [dict(GOOD_INPUT, parameters={"binary_data_size": "abc"})]}, "non-negative integer"),
     ({"inputs": [dict(GOOD_INPUT, parameters={"binary_data_size": float("inf")})]}, "non-negative integer"),
     ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [True], "data": [1]}]}, "non-negative integers"),
-    ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": [1.5e300]}]}, "not a list of integers"),
-    ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2**62, 2**62], "data": [1]}]}, "1 values"),
+    ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 3, 32, 32], "data": [1.5e300]}]},
+     "not a list of integers"),
+    ({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2**62, 2**62], "data": [1]}]}, "input tensor has shape"),
     ({"inputs": [GOOD_INPUT], "parameters": {"tta": 5}}, "tta must be a string"),
 ])
 def test_malformed_kserve_structures_are_400(body, words):
@@ -263,3 +265,112 @@ def test_json_options_of_the_wrong_type_are_400(field, value, words):
     body = json.dumps({"images": [base64.b64encode(png_bytes()).decode()], field: value})   # Infinity, NaN
     r = client.post("/predict", data=body, content_type="application/json")
     assert r.status_code == 400 and words in r.get_json()["error"], r.get_json()
+
+
+# -- JSON depth and image counts: checked where the input enters, before anything is built -------
+def _deep(depth: int, kind: str = "list") -> str:
+    return ("[" * depth + "]" * depth) if kind == "list" else ('{"a":' * depth + "1" + "}" * depth)
+
+
+def _kserve_input(n: int = 1, **extra) -> dict:
+    return dict({"name": "images", "datatype": "BYTES", "shape": [n],
+                 "data": [base64.b64encode(png_bytes()).decode()] * n}, **extra)
+
+
+@pytest.mark.parametrize("depth", [33, 800, 1000, 100_000])
+@pytest.mark.parametrize("where", ["predict body", "predict tta", "kserve body", "kserve id", "kserve binary header"])
+def test_deeply_nested_json_is_a_400_on_every_json_route(depth, where):
+    """Before: 500 (RecursionError) from 1000 levels, in the parser or later (an echoed id, a repr).
+    33 is one over the limit; 800 parses in Python but broke whatever recursed into it next."""
+    client = create_app(ServerConfig(), models=[make_fake_model()]).test_client()
+    deep, kind = _deep(depth, "list" if depth % 2 == 0 else "object"), "application/json"
+    if where == "predict body":
+        r = client.post("/predict", data=deep, content_type=kind)
+    elif where == "predict tta":
+        r = client.post("/predict", data='{"images": ["%s"], "tta": %s}' % (base64.b64encode(png_bytes()).decode(), deep),
+                        content_type=kind)
+    elif where == "kserve body":
+        r = client.post("/v2/models/fake/infer", data=deep, content_type=kind)
+    elif where == "kserve id":
+        r = client.post("/v2/models/fake/infer", data=json.dumps({"inputs": [_kserve_input()]})[:-1] + ', "id": ' + deep + "}",
+                        content_type=kind)
+    else:
+        head = (json.dumps({"inputs": [_kserve_input()]})[:-1] + ', "parameters": {"x": ' + deep + "}}").encode()
+        r = client.post("/v2/models/fake/infer", data=head + b"\0" * 4,
+                        headers={"Inference-Header-Content-Length": str(len(head))}, content_type="application/octet-stream")
+    body = r.get_json()
+    assert r.status_code == 400 and "more than 32 levels deep" in body["error"], (r.status_code, body)
+
+
+def test_json_within_the_depth_limit_is_served_and_brackets_in_strings_do_not_count():
+    client = create_app(ServerConfig(), models=[make_fake_model()]).test_client()
+    x = np.random.default_rng(1).integers(0, 255, (2, 3, 32, 32), dtype=np.uint8)
+    nested = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 3, 32, 32], "data": x.tolist()}],
+              "id": "[" * 500 + "{" * 500}   # 7 levels of structure, 6000 brackets in all (and 1000 in a string)
+    r = client.post("/v2/models/fake/infer", data=json.dumps(nested), content_type="application/json")
+    assert r.status_code == 200 and r.get_json()["outputs"][0]["shape"] == [2, 3], r.get_json()
+    escaped = json.dumps({"images": [base64.b64encode(png_bytes()).decode()], "model": "fake", "id": '\\"[' * 40})
+    assert client.post("/predict", data=escaped, content_type="application/json").status_code == 200
+    utf16 = json.dumps(nested).encode("utf-16")   # json.loads takes UTF-16/32 too; so does the depth scan
+    assert client.post("/v2/models/fake/infer", data=utf16, content_type="application/json").status_code == 200
+
+
+def _count_requests(n: int) -> dict[str, tuple]:
+    """n images on every route that can carry more than one: {route: (method args)}."""
+    png64 = base64.b64encode(png_bytes()).decode()
+    binary = b"".join(struct.pack("<I", 0) for _ in range(min(n, 1000)))   # fewer elements than declared
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [n],
+                                   "parameters": {"binary_data_size": len(binary)}}]}).encode()
+    return {
+        "json": ("/predict", dict(data=json.dumps({"images": [""] * n}), content_type="application/json")),
+        "multipart": ("/predict", dict(data={"file": [(io.BytesIO(b""), f"{i}.png") for i in range(min(n, 200))]},
+                                       content_type="multipart/form-data")),
+        "kserve BYTES data": ("/v2/models/fake/infer", dict(json={"inputs": [
+            {"name": "images", "datatype": "BYTES", "shape": [n], "data": [png64] * 2}]})),
+        "kserve BYTES binary": ("/v2/models/fake/infer", dict(
+            data=head + binary, headers={"Inference-Header-Content-Length": str(len(head))})),
+        "kserve UINT8": ("/v2/models/fake/infer", dict(json={"inputs": [
+            {"name": "images", "datatype": "UINT8", "shape": [n, 3, 32, 32], "data": [0] * 5}]})),
+    }
+
+
+def test_image_counts_get_the_same_413_on_every_route_before_any_list_is_built(monkeypatch):
+    """--max-images 4: every route answers the same 413 naming the flag. The counts are read
+    before anything is built: no base64 string is decoded for a JSON list of a million entries,
+    and a KServe shape of [10000000] is refused from the shape (before: 400s worded differently per
+    route, after the lists were built)."""
+    import server.api_predict
+    decoded = []
+    real_b64 = server.api_predict._b64
+    monkeypatch.setattr(server.api_predict, "_b64", lambda *a: (decoded.append(1), real_b64(*a))[1])
+    client = create_app(ServerConfig(max_images=4), models=[make_fake_model()]).test_client()
+    for n in (5, 200, 1_000_000, 10_000_000):
+        for route, (path, kwargs) in _count_requests(n).items():
+            if route == "multipart" and n > 200 or route == "json" and n > 1_000_000:
+                continue   # werkzeug refuses more than 1000 form parts itself; a 10M list is 40 MB of JSON
+            r = client.post(path, **kwargs)
+            shown = min(n, 200) if route == "multipart" else n
+            assert (r.status_code, r.get_json()["error"]) == (
+                413, f"{shown:,} images in one request; the limit is 4 (--max-images): split the request"), (route, n)
+    assert decoded == []
+    r = client.post("/predict", json={"images": []})
+    assert r.status_code == 400 and "no image in the request" in r.get_json()["error"]
+    r = client.post("/v2/models/fake/infer", json={"inputs": [_kserve_input(0, data=[])]})
+    assert r.status_code == 400 and "no image in the request" in r.get_json()["error"]
+
+
+def test_binary_bytes_elements_are_read_no_further_than_the_shape(monkeypatch):
+    """shape [1] followed by a million 4-byte elements: refused after the second, not after
+    building a list of a million (before: the whole list, then the count compared)."""
+    import server.api_kserve
+    unpacked = []
+    real_unpack = server.api_kserve.struct.unpack_from
+    monkeypatch.setattr(server.api_kserve, "struct", SimpleNamespace(
+        unpack_from=lambda *a: (unpacked.append(1), real_unpack(*a))[1]))
+    client = create_app(ServerConfig(), models=[make_fake_model()]).test_client()
+    binary = struct.pack("<I", 0) * 1_000_000
+    head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(binary)}}]}).encode()
+    r = client.post("/v2/models/fake/infer", data=head + binary, headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 400 and "more than the 1 elements" in r.get_json()["error"], r.get_json()
+    assert len(unpacked) == 1

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from native.decode_cases import many_scans_jpeg, mpo_jpeg
+from server import preprocess
+from server.config import ServerConfig
 from server.errors import APIError
 from server.preprocess import DecodeLimits, decode_to_views
 from server_fixtures import png_bytes
-from trainer.data.images import decode_image
+from trainer.data.images import IMAGE_FORMATS, MAX_JPEG_SCANS, decode_image
 from trainer.data.transforms import PreprocessSpec, eval_transform
 from trainer.tta import apply_views, parse_policy
 
@@ -70,3 +73,39 @@ def test_jpeg_draft_decodes_smaller_but_close():
                            DecodeLimits(jpeg_draft=True)).numpy().astype(int)
     assert fast.shape == exact.shape
     assert np.abs(fast - exact).mean() < 6      # reduced-scale DCT decode: close, not bit-exact
+
+
+def _sample(fmt: str) -> bytes:
+    return mpo_jpeg() if fmt == "MPO" else png_bytes((61, 45), seed=1, fmt=fmt)
+
+
+@pytest.mark.parametrize("fmt", IMAGE_FORMATS)
+def test_every_format_training_accepts_is_accepted(fmt):
+    """MPO (phone cameras) was a 415 while training accepted the same file."""
+    data = _sample(fmt)
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == fmt
+    got = decode_to_views(data, "x", SPEC, parse_policy("none"), LIMITS)
+    assert np.array_equal(got[0].numpy(), eval_transform(decode_image(data), SPEC).numpy())
+
+
+def test_the_server_formats_are_trainings_one_list():
+    assert DecodeLimits().allowed_formats == ServerConfig().allowed_formats == IMAGE_FORMATS
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_from_its_headers(monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("decoded a JPEG the scan limit refuses")
+
+    monkeypatch.setattr(preprocess, "decode_image", never)
+    with pytest.raises(APIError) as exc:
+        decode_to_views(many_scans_jpeg(3000), "scans.jpg", SPEC, parse_policy("none"), LIMITS)
+    assert exc.value.status == 422
+    assert f"more than {MAX_JPEG_SCANS} scans" in exc.value.message and "scans.jpg" in exc.value.message
+
+
+def test_jpeg_draft_decodes_an_mpo_first_frame():
+    data = mpo_jpeg()
+    exact = decode_to_views(data, "m.jpg", SPEC, parse_policy("none"), LIMITS).numpy().astype(int)
+    fast = decode_to_views(data, "m.jpg", SPEC, parse_policy("none"), DecodeLimits(jpeg_draft=True)).numpy().astype(int)
+    assert fast.shape == exact.shape and np.abs(fast - exact).mean() < 6

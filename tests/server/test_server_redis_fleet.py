@@ -1,9 +1,12 @@
 """Redis mode across machines and versions (real redis-server, in-process workers, fake model):
 redacted URLs, skewed clocks, version checks, Redis refusing commands, row limits, the fast 503
-with no live worker, stream-id order in dead-lettering, worker drain and consumer clean-up."""
+with no live worker, stream-id order in dead-lettering, worker drain and consumer clean-up, keys
+per bundle, long batches kept by their worker, the front's first use from many threads, reply TTLs
+and the worker's flags."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import socket
 import threading
@@ -14,12 +17,14 @@ import pytest
 
 import server.batching
 import server.redis_front
+import server.redis_worker
 import server.worker
 from server.batching import Job
 from server.redis_front import redact_url
 from server.redisq import GROUP, LEAVE_SCRIPT, Keys, bundle_checksum, encode_job, stream_id_key
-from server_fixtures import digits_bundle, free_port, make_fake_model, png_bytes, redis_proc, redis_url  # noqa: F401
-from test_server_redis import Workers, fake_heartbeat, front, want
+from server_fixtures import (digits_bundle, free_port, keys_of, make_fake_model, png_bytes, redis_proc,  # noqa: F401
+                             redis_url)
+from test_server_redis import FAKE, Workers, fake_heartbeat, front, wait_until, want
 
 KEYS = Keys()
 
@@ -107,7 +112,7 @@ def test_a_worker_whose_clock_is_off_by_30s_is_live_and_its_jobs_do_not_expire(r
                                                                                 skew_s):
     # Worker side only (the front keeps the true clock). +30 s made every job look expired; -30 s made
     # every heartbeat look 30 s old, so the front was never ready.
-    monkeypatch.setattr(server.worker, "time", SkewedClock(skew_s))
+    monkeypatch.setattr(server.redis_worker, "time", SkewedClock(skew_s))
     monkeypatch.setattr(server.batching, "time", SkewedClock(skew_s))
     fake = make_fake_model()
     w = Workers(redis_url, fake, n=1)
@@ -125,37 +130,67 @@ def test_a_worker_whose_clock_is_off_by_30s_is_live_and_its_jobs_do_not_expire(r
     finally:
         w.close()
     rc = redis_proc.client()
-    assert rc.hget(KEYS.stats("fake"), "expired") is None
-    assert int(rc.get(KEYS.rows("fake"))) == 0                   # the queued-row count went back to 0
+    assert rc.hget(FAKE.stats, "expired") is None
+    assert int(rc.get(FAKE.rows)) == 0                   # the queued-row count went back to 0
 
 
-def test_a_worker_holding_another_version_refuses_the_job_with_409(redis_url, redis_proc, caplog):
-    w = Workers(redis_url, make_fake_model(), n=1)                # version "test"
+def test_a_worker_holding_another_bundle_takes_no_job_and_is_not_live_for_it(redis_url, redis_proc):
+    # Before keys per bundle checksum, a worker of version "test" counted as live for a front of
+    # 2026.11 (readiness 200) and took its jobs only to answer them 409.
+    calls: list[int] = []
+    w = Workers(redis_url, make_fake_model(calls=calls), n=1)    # version "test"
     newer = make_fake_model()
     newer.version = "2026.11"
+    newer.manifest = {"version": newer.version}                    # a real manifest records its version
     other_build = make_fake_model()                                # same version, other bundle contents
     other_build.manifest = {"rebuilt": True}
     try:
-        with caplog.at_level(logging.ERROR, logger="server.worker"):
-            r = front_with(redis_url, newer).post("/predict", data=png_bytes(), content_type="image/png",
-                                                  headers={"X-Request-ID": "upgrade-check-1"})
-        assert r.status_code == 409, r.get_json()
-        assert r.headers["X-Request-ID"] == "upgrade-check-1"
-        # the worker's line about the job carries the HTTP request's id
-        assert [rec.request_id for rec in caplog.records if "holds version test" in rec.getMessage()] == \
-            ["upgrade-check-1"]
-        msg = r.get_json()["error"]
-        assert "version 2026.11" in msg and "holds version test" in msg and "same bundle" in msg
-        r = front_with(redis_url, other_build).post("/predict", data=png_bytes(), content_type="image/png")
-        assert r.status_code == 409 and bundle_checksum(other_build)[:12] in r.get_json()["error"]
-        assert post_png(front(redis_url)).status_code == 200       # the matching front is still served
+        for model in (newer, other_build):
+            c = front_with(redis_url, model)
+            ready = c.get("/v2/health/ready")
+            assert ready.status_code == 503                        # the live worker holds another bundle
+            r = c.post("/predict", data=png_bytes(), content_type="image/png")
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.get_json()
+            msg = r.get_json()["error"]
+            assert f"no live worker for model 'fake' version {model.version} (bundle sha256 " \
+                   f"{bundle_checksum(model)[:12]})" in msg
+            # it names the bundle the live workers hold, and the fix
+            assert f"other bundles of this model: version test (bundle sha256 {FAKE.checksum[:12]})" in msg
+            assert "same bundle" in msg and "start workers of the new bundle before its fronts" in msg
+            assert redis_proc.client().xlen(keys_of(model).jobs) == 0   # nothing queued for nobody
+        c = front(redis_url)
+        assert c.get("/v2/health/ready").status_code == 200        # the matching front sees its worker
+        assert post_png(c).status_code == 200
     finally:
         w.close()
+    assert calls == [1]                                            # the worker computed only its own job
     rc = redis_proc.client()
-    assert rc.hget(KEYS.stats("fake"), "refused") == b"2" and rc.xlen(KEYS.jobs("fake")) == 0
-    outcomes = w.threads[0].metrics.predictions
-    assert outcomes.labels("fake", "failure")._value.get() == 2   # the two refusals
-    assert outcomes.labels("fake", "success")._value.get() == 1   # the matching front's request
+    assert rc.hget(FAKE.stats, "refused") is None and rc.xlen(FAKE.jobs) == 0
+    assert w.threads[0].metrics.predictions.labels("fake", "failure")._value.get() == 0
+
+
+def test_a_job_naming_another_bundle_in_this_stream_is_still_refused_with_409(redis_url, redis_proc, caplog):
+    # The guard behind the per-bundle stream (a job written by hand, or a 64-bit key collision):
+    # answered 409 naming both bundles, never with this bundle's labels.
+    w = Workers(redis_url, make_fake_model(), n=1)
+    other = make_fake_model()
+    other.version = "2026.11"
+    other.manifest = {"version": other.version}
+    rc = redis_proc.client()
+    job = Job(model="fake", pixels=np.zeros((1, 3, 32, 32), np.uint8), n_images=1, id="stray", request_id="upgrade-1",
+              model_version=other.version, bundle_checksum=bundle_checksum(other))
+    try:
+        with caplog.at_level(logging.ERROR, logger="server.worker"):
+            rc.xadd(FAKE.jobs, encode_job(job, KEYS.reply(job.id), ttl_s=30))
+            got = rc.blpop([KEYS.reply(job.id)], timeout=10)
+    finally:
+        w.close()
+    assert got is not None
+    meta = json.loads(got[1].split(b"\n")[0])
+    assert meta["status"] == 409 and "version 2026.11" in meta["error"] and "holds version test" in meta["error"]
+    assert bundle_checksum(other)[:12] in meta["error"] and "same bundle" in meta["error"]
+    assert [rec.request_id for rec in caplog.records if "holds version test" in rec.getMessage()] == ["upgrade-1"]
+    assert rc.hget(FAKE.stats, "refused") == b"1" and rc.xlen(FAKE.jobs) == 0
 
 
 def front_with(url, model, **kw):
@@ -179,7 +214,7 @@ def test_queued_rows_are_limited_by_max_queue_rows(redis_url, redis_proc):
     t = threading.Thread(target=lambda: first.update(r=post_many(c, 2)))
     t.start()
     try:
-        assert wait_for(lambda: rc.xlen(KEYS.jobs("fake")) == 1)
+        assert wait_for(lambda: rc.xlen(FAKE.jobs) == 1)
         r = post_many(c, 2)                                       # 2 queued + 2 > 3
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert "2 model rows queued" in r.get_json()["error"] and "--max-queue-rows 3" in r.get_json()["error"]
@@ -223,7 +258,7 @@ def test_stream_ids_order_by_number_so_dead_lettering_counts_deliveries(redis_ur
         raise RuntimeError("model exploded")
     bad.predict = broken
     rc = redis_proc.client()
-    stream = KEYS.jobs("fake")
+    stream = FAKE.jobs
     rc.xgroup_create(stream, GROUP, id="0", mkstream=True)
     ms = int(rc.time()[0]) * 1000 + 1000
     for seq in (9, 10):
@@ -232,7 +267,7 @@ def test_stream_ids_order_by_number_so_dead_lettering_counts_deliveries(redis_ur
         rc.xadd(stream, encode_job(job, KEYS.reply(job.id), ttl_s=30), id=f"{ms}-{seq}")
     w = Workers(redis_url, bad, n=1, claim_idle_ms=100, max_deliveries=1)
     try:
-        assert wait_for(lambda: rc.xlen(KEYS.dead("fake")) == 2)
+        assert wait_for(lambda: rc.xlen(FAKE.dead) == 2)
     finally:
         w.close()
     for seq in (9, 10):
@@ -262,16 +297,16 @@ def test_a_draining_worker_answers_the_batch_in_hand_and_leaves_the_rest(redis_u
     t2 = threading.Thread(target=lambda: got.update(b=post_png(c, 2)))
     t2.start()
     try:
-        assert wait_for(lambda: rc.xlen(KEYS.jobs("fake")) == 2)  # job b queued behind it
+        assert wait_for(lambda: rc.xlen(FAKE.jobs) == 2)  # job b queued behind it
         w.stop.set()                                              # what main() does on SIGTERM
         worker.withdraw()
-        assert rc.zcard(KEYS.workers("fake")) == 0                # fronts stop counting it at once
+        assert rc.zcard(FAKE.workers) == 0                # fronts stop counting it at once
         release.set()
         assert worker.drained.wait(10)
         t1.join(10)
         assert got["a"].status_code == 200                        # answered and acknowledged
-        assert rc.xlen(KEYS.jobs("fake")) == 1 and rc.xpending(KEYS.jobs("fake"), GROUP)["pending"] == 0
-        assert rc.xinfo_consumers(KEYS.jobs("fake"), GROUP) == []  # consumer removed: it held nothing
+        assert rc.xlen(FAKE.jobs) == 1 and rc.xpending(FAKE.jobs, GROUP)["pending"] == 0
+        assert rc.xinfo_consumers(FAKE.jobs, GROUP) == []  # consumer removed: it held nothing
         w2 = Workers(redis_url, make_fake_model(), n=1)            # job b is left for another worker
         t2.join(15)
         w2.close()
@@ -283,16 +318,16 @@ def test_a_draining_worker_answers_the_batch_in_hand_and_leaves_the_rest(redis_u
 
 def test_consumers_are_removed_only_when_they_hold_nothing(redis_url, redis_proc, monkeypatch):
     rc = redis_proc.client()
-    stream = KEYS.jobs("fake")
+    stream = FAKE.jobs
     rc.xgroup_create(stream, GROUP, id="0", mkstream=True)
     rc.xadd(stream, {"id": "x"})
     rc.xreadgroup(GROUP, "holder", {stream: ">"}, count=1)        # a killed worker that held an entry
     rc.xgroup_createconsumer(stream, GROUP, "idle")               # a killed worker that held nothing
     leave = rc.register_script(LEAVE_SCRIPT)
-    assert leave(keys=[stream, KEYS.workers("fake")], args=[GROUP, "holder"]) == 1
+    assert leave(keys=[stream, FAKE.workers], args=[GROUP, "holder"]) == 1
     names = lambda: sorted(c["name"].decode() for c in rc.xinfo_consumers(stream, GROUP))  # noqa: E731
     assert names() == ["holder", "idle"]                          # DELCONSUMER would have lost its entry
-    monkeypatch.setattr(server.worker, "DEAD_CONSUMER_IDLE_MS", -1)
+    monkeypatch.setattr(server.redis_worker, "DEAD_CONSUMER_IDLE_MS", -1)
     w = Workers(redis_url, make_fake_model(), n=1)
     try:
         assert wait_for(lambda: "idle" not in names())
@@ -311,3 +346,129 @@ def test_the_front_start_up_line_hides_the_password(digits_bundle, capsys, monke
     server.serving.build_app(cfg, a)   # a Redis front connects lazily: nothing listens there, nothing is asked
     out = capsys.readouterr().out
     assert "(redis redis://:***@127.0.0.1:1/0)" in out and "s3cret" not in out
+
+
+def test_a_batch_3x_longer_than_claim_idle_is_computed_once_not_reclaimed(redis_url, redis_proc):
+    # Before the keeper, the second worker's XAUTOCLAIM took the entry after --claim-idle-ms and
+    # computed it again (and a batch held over --max-deliveries such rounds was dead-lettered).
+    # The keeper also heartbeats: a lone worker in a long batch no longer looks dead to the fronts.
+    idle_ms = 600
+    rc = redis_proc.client()
+    started, beats = [], []
+    slow = make_fake_model()
+    compute = slow.predict
+
+    def holder_heartbeat():
+        holder = rc.xpending_range(FAKE.jobs, GROUP, min="-", max="+", count=1)[0]["consumer"]
+        return rc.zscore(FAKE.workers, holder)
+
+    def three_idle_times(x):
+        started.append(x.shape[0])
+        beats.append(holder_heartbeat())
+        time.sleep(3 * idle_ms / 1000)                            # the batch outlasts 3 reclaim idle times
+        beats.append(holder_heartbeat())
+        return compute(x)
+    slow.predict = three_idle_times
+    w = Workers(redis_url, slow, n=2, claim_idle_ms=idle_ms, max_deliveries=1)   # a reclaim = a dead letter
+    c = front(redis_url, timeout_s=20)
+    try:
+        r = post_png(c)
+    finally:
+        w.close()
+    assert r.status_code == 200, r.get_json()
+    assert started == [1]                                         # computed once
+    assert beats[1] > beats[0]                                    # the holder kept beating mid-batch
+    assert {k.decode(): int(v) for k, v in rc.hgetall(FAKE.stats).items()} == {"replied": 1}   # answered once
+    assert rc.xlen(FAKE.dead) == 0 and rc.xlen(FAKE.jobs) == 0
+    assert rc.keys("srv:reply:*") == []
+
+
+def test_the_fronts_first_redis_use_from_two_threads_never_sees_half_a_client(redis_url, monkeypatch):
+    # The front connects on first use. It published its client before registering the scripts, so a
+    # second thread arriving in between called a script that was still None: a 500 on /predict and
+    # on readiness. The hook runs the second thread exactly there.
+    w = Workers(redis_url, make_fake_model(), n=1)
+    c = front(redis_url)
+    real_connect = server.redis_front.connect
+    second: dict = {}
+    hooked = threading.Event()
+
+    def connect_and_interleave(*args, **kwargs):
+        client = real_connect(*args, **kwargs)
+        register = client.register_script
+
+        def register_then_let_another_thread_in(script):
+            if not hooked.is_set():   # the first thread is inside its first use of Redis
+                hooked.set()
+                t = threading.Thread(target=lambda: second.update(post=post_png(c, 1), ready=c.get("/v2/health/ready")))
+                t.start()
+                t.join(30)
+            return register(script)
+        client.register_script = register_then_let_another_thread_in
+        return client
+
+    monkeypatch.setattr(server.redis_front, "connect", connect_and_interleave)
+    try:
+        first = post_png(c, 0)
+    finally:
+        w.close()
+    assert hooked.is_set()
+    assert second["post"].status_code == 200, second["post"].get_json()
+    assert second["ready"].status_code == 200
+    assert first.status_code == 200, first.get_json()
+
+
+def test_the_fronts_reply_ttl_bounds_an_unread_reply(redis_url, redis_proc):
+    # --reply-ttl-s of the front was ignored: an unread reply (its client got a 504) stayed for the
+    # worker's 60 s. Now the job carries it, and the worker's own flag caps it.
+    entered, release = threading.Event(), threading.Event()
+    fake = make_fake_model()
+    compute = fake.predict
+
+    def held(x):
+        entered.set()
+        release.wait(30)
+        return compute(x)
+    fake.predict = held
+    w = Workers(redis_url, fake, n=1)                             # worker --reply-ttl-s 60 (the default)
+    c = front(redis_url, timeout_s=2, reply_ttl_s=7)
+    rc = redis_proc.client()
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(r=post_png(c)))
+    try:
+        t.start()
+        assert entered.wait(10)                                   # the worker holds the job...
+        t.join(30)
+        assert got["r"].status_code == 504                        # ...past the front's deadline
+        release.set()
+        assert wait_until(lambda: rc.hget(FAKE.stats, "replied") == b"1")
+    finally:
+        release.set()
+        w.close()
+    replies = rc.keys("srv:reply:*")
+    assert len(replies) == 1 and 0 < rc.ttl(replies[0]) <= 7     # unread, and gone within the front's TTL
+
+    from server.redisq import reply_ttl_of
+    assert reply_ttl_of({b"rttl": b"7"}, 60) == 7 and reply_ttl_of({b"rttl": b"90"}, 60) == 60
+    assert reply_ttl_of({}, 60) == 60                             # a job from an older front
+    with pytest.raises(ValueError, match=r"--reply-ttl-s must be a whole number of seconds >= 1"):
+        front(redis_url, reply_ttl_s=0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be >= 1 (model rows per batched call), got 0"),
+    (["--reply-ttl-s", "0"], "--reply-ttl-s must be >= 1 (seconds an unread reply stays in Redis), got 0"),
+    (["--claim-idle-ms", "50"], "--claim-idle-ms must be >= 100"),
+    (["--max-deliveries", "0"], "--max-deliveries must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-delay-ms", "-1"], "--max-delay-ms must be a finite number >= 0"),
+    (["--max-delay-ms", "nan"], "--max-delay-ms must be a finite number >= 0"),
+    (["--drain-timeout", "inf"], "--drain-timeout must be a finite number >= 0"),
+    (["--metrics-port", "70000"], "--metrics-port must be a TCP port 1-65535"),
+    (["--prefix", ""], "--prefix must be a non-empty name"),
+    (["--consumer", " "], "--consumer must be a non-empty name"),
+])
+def test_every_worker_flag_is_validated_with_exit_2(flags, message, capsys):
+    assert server.worker.main(["--redis-url", "redis://127.0.0.1:1/0", "--bundle", "unused", *flags]) == 2
+    assert message in capsys.readouterr().err
+

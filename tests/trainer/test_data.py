@@ -9,7 +9,8 @@ from PIL import Image
 from conftest import write_image
 from trainer.data import DataError, ImageDecodeError, PreprocessSpec, decode_image, discover_dataset, eval_transform
 from trainer.data.demo import write_digits_dataset
-from trainer.data.images import find_bad_images
+from trainer.data.images import (_BAND_PIXELS, IMAGE_FORMATS, _to_rgb_array, find_bad_images, format_refusal,
+                                 grey16_to_uint8)
 from trainer.data.layout import stratified_split
 from trainer.data.prepare import prepare_lists
 
@@ -167,6 +168,59 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path):
     assert decode_image(tmp_path / "w.png").min() == 255
     Image.fromarray(np.full((4, 4), 257 * 100, dtype=np.uint16)).save(tmp_path / "g.png")
     assert (decode_image(tmp_path / "g.png") == 100).all()
+
+
+def _float_formula(v: np.ndarray) -> np.ndarray:
+    """The conversion before issue 20 (through float64): round(v / 257), clipped."""
+    return np.clip(np.rint(v.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def test_sixteen_bit_integer_conversion_equals_the_float_formula_for_every_value():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = _to_rgb_array(Image.fromarray(every))   # mode I;16
+    assert got.shape == (256, 256, 3) and got.dtype == np.uint8
+    for c in range(3):
+        assert np.array_equal(got[:, :, c], _float_formula(every))
+    # 32-bit "I" beyond 16 bits (a TIFF): clipped at both ends as the float formula clipped
+    wide = np.array([[-70000, -129, -1, 0, 128, 129, 65535, 65536, 70000, 2**31 - 1]], dtype=np.int32)
+    img = Image.fromarray(wide)
+    assert img.mode == "I"
+    assert np.array_equal(_to_rgb_array(img)[:, :, 0], _float_formula(wide))
+    assert np.array_equal(grey16_to_uint8(every.astype(np.int64)), _float_formula(every))
+
+
+def test_sixteen_bit_conversion_makes_no_full_size_temporary():
+    """A 4 MP 16-bit grey image: the result (3 bytes a pixel) plus bands of rows, never a full-size
+    copy (through float64 it took about 30 bytes a pixel: 1 GB for 40 MP)."""
+    import tracemalloc
+
+    img = Image.fromarray(np.arange(2000 * 2000, dtype=np.uint32).reshape(2000, 2000).astype(np.uint16))
+    tracemalloc.start()
+    try:
+        out = _to_rgb_array(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.nbytes == 12_000_000
+    assert peak < out.nbytes + 16 * _BAND_PIXELS, f"peak {peak / 1e6:.1f} MB for a {out.nbytes / 1e6:.0f} MB result"
+
+
+def test_mpo_is_decoded_as_its_first_frame_and_other_formats_are_refused(tmp_path):
+    from native.decode_cases import mpo_jpeg
+    from trainer.data.index import read_header
+
+    (tmp_path / "phone.jpg").write_bytes(mpo_jpeg())
+    with Image.open(tmp_path / "phone.jpg") as img:
+        assert img.format == "MPO" and img.n_frames == 2
+        first = np.asarray(img.convert("RGB"))
+    assert np.array_equal(decode_image(tmp_path / "phone.jpg"), first)
+    assert read_header(str(tmp_path / "phone.jpg")) == (52, 36, None)   # (width, height)
+    # a PPM named .png: PIL reads it, but it is outside the one list training and the server accept
+    Image.fromarray(np.zeros((4, 5, 3), np.uint8)).save(tmp_path / "odd.png", format="PPM")
+    with pytest.raises(ImageDecodeError, match="format PPM is not accepted; use one of JPEG, MPO, PNG"):
+        decode_image(tmp_path / "odd.png")
+    assert read_header(str(tmp_path / "odd.png")) == (0, 0, format_refusal(str(tmp_path / "odd.png"), "PPM"))
+    assert "PPM" not in IMAGE_FORMATS
 
 
 def test_alpha_is_dropped_not_composited(tmp_path):

@@ -24,7 +24,7 @@ def test_train_on_cuda_with_each_precision(tiny_digits, tmp_path, amp):
 
 
 def test_cuda_checkpoint_evaluates_on_cpu(tiny_digits, tmp_path):
-    from trainer.evaluate_cli import evaluate_checkpoint
+    from trainer.evaluation import evaluate_checkpoint
 
     cfg = TrainConfig(data=str(tiny_digits), out=str(tmp_path / "run"), model="resnet18", img_size=32, crop_pct=1.0,
                       batch_size=16, workers=0, hflip=0.0, epochs=1, quiet=True, device="cuda")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extras_support import cli, tiny_checkpoint
-from trainer.checkpoints import model_from_checkpoint
+from trainer.inference import model_from_checkpoint
 from trainer.data import Normalize, decode_image, eval_transform
 from trainer.data.transforms import PreprocessSpec
 from trainer.predict import image_ids, list_images, predict_paths

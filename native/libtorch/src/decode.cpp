@@ -4,6 +4,11 @@
 //   CMYK/YCCK converted with PIL's cmyk2rgb, the ink values taken as inverted (Photoshop's
 //   convention) when an Adobe APP14 marker is present and as plain CMYK when not (PIL inverts
 //   both; decode_image undoes that for the marker-less case); a truncated file is an error.
+//   MPO (a JPEG with an MPF secondary image, as phone cameras write) is its first frame: libjpeg
+//   stops at the first EOI, PIL decodes frame 0.
+// - A multi-scan JPEG (jpeg_has_multiple_scans: progressive, or a first scan without every
+//   component) with more than kMaxJpegScans scans before its first EOI is refused before decoding,
+//   as decode_image (each scan is another pass over the whole image).
 // - PNG: palette expanded, low-bit gray scaled (x85 / x17 / x255), alpha dropped, 16-bit gray
 //   as round(v/257) (PIL's I;16 path in decode_image), 16-bit colour or gray+alpha as the high
 //   byte (PIL's RGB;16B / LA;16B raw modes).
@@ -29,6 +34,7 @@ namespace classify {
 namespace {
 
 constexpr long long kMaxPixels = 2LL * 16384 * 16384;  // PIL's decompression-bomb limit
+constexpr int kMaxJpegScans = 500;  // trainer.data.images.MAX_JPEG_SCANS (libjpeg-turbo's fuzzers' limit)
 
 void check_size(long long h, long long w, const std::string& label) {
   if (h <= 0 || w <= 0) throw ImageError(label + ": decoded to an empty image");
@@ -99,6 +105,37 @@ void cmyk_to_rgb(const uint8_t* in, uint8_t* out, int width, bool inverted) {
   }
 }
 
+// The next marker at or after pos, found as libjpeg's next_marker does (and images.py's
+// _next_marker): other bytes skipped, FF fill bytes skipped, FF 00 (stuffing) is no marker.
+// Returns its code and leaves pos after it; -1 at the end of the data.
+int next_marker(const uint8_t* data, size_t size, size_t& pos) {
+  while (pos < size) {
+    const void* ff = std::memchr(data + pos, 0xFF, size - pos);
+    if (!ff) break;
+    size_t at = static_cast<size_t>(static_cast<const uint8_t*>(ff) - data) + 1;
+    while (at < size && data[at] == 0xFF) ++at;
+    if (at >= size) break;
+    pos = at + 1;
+    if (data[at] != 0) return data[at];
+  }
+  pos = size;
+  return -1;
+}
+
+// More than `limit` SOS markers before the first EOI (segments skipped by their length, entropy-
+// coded data by next_marker): images.py's jpeg_scans_exceed, byte for byte.
+bool jpeg_scans_exceed(const uint8_t* data, size_t size, int limit) {
+  size_t pos = 2;  // after SOI
+  int scans = 0;
+  for (;;) {
+    const int code = next_marker(data, size, pos);
+    if (code < 0 || code == 0xD9) return false;              // end of data, EOI
+    if (code == 0x01 || (code >= 0xD0 && code <= 0xD8)) continue;  // TEM, RSTn, SOI: no segment
+    if (code == 0xDA && ++scans > limit) return true;
+    pos += pos + 2 <= size ? static_cast<size_t>(data[pos] << 8 | data[pos + 1]) : size;
+  }
+}
+
 Image decode_jpeg(const uint8_t* data, size_t size, const std::string& label) {
   jpeg_decompress_struct cinfo;
   JpegErr err;
@@ -123,6 +160,11 @@ Image decode_jpeg(const uint8_t* data, size_t size, const std::string& label) {
   if (static_cast<long long>(cinfo.image_width) * cinfo.image_height > kMaxPixels) {
     jpeg_destroy_decompress(&cinfo);
     check_size(cinfo.image_height, cinfo.image_width, label);
+  }
+  if (jpeg_has_multiple_scans(&cinfo) && jpeg_scans_exceed(data, size, kMaxJpegScans)) {
+    jpeg_destroy_decompress(&cinfo);
+    throw ImageError(label + ": unreadable image (JPEG with more than " + std::to_string(kMaxJpegScans) +
+                     " scans: a progressive JPEG has about 10, and each scan is another pass over the image; re-encode it)");
   }
   bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   // Adobe marker: inverted ink values (what Photoshop and PIL write); none: plain CMYK.

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .images import decode_image, ImageDecodeError
+from .images import IMAGE_FORMATS, ImageDecodeError, decode_image, format_refusal
 
-INDEX_FORMAT = "shipclassifier.image-index/1"
+INDEX_FORMAT = "shipclassifier.image-index/2"   # /2: entries of formats outside IMAGE_FORMATS are errors
 
 
 def cache_root() -> Path:
@@ -41,7 +41,7 @@ def read_header(path: str) -> tuple[int, int, str | None]:
     """(width, height, None) from the file's header, or (0, 0, message naming the file)."""
     try:
         with Image.open(path) as img:
-            w, h = img.size
+            (w, h), fmt = img.size, img.format
     except OSError as exc:
         reason = exc.strerror if isinstance(exc, FileNotFoundError) else None
         if isinstance(exc, Image.UnidentifiedImageError):
@@ -49,6 +49,8 @@ def read_header(path: str) -> tuple[int, int, str | None]:
         return 0, 0, f"{path}: unreadable image ({reason or exc})"
     except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         return 0, 0, f"{path}: unreadable image ({exc or type(exc).__name__})"
+    if fmt not in IMAGE_FORMATS:
+        return 0, 0, format_refusal(path, fmt)
     if w <= 0 or h <= 0:
         return 0, 0, f"{path}: unreadable image (size {w}x{h})"
     return w, h, None
