@@ -22,7 +22,7 @@ from export import load_bundle
 from trainer.models import list_models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from export_testlib import write_checkpoint  # noqa: E402
+from export_testlib import train_images, write_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,8 @@ def family_bundle(request, tiny_digits, tmp_path_factory) -> Path:
     from export.build import ExportOptions, build_bundle
 
     root = tmp_path_factory.mktemp(request.param)
-    ckpt = write_checkpoint(root / "ckpt.pt", request.param)
+    # BatchNorm statistics from real images: untrained efficientnet_v2_s otherwise gives one answer for all
+    ckpt = write_checkpoint(root / "ckpt.pt", request.param, bn_images=train_images(tiny_digits))
     out, manifest = build_bundle(ExportOptions(str(ckpt), str(root / "bundle"), ["torchscript"], max_batch=4,
                                                data=str(tiny_digits)), say=lambda *a, **k: None)
     assert manifest["architecture"] == request.param
