@@ -10,7 +10,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 # Debian packages: redis-server for the serving tests, chromium for the browser-page test (driven by
 # Playwright through executable_path; never `playwright install`); for the native runtime a C++
 # toolchain, CMake and Ninja, nlohmann-json, libjpeg-turbo, libpng, OpenSSL's libcrypto (SHA-256), Python headers.
-APT_PKGS="redis-server chromium cmake g++ make ninja-build nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libpng-dev libssl-dev python3-dev"
+APT_PKGS="redis-server chromium cmake g++ make ninja-build nlohmann-json3-dev libstb-dev libjpeg62-turbo-dev libpng-dev libssl-dev python3-dev strace"
 missing=""
 if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -1,10 +1,11 @@
 """The conformance set: good and bad bundles made from the tiny real bundles of tests/conftest.py.
 
-    cases = write_bundle_cases(bundle_a, bundle_b, tmp_dir)   # {name: BundleCase}
+    cases = write_bundle_cases(bundle_a, bundle_b, tmp_dir, keys)   # {name: BundleCase}
 
 Each case is a copy of a base bundle (manifest.json copied, artifact files symlinked: cheap) with one
 defect; ``category`` is what every reader must report (docs/BUNDLE.md "Error categories"), None for
-a bundle every reader must accept and run. Add a case by appending to MODEL_CASES / ENSEMBLE_CASES.
+a bundle every reader must accept and run. Add a case by appending to MODEL_CASES / ENSEMBLE_CASES
+(TorchScript), PT2_CASES (the .pt2 artifact) or SIGNATURE_CASES (read with trusted keys).
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ class BundleCase:
     name: str
     path: Path
     category: str | None  # None: accepted
+    format: str = "torchscript"  # the artifact every reader runs
+    trusted_keys: tuple[Path, ...] = ()  # public keys every reader is given
+    require_signature: bool = False
 
 
 def clone(src: Path, dst: Path) -> Path:
@@ -85,13 +89,17 @@ def on_folder(change: Callable[[Path], None]) -> Callable[[Path], None]:
     return change
 
 
-@on_folder
-def _tamper_artifact(b: Path) -> None:
-    target = b / "model.ts"
+def _tamper(target: Path) -> None:
+    """Flip one byte in the middle of a (symlinked) file, writing a private copy."""
     data = bytearray(target.resolve().read_bytes())
     data[len(data) // 2] ^= 0xFF
     target.unlink()
     target.write_bytes(bytes(data))
+
+
+@on_folder
+def _tamper_artifact(b: Path) -> None:
+    _tamper(b / "model.ts")
 
 
 @on_folder
@@ -156,6 +164,15 @@ MODEL_CASES: list[tuple[str, Callable | None, str | None]] = [
     ("missing_artifact", on_folder(lambda b: (b / "model.ts").unlink()), "integrity"),
 ]
 
+# read with format "pt2" by every reader (bundle_a as exported: TorchScript and .pt2 with its static
+# batch-1 model, TTA hflip by default)
+PT2_CASES: list[tuple[str, Callable | None, str | None]] = [
+    ("model_pt2", None, None),
+    ("tampered_pt2", on_folder(lambda b: _tamper(b / "model.pt2")), "integrity"),
+    ("pt2_sha256_of_the_torchscript", lambda m: m["artifacts"]["pt2"].update(
+        sha256=m["artifacts"]["torchscript"]["sha256"]), "integrity"),
+]
+
 ENSEMBLE_CASES: list[tuple[str, Callable | None, str | None]] = [
     ("ensemble_weighted_merge_max", None, None),
     ("ensemble_vote", lambda m: m.update(fusion="vote"), None),
@@ -179,6 +196,23 @@ ENSEMBLE_CASES: list[tuple[str, Callable | None, str | None]] = [
 ]
 
 
+# (name, base "model" or "ensemble", signed by "ours" / None, change after signing, reader's trusted key
+# "ours" / "theirs", require_signature, category); the readers run TorchScript
+SIGNATURE_CASES: list[tuple[str, str, str | None, Callable | None, str, bool, str | None]] = [
+    ("signed_trusted_required", "model", "ours", None, "ours", True, None),
+    ("signed_trusted_not_required", "model", "ours", None, "ours", False, None),
+    ("signed_ensemble_trusted_required", "ensemble", "ours", None, "ours", True, None),
+    ("signed_by_an_untrusted_key", "model", "ours", None, "theirs", True, "signature"),
+    ("signed_by_an_untrusted_key_not_required", "model", "ours", None, "theirs", False, "signature"),
+    ("unsigned_with_require_signature", "model", None, None, "ours", True, "signature"),
+    ("manifest_edited_after_signing", "model", "ours", _set("max_batch", 4), "ours", True, "signature"),
+    ("signature_file_not_json", "model", "ours", on_folder(lambda b: (b / "signature.json").write_text("{")), "ours",
+     True, "signature"),
+    ("member_manifest_edited_after_signing", "ensemble", "ours",
+     on_folder(lambda b: edit(b, _set("max_batch", 4), "members/a")), "ours", True, "integrity"),
+]
+
+
 def _apply(path: Path, change) -> None:
     if change is None:
         return
@@ -188,10 +222,14 @@ def _apply(path: Path, change) -> None:
         edit(path, change)
 
 
-def write_bundle_cases(bundle_a: Path, bundle_b: Path, root: Path) -> dict[str, BundleCase]:
+def write_bundle_cases(bundle_a: Path, bundle_b: Path, root: Path, keys: tuple[Path, Path, Path]
+                       ) -> dict[str, BundleCase]:
     """Every case under root/<name>: model cases from bundle_a (TorchScript only), ensemble cases from
     a weighted (3:1) ensemble of bundle_a and bundle_b with TTA hflip merged by max (the members' own
-    merge is mean: the ensemble's must win in every reader)."""
+    merge is mean: the ensemble's must win in every reader), .pt2 cases from bundle_a as exported,
+    signature cases from either base signed with ``keys`` (private, its public, another public key)."""
+    from export.signing import sign_bundle
+
     base = clone(bundle_a, root / "_base" / "model")
     for extra in ("model.pt2",):
         if (base / extra).exists():
@@ -211,4 +249,15 @@ def write_bundle_cases(bundle_a: Path, bundle_b: Path, root: Path) -> dict[str, 
             path = clone(src, root / name)
             _apply(path, change)
             cases[name] = BundleCase(name, path, category)
+    for name, change, category in PT2_CASES:
+        path = clone(bundle_a, root / name)
+        _apply(path, change)
+        cases[name] = BundleCase(name, path, category, format="pt2")
+    public = {"ours": keys[1], "theirs": keys[2]}
+    for name, base_name, signer, change, trusted, require, category in SIGNATURE_CASES:
+        path = clone(base if base_name == "model" else Path(ens), root / name)
+        if signer is not None:
+            sign_bundle(path, keys[0])
+        _apply(path, change)
+        cases[name] = BundleCase(name, path, category, trusted_keys=(public[trusted],), require_signature=require)
     return cases

@@ -11,8 +11,8 @@ from .image_cases import BAD_IMAGE_CASES, IMAGE_CASES
 
 
 @pytest.fixture(scope="session")
-def bundle_cases(bundle_a, bundle_b, tmp_path_factory):
-    return write_bundle_cases(bundle_a, bundle_b, tmp_path_factory.mktemp("conformance_bundles"))
+def bundle_cases(bundle_a, bundle_b, keys, tmp_path_factory):
+    return write_bundle_cases(bundle_a, bundle_b, tmp_path_factory.mktemp("conformance_bundles"), keys)
 
 
 @pytest.fixture(scope="session")

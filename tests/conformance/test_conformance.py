@@ -5,7 +5,8 @@
 
 For each case all three give the same verdict as the case expects: accepted, or refused with the
 expected error category (docs/BUNDLE.md "Error categories"); accepted bundles give the same top-1 and
-probabilities within 1e-4 on every image. All readers run the TorchScript artifact on one thread.
+probabilities within 1e-4 on every image. All readers run the case's artifact (TorchScript, or the
+.pt2 for the .pt2 cases) on one thread, with the case's trusted keys and --require-signature.
 """
 from __future__ import annotations
 
@@ -18,12 +19,11 @@ import pytest
 
 import export
 
-from .bundle_cases import ENSEMBLE_CASES, MODEL_CASES
+from .bundle_cases import ENSEMBLE_CASES, MODEL_CASES, PT2_CASES, SIGNATURE_CASES
 from .image_cases import ARRAY_CASES, LARGE_IMAGE_CASES
 
 TOL = 1e-4
-CASES = [name for name, _, _ in MODEL_CASES + ENSEMBLE_CASES]
-GOOD = [name for name, _, category in MODEL_CASES + ENSEMBLE_CASES if category is None]
+CASES = [name for name, _, _ in MODEL_CASES + ENSEMBLE_CASES + PT2_CASES] + [c[0] for c in SIGNATURE_CASES]
 _PREFIX = re.compile(r"^\[([a-z]+)\] ")
 
 
@@ -43,7 +43,8 @@ def native_category(message: str) -> str:
 # ---- the three readers: each returns (category or None, {image: probs or category}) -------------
 def run_python(case, images, bad):
     try:
-        bundle = export.load_bundle(case.path, backend="torchscript", threads=1)
+        bundle = export.load_bundle(case.path, backend=case.format, threads=1, trusted_keys=case.trusted_keys,
+                                    require_signature=case.require_signature)
     except Exception as exc:  # noqa: BLE001 - the category is the verdict
         return python_category(exc), {}
     out = dict(zip(images, bundle.predict(images, topk=1).probs))
@@ -58,7 +59,8 @@ def run_python(case, images, bad):
 
 def run_native(native, case, images, bad):
     try:
-        rt = native.Runtime(str(case.path), format="torchscript", threads=1)
+        rt = native.Runtime(str(case.path), format=case.format, threads=1,
+                            trusted_keys=[str(k) for k in case.trusted_keys], require_signature=case.require_signature)
     except native.NativeError as exc:
         return native_category(str(exc)), {}
     results = rt.predict_files([str(p) for p in [*images, *bad]], topk=1)
@@ -67,8 +69,11 @@ def run_native(native, case, images, bad):
 
 
 def run_cli(binary, case, images, bad):
-    proc = subprocess.run([str(binary), "--bundle", str(case.path), "--format", "torchscript", "--threads", "1",
-                           "--topk", "1000", *map(str, [*images, *bad])], capture_output=True, text=True, timeout=120)
+    trust = [a for k in case.trusted_keys for a in ("--trusted-key", str(k))]
+    trust += ["--require-signature"] if case.require_signature else []
+    proc = subprocess.run([str(binary), "--bundle", str(case.path), "--format", case.format, "--threads", "1",
+                           *trust, "--topk", "1000", *map(str, [*images, *bad])], capture_output=True, text=True,
+                          timeout=120)
     if proc.returncode == 2:
         return native_category(proc.stderr.strip().removeprefix("classify: error: ")), {}
     assert proc.returncode in (0, 1), proc.stderr

@@ -10,20 +10,44 @@ TINY_CLASSES = ["0", "1", "7"]  # the classes of the tiny_digits fixture
 
 
 def write_checkpoint(path: Path, arch: str, classes=TINY_CLASSES, img_size: int = 32, seed: int = 0,
-                     num_classes: int | None = None) -> Path:
-    """An untrained model saved the way trainer.engine.train._checkpoint saves a trained one."""
-    from trainer.data import PreprocessSpec
+                     num_classes: int | None = None, bn_images: torch.Tensor | None = None) -> Path:
+    """An untrained model saved the way trainer.engine.train._checkpoint saves a trained one.
+
+    bn_images: (N, 3, H, W) uint8; BatchNorm running statistics are set to these images' own (one
+    forward pass in train mode). Untrained mobilenet_v2/v3 and efficientnet_v2_s at 32 px otherwise give
+    the same probabilities for every image (their initial statistics do not fit the activations), and a
+    parity check on constant outputs proves little."""
+    from trainer.data import Normalize, PreprocessSpec
     from trainer.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save
     from trainer.models import create_model
 
     torch.manual_seed(seed)
     model = create_model(arch, len(classes), img_size).eval()
     pre = PreprocessSpec.for_size(img_size, crop_pct=1.0)
+    if bn_images is not None:
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average: exactly this batch's statistics
+        with torch.no_grad():
+            model.train()(Normalize(pre.mean, pre.std)(bn_images))
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.eval()
     atomic_save({"format": CHECKPOINT_FORMAT, "arch": arch, "num_classes": num_classes or len(classes),
                  "classes": list(classes), "preprocess": pre.to_dict(), "config": {"data": "synthetic"},
                  "model": model.state_dict(), "ema": None, "epoch": 0, "best_metric": None, "best_epoch": None,
                  "best_source": "model", "metrics": {}}, path)
     return path
+
+
+def train_images(data: Path, img_size: int = 32) -> torch.Tensor:
+    """(N, 3, S, S) uint8: the train split of ``data`` preprocessed as write_checkpoint's checkpoints say."""
+    from trainer.data import PreprocessSpec, decode_image, eval_transform
+
+    spec = PreprocessSpec.for_size(img_size, crop_pct=1.0)
+    return torch.stack([eval_transform(decode_image(p), spec) for p in sorted((data / "train").rglob("*.png"))])
 
 
 def export_cli(*args: str, capsys=None) -> tuple[int, str]:

@@ -6,9 +6,10 @@ by the export package: single model (.pt2 and TorchScript), TTA, ensembles, erro
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import threading
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,28 +141,42 @@ def test_pt2_static_batch1_model_is_used_and_matches(native, bundle_a, eval_imag
         native.Runtime(str(bad), format="pt2")
 
 
-def test_gil_is_released_during_inference(native, bundle_a, eval_images):
-    """While C++ decodes and runs the model, another Python thread keeps running. With the GIL held
-    it would only get in between calls (a handful of ticks); released, it ticks every millisecond."""
-    rt = native.Runtime(str(bundle_a), format="torchscript", tta="ten-crop", threads=1)
-    ticks: list[float] = []
-    calls = []
-    done = threading.Event()
+# Run in a child process: if the call held the GIL, the parent's writer below could never run and the
+# child would hang (its timeout turns that into a failure instead of a stuck suite).
+_GIL_CHILD = r"""
+import os, sys, threading
+import classify_native
 
-    def work():
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 0.5:
-            rt.predict_files(eval_images)
-            calls.append(1)
-        done.set()
+bundle, fifo, image = sys.argv[1:4]
+rt = classify_native.Runtime(bundle, format="torchscript", tta="ten-crop", threads=1)
+out = []
+reader = threading.Thread(target=lambda: out.extend(rt.predict_files([fifo])))
+reader.start()
+# open() of a FIFO for writing blocks until the reader has opened it, which the C++ decoder does inside
+# predict_files: this line runs only while the native call is in progress and the GIL is free
+fd = os.open(fifo, os.O_WRONLY)
+assert reader.is_alive(), "predict_files returned before its input was written"
+with open(image, "rb") as fh:
+    os.write(fd, fh.read())
+os.close(fd)
+reader.join()
+assert out[0]["error"] is None, out[0]["error"]
+print("probs", " ".join(f"{p:.6f}" for p in out[0]["probs"]))
+"""
 
-    t = threading.Thread(target=work)
-    t.start()
-    while not done.is_set():
-        ticks.append(time.perf_counter())
-        time.sleep(0.001)
-    t.join()
-    assert len(ticks) > 40 + 5 * len(calls)
+
+def test_gil_is_released_during_inference(native, bundle_a, eval_images, tmp_path):
+    """While C++ reads, decodes and runs the model, another Python thread runs: the child blocks the native
+    call on a FIFO that only another Python thread can feed, so the call finishes only if the GIL is free
+    (no timing, no tick counting)."""
+    fifo = tmp_path / "image.fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-c", _GIL_CHILD, str(bundle_a), str(fifo), eval_images[0]],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = np.array([float(v) for v in proc.stdout.split("probs", 1)[1].split()])
+    ref = native.Runtime(str(bundle_a), format="torchscript", tta="ten-crop", threads=1).predict_files(eval_images[:1])
+    assert np.abs(got - ref[0]["probs"]).max() <= 1e-5  # the image written into the FIFO is the one classified
 
 
 @pytest.mark.parametrize("merge", ["max", "vote"])
