@@ -185,9 +185,12 @@ def start_mode(mode: str, a, redis_url: str | None) -> tuple[Stack, str]:
     common = ["--bundle", a.bundle, "--max-delay-ms", str(a.max_delay_ms)]
     dev = ["--device", a.device]   # where our servers and workers run the model (the seed baselines: CPU)
     draft = ["--jpeg-draft"] if a.jpeg_draft else []
-    if mode == "defaults":   # what a user gets: no --threads/--runners/--solo-threads/--max-batch
-        st.spawn(py, "-m", "server", "--bundle", a.bundle, *dev, *draft, "--port", str(port), "--max-queue", "10000",
-                 "--log-level", "WARNING", *a.server_args.split(), threads=None)
+    if mode in ("defaults", "defaults-onnxruntime"):   # what a user gets: no --threads/--runners/--solo-threads/--max-batch
+        # defaults-onnxruntime: the same with the backend pinned to onnxruntime fp32, the default before the
+        # start-up backend choice (server/layout.py choose_backend); its layout is still chosen at start-up
+        pin = ["--backend", "onnxruntime", "--precision", "fp32"] if mode == "defaults-onnxruntime" else []
+        st.spawn(py, "-m", "server", "--bundle", a.bundle, *dev, *draft, *pin, "--port", str(port), "--max-queue",
+                 "10000", "--log-level", "WARNING", *a.server_args.split(), threads=None)
     elif mode.startswith("baseline"):   # baseline: the seed's preprocessing; baseline-shared: ours
         st.spawn(py, __file__, "--serve-baseline", "seed" if mode == "baseline" else "shared", "--bundle", a.bundle,
                  "--port", str(port), "--threads", str(a.threads), threads=a.threads)
@@ -428,6 +431,21 @@ def defaults_vs_tuned(modes: dict[str, list[dict]]) -> dict:
     return out
 
 
+def defaults_vs_onnxruntime(modes: dict[str, list[dict]]) -> dict:
+    """For each concurrency: the `defaults` server (backend chosen at start-up) against the same server
+    pinned to onnxruntime fp32 (the default before that choice): req/s ratio and p50 ratio, medians over the
+    rounds (issue 21's targets on a bf16 CPU: >= 1.8x req/s at c=16, <= 0.6x p50 at c=1)."""
+    if "defaults" not in modes or "defaults-onnxruntime" not in modes:
+        return {}
+    new, old = modes["defaults"], modes["defaults-onnxruntime"]
+    rps_new, rps_old = by_concurrency(new, "throughput_rps"), by_concurrency(old, "throughput_rps")
+    p50_new, p50_old = by_concurrency(new, "p50_ms"), by_concurrency(old, "p50_ms")
+    return {str(c): {"defaults_rps": rps_new[c], "onnxruntime_rps": rps_old[c], "rps_ratio": rps_new[c] / rps_old[c],
+                     "defaults_p50_ms": p50_new[c], "onnxruntime_p50_ms": p50_old[c],
+                     "p50_ratio": p50_new[c] / p50_old[c]}
+            for c in rps_new if c in rps_old}
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -482,10 +500,10 @@ def run_bundle(a, body: bytes) -> dict:
     try:
         for mode in a.modes:   # all up at once, so cells can interleave; each paused while not measured
             stacks[mode] = start_mode(mode, a, redis_url)
-            if mode == "defaults":
-                results["defaults_layout"] = model_layouts(stacks[mode][1])
-                for m in results["defaults_layout"]:
-                    print(f"defaults: {m['name']}: {json.dumps(m['layout'])}", flush=True)
+            if mode.startswith("defaults"):
+                results.setdefault("defaults_layout", {})[mode] = model_layouts(stacks[mode][1])
+                for m in results["defaults_layout"][mode]:
+                    print(f"{mode}: {m['name']}: {json.dumps(m['layout'])}", flush=True)
             stacks[mode][0].pause()
         results["modes"] = {m: [] for m in a.modes}
         batch1_timer = raw_batch1_timer(a, body) if 1 in a.concurrency and not a.no_raw else None
@@ -537,6 +555,7 @@ def run_bundle(a, body: bytes) -> dict:
                 if base.get((r["round"], r["concurrency"])):
                     r[key] = r["throughput_rps"] / base[(r["round"], r["concurrency"])]
     results["defaults_vs_tuned"] = defaults_vs_tuned(results["modes"])
+    results["defaults_vs_onnxruntime"] = defaults_vs_onnxruntime(results["modes"])
     print("\n| mode | concurrency | req/s | p50 ms | p95 ms | p99 ms | mean batch | % of raw batched | x baseline "
           "| x baseline-shared |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -569,6 +588,10 @@ def main(argv=None) -> int:
                    help="modes defaults, embedded, embedded-T, embedded-T-b8 (T: --threads) at concurrency 1 and 16 "
                         "unless --modes/--concurrency say otherwise, and no raw ceiling: prints defaults / best "
                         "tuned req/s per concurrency (the target: >= 0.95)")
+    p.add_argument("--defaults-vs-onnxruntime", action="store_true",
+                   help="modes defaults and defaults-onnxruntime (the same server pinned to --backend onnxruntime "
+                        "--precision fp32, the default before the start-up backend choice) at concurrency 1 and 16, "
+                        "no raw ceiling: prints the req/s and p50 ratios per concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=None, help="default: 1 4 16 64")
     p.add_argument("--rounds", type=int, default=1, help="repeat every cell this many times (interleaved); "
                    "ratios use the median")
@@ -594,6 +617,10 @@ def main(argv=None) -> int:
         a.modes = a.modes or ["defaults", "embedded", f"embedded-{a.threads}", f"embedded-{a.threads}-b8"]
         a.concurrency = a.concurrency or [1, 16]
         a.no_raw = True
+    if a.defaults_vs_onnxruntime:
+        a.modes = a.modes or ["defaults", "defaults-onnxruntime"]
+        a.concurrency = a.concurrency or [1, 16]
+        a.no_raw = True
     a.modes = a.modes or ["baseline", "baseline-shared", "embedded", "embedded-2", "redis-1", "redis-2"]
     a.concurrency = a.concurrency or [1, 4, 16, 64]
 
@@ -617,6 +644,10 @@ def main(argv=None) -> int:
         for c, v in results["defaults_vs_tuned"].items():
             print(f"defaults vs tuned: {results['model']} c={c}: {v['defaults_rps']:.1f} / {v['best_rps']:.1f} req/s "
                   f"({v['best_mode']}) = {v['ratio']:.3f}")
+        for c, v in results["defaults_vs_onnxruntime"].items():
+            print(f"defaults vs onnxruntime fp32: {results['model']} c={c}: {v['defaults_rps']:.1f} / "
+                  f"{v['onnxruntime_rps']:.1f} req/s = {v['rps_ratio']:.2f}x; p50 {v['defaults_p50_ms']:.1f} / "
+                  f"{v['onnxruntime_p50_ms']:.1f} ms = {v['p50_ratio']:.2f}x")
     print(json.dumps(runs[0] if len(runs) == 1 else {"runs": runs}))
     return 0
 

@@ -273,6 +273,11 @@ def load_served_model(path: str | Path, backend: str = "auto", threads: int | No
         solo = _bundle_predict(solo_bundle)[0] if solo_bundle is not None else None
         log.info("layout for %s: %s", manifest.get("name") or root.name, chosen.summary())
     elif with_weights:
+        if device == "cpu" and backend == "auto" and precision == "auto":   # a Redis worker: the same choice
+            choice = _choose_backend(root, trust, threads or usable_cores())
+            if choice is not None:
+                backend, precision = choice.backend, choice.precision
+                log.info("backend for %s: %s %s (%s)", root.name, backend, precision, choice.reason)
         # the one bundle reader (signature, sha256, schema, members)
         load_bundle = functools.partial(_trusted_loader(trust), precision=precision)
         bundle = load_bundle(str(root), backend=backend, threads=threads, device=device)

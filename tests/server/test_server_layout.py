@@ -10,7 +10,7 @@ import pytest
 from server.__main__ import config_from_args
 from server.app import create_app
 from server.config import ServerConfig
-from server.layout import (BackendTiming, Layout, LayoutRequest, LayoutTimings, backend_candidates, choose_backend,
+from server.layout import (BackendChoice, BackendTiming, Layout, LayoutRequest, LayoutTimings, backend_candidates, choose_backend,
                            choose_layout, measure_timings, usable_cores)
 from server_fixtures import digits_bundle  # noqa: F401
 
@@ -151,3 +151,21 @@ def test_choose_backend_never_slower_than_onnxruntime_fp32():
     won = choose_backend([bt(ORT, 13.0, 42.6), bt(OV, 12.8, 38.0), bt(OV16, 26.6, 19.7)], ["x"])
     assert (won.backend, won.precision) == OV16 and "not tried: x" in won.reason
     assert won.describe()["measured"]["openvino/bf16"] == {"images_per_s": 26.6, "batch1_ms": 19.7}
+
+
+def test_a_worker_load_without_backend_flags_chooses_the_backend_too(digits_bundle, monkeypatch):
+    """A Redis worker loads without a layout (one session with --threads): with --backend auto
+    --precision auto it takes the same start-up choice as embedded mode; explicit flags skip it."""
+    import server.models as models
+
+    asked = []
+
+    def fake_choice(root, trust, cores):
+        asked.append(cores)
+        return BackendChoice("openvino", "fp32", "faked: 1.5x onnxruntime fp32's images/s")
+
+    monkeypatch.setattr(models, "_choose_backend", fake_choice)
+    served = models.load_served_model(digits_bundle, "auto", threads=1)
+    assert asked == [1] and served.backend == "openvino"
+    served = models.load_served_model(digits_bundle, "onnxruntime", threads=1, precision="fp32")
+    assert asked == [1] and served.backend == "onnxruntime"
