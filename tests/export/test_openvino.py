@@ -157,7 +157,7 @@ def test_cpu_record_reads_flags_and_openvino_capabilities(tmp_path):
 class _WrongOnEveryImage:
     """A "bf16 runtime" that answers a wrong class for every labelled validation image: the gate must refuse it."""
     def __init__(self, checkpoint, data):
-        from trainer.checkpoints import model_from_checkpoint
+        from trainer.inference import model_from_checkpoint
 
         from export.samples import validation_images
 
