@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -209,3 +210,17 @@ def ensembles(bundle_a, bundle_b, tmp_path_factory) -> dict[str, Path]:
                                  tta="hflip" if fusion == "weighted" else "none", say=lambda *a, **k: None)
         out[fusion] = Path(path)
     return out
+
+
+
+@pytest.fixture(autouse=True)
+def _sigchld_restored():
+    """Put SIGCHLD back as each test found it. A DataLoader with workers leaves torch's SIGCHLD handler in
+    this process for good; with it installed, after OpenVINO had run bf16 (AMX) here, the kernel answered the
+    exit of the next child process with SIGSEGV (si_code SI_KERNEL, in waitpid) and the whole run died (CI,
+    tests/export/test_openvino.py after tests/batch). Reproduced with those two files only; resetting SIGCHLD
+    between tests made the same pair pass."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, before)
