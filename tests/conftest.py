@@ -212,7 +212,6 @@ def ensembles(bundle_a, bundle_b, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-
 @pytest.fixture(autouse=True)
 def _sigchld_restored():
     """Put SIGCHLD back as each test found it. A DataLoader with workers leaves torch's SIGCHLD handler in

@@ -24,10 +24,9 @@ if importlib.util.find_spec("ray") is None:
 def ray_cli(bundle, images, out, **common) -> dict:
     """``python -m batch --ray-address local`` in a child process, as a user runs it; its summary.
 
-    Not ray.init in the test process: a Ray driver leaves signal handlers and threads behind it, and this
-    pytest process later runs OpenVINO bf16 (AMX): on a CPU with AMX the next child process it waited for
-    was answered with SIGSEGV (tests/export/test_openvino.py, seen in CI and reproduced with only the two
-    files). The job and its Ray instance live and end in the child."""
+    Not ray.init in the test process: the Ray driver's threads and signal handlers stay out of the pytest
+    process, and the job and its Ray instance live and end in the child. (The CI segfault after this file
+    came from torch's DataLoader SIGCHLD handler, not Ray: tests/conftest.py restores SIGCHLD.)"""
     path = os.pathsep.join([str(REPO / "python"), str(REPO), os.environ.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "batch", "--bundle", str(bundle), "--images", str(images), "--out", str(out),
            "--ray-address", "local", "--ray-workers", "2", "--json", "--quiet"]

@@ -10,8 +10,8 @@ import pytest
 from server.__main__ import config_from_args
 from server.app import create_app
 from server.config import ServerConfig
-from server.layout import (BackendChoice, BackendTiming, Layout, LayoutRequest, LayoutTimings, backend_candidates, choose_backend,
-                           choose_layout, measure_timings, usable_cores)
+from server.layout import (BackendChoice, BackendTiming, Layout, LayoutRequest, LayoutTimings, backend_candidates,
+                           choose_backend, choose_layout, measure_timings, usable_cores)
 from server_fixtures import digits_bundle  # noqa: F401
 
 AUTO = LayoutRequest()
