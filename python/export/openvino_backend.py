@@ -53,7 +53,8 @@ class CpuRecord:
     def describe(self) -> str:
         have = [f for f in BF16_CPU_FLAGS if f in self.flags]
         return (f"CPU bf16: {'native (' + ', '.join(have) + ')' if self.native_bf16 else 'none'}"
-                + (f"; OpenVINO capabilities {','.join(sorted(self.ov_capabilities))}" if self.ov_capabilities else ""))
+                + (f"; OpenVINO capabilities {','.join(sorted(self.ov_capabilities))}" if self.ov_capabilities else "")
+                + (f"; from {self.source}" if self.source != "/proc/cpuinfo" else ""))
 
 
 def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -67,6 +68,9 @@ def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
 
 
 _CPU: CpuRecord | None = None
+# set to 1: this CPU counts as one without native bf16 (flags and OpenVINO's BF16 capability hidden), as an
+# AVX2-only machine would be; ONEDNN_MAX_CPU_ISA=AVX2 caps torch's oneDNN, not OpenVINO's choice of bf16
+NO_BF16_ENV = "SHIPCLASSIFIER_NO_BF16"
 
 
 def cpu_record(refresh: bool = False) -> CpuRecord:
@@ -80,7 +84,11 @@ def cpu_record(refresh: bool = False) -> CpuRecord:
             caps = frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         except Exception:  # no openvino, or no CPU plugin: the flags alone decide
             pass
-        _CPU = CpuRecord(read_cpu_flags(), caps)
+        flags, source = read_cpu_flags(), "/proc/cpuinfo"
+        if os.environ.get(NO_BF16_ENV, "") not in ("", "0"):
+            flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
+            source += f" ({NO_BF16_ENV}: bf16 hidden)"
+        _CPU = CpuRecord(flags, caps, source)
     return _CPU
 
 
