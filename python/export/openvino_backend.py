@@ -44,7 +44,8 @@ class CpuRecord:
     @property
     def native_bf16(self) -> bool:
         """Both must agree when both are known: the ISA flag says the hardware has it, OpenVINO's BF16
-        capability that this OpenVINO will use it (ONEDNN_MAX_CPU_ISA=AVX2 hides it from oneDNN only)."""
+        capability that this OpenVINO will use it (OpenVINO 2026.4 still reports BF16 under
+        ONEDNN_MAX_CPU_ISA=AVX2: SHIPCLASSIFIER_NO_BF16=1 hides both, cpu_record)."""
         hw = any(f in self.flags for f in BF16_CPU_FLAGS)
         if self.ov_capabilities:
             return hw and "BF16" in self.ov_capabilities if self.flags else "BF16" in self.ov_capabilities
