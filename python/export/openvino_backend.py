@@ -30,6 +30,7 @@ from .manifest import INPUT_NAME, BundleError, VerifiedArtifact
 # our precision name -> OpenVINO's INFERENCE_PRECISION_HINT
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+CPUINFO = "/proc/cpuinfo"
 OV_INSTALL_HINT = "install it with 'pip install openvino' (a dependency of this project: 'pip install -e .')"
 
 
@@ -39,7 +40,7 @@ class CpuRecord:
     OPTIMIZATION_CAPABILITIES. Faked in tests to play a CPU without bf16."""
     flags: frozenset[str]
     ov_capabilities: frozenset[str] = frozenset()
-    source: str = "/proc/cpuinfo"
+    source: str = CPUINFO
 
     @property
     def native_bf16(self) -> bool:
@@ -55,10 +56,10 @@ class CpuRecord:
         have = [f for f in BF16_CPU_FLAGS if f in self.flags]
         return (f"CPU bf16: {'native (' + ', '.join(have) + ')' if self.native_bf16 else 'none'}"
                 + (f"; OpenVINO capabilities {','.join(sorted(self.ov_capabilities))}" if self.ov_capabilities else "")
-                + (f"; from {self.source}" if self.source != "/proc/cpuinfo" else ""))
+                + (f"; from {self.source}" if self.source != CPUINFO else ""))
 
 
-def read_cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+def read_cpu_flags(path: str = CPUINFO) -> frozenset[str]:
     try:
         for line in Path(path).read_text().splitlines():
             if line.startswith("flags"):
@@ -85,7 +86,7 @@ def cpu_record(refresh: bool = False) -> CpuRecord:
             caps = frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         except Exception:  # no openvino, or no CPU plugin: the flags alone decide
             pass
-        flags, source = read_cpu_flags(), "/proc/cpuinfo"
+        flags, source = read_cpu_flags(), CPUINFO
         if os.environ.get(NO_BF16_ENV, "") not in ("", "0"):
             flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
             source += f" ({NO_BF16_ENV}: bf16 hidden)"

@@ -29,6 +29,9 @@ from export.manifest import BundleError, read_manifest, validate_manifest
 pytest.importorskip("openvino")
 NATIVE_BF16 = ovb.CpuRecord(frozenset({"avx512f", "avx512_bf16", "amx_bf16"}), frozenset({"FP32", "BF16"}))
 NO_BF16 = ovb.CpuRecord(frozenset({"avx2", "fma"}), frozenset({"FP32", "INT8"}))
+# a manifest whose model.onnx records bf16 verified at export (within the gate)
+BF16_VERIFIED = {"artifacts": {"onnx": {"precision_checks": {"bf16": {"top1_drop": 0.0, "validation_images": 50,
+                                                                       "max_accuracy_drop": 1.0}}}}}
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +130,7 @@ def test_bf16_verification_is_recorded_and_auto_uses_it_only_where_native(verifi
 
 
 def test_resolve_precision_rules():
-    m_verified = {"artifacts": {"onnx": {"precision_checks": {"bf16": {"top1_drop": 0.0, "validation_images": 50,
-                                                                        "max_accuracy_drop": 1.0}}}}}
+    m_verified = BF16_VERIFIED
     m_plain = {"artifacts": {"onnx": {}}}
     assert resolve_precision(m_verified, "openvino", "auto", NATIVE_BF16)[0] == "bf16"
     assert resolve_precision(m_verified, "openvino", "auto", NO_BF16)[0] == "fp32"
@@ -157,18 +159,16 @@ def test_cpu_record_reads_flags_and_openvino_capabilities(tmp_path):
 def test_no_bf16_env_plays_a_cpu_without_bf16_for_every_choice(monkeypatch):
     """SHIPCLASSIFIER_NO_BF16=1 hides bf16 from the flags and from OpenVINO's capabilities (OpenVINO ignores
     ONEDNN_MAX_CPU_ISA): auto stays fp32 on a verified bundle and bf16 asked for is refused, as on an AVX2 CPU."""
-    monkeypatch.setattr(ovb, "read_cpu_flags", lambda path="/proc/cpuinfo": frozenset({"avx2", "avx512_bf16",
+    monkeypatch.setattr(ovb, "read_cpu_flags", lambda path=ovb.CPUINFO: frozenset({"avx2", "avx512_bf16",
                                                                                        "amx_bf16"}))
     monkeypatch.setattr(ovb, "_CPU", None)
     monkeypatch.setenv(ovb.NO_BF16_ENV, "1")
     cpu = ovb.cpu_record()
     assert not cpu.native_bf16 and not cpu.flags & set(ovb.BF16_CPU_FLAGS) and "BF16" not in cpu.ov_capabilities
     assert ovb.NO_BF16_ENV in cpu.describe() and "avx2" in cpu.flags
-    verified = {"artifacts": {"onnx": {"precision_checks": {"bf16": {"top1_drop": 0.0, "validation_images": 50,
-                                                                      "max_accuracy_drop": 1.0}}}}}
-    assert resolve_precision(verified, "openvino", "auto") == ("fp32", f"{cpu.describe()}: fp32")
+    assert resolve_precision(BF16_VERIFIED, "openvino", "auto") == ("fp32", f"{cpu.describe()}: fp32")
     with pytest.raises(BundleError, match="native bf16"):
-        resolve_precision(verified, "openvino", "bf16")
+        resolve_precision(BF16_VERIFIED, "openvino", "bf16")
     monkeypatch.setenv(ovb.NO_BF16_ENV, "0")   # 0 or empty: the machine as it is
     assert ovb.cpu_record(refresh=True).flags & set(ovb.BF16_CPU_FLAGS)
 
