@@ -46,7 +46,8 @@ class CpuRecord:
     def native_bf16(self) -> bool:
         """Both must agree when both are known: the ISA flag says the hardware has it, OpenVINO's BF16
         capability that this OpenVINO will use it (OpenVINO 2026.4 still reports BF16 under
-        ONEDNN_MAX_CPU_ISA=AVX2: SHIPCLASSIFIER_NO_BF16=1 hides both, cpu_record)."""
+        ONEDNN_MAX_CPU_ISA=AVX2, where it cannot compile bf16: that cap and SHIPCLASSIFIER_NO_BF16=1 hide both,
+        cpu_record)."""
         hw = any(f in self.flags for f in BF16_CPU_FLAGS)
         if self.ov_capabilities:
             return hw and "BF16" in self.ov_capabilities if self.flags else "BF16" in self.ov_capabilities
@@ -71,8 +72,19 @@ def read_cpu_flags(path: str = CPUINFO) -> frozenset[str]:
 
 _CPU: CpuRecord | None = None
 # set to 1: this CPU counts as one without native bf16 (flags and OpenVINO's BF16 capability hidden), as an
-# AVX2-only machine would be; ONEDNN_MAX_CPU_ISA=AVX2 caps torch's oneDNN, not OpenVINO's choice of bf16
+# AVX2-only machine would be
 NO_BF16_ENV = "SHIPCLASSIFIER_NO_BF16"
+# oneDNN's ISA cap: OpenVINO 2026.4 still reports BF16 under ONEDNN_MAX_CPU_ISA=AVX2, but then finds no bf16
+# kernel for some layers ("Supported primitive descriptors list is empty for node ... Pooling") and cannot
+# compile the model in bf16 at all; a cap below the bf16 ISAs therefore hides bf16 like NO_BF16_ENV.
+ONEDNN_ISA_ENV = "ONEDNN_MAX_CPU_ISA"
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def onednn_cap_hides_bf16() -> bool:
+    """ONEDNN_MAX_CPU_ISA is set to an ISA without bf16 (SSE41, AVX, AVX2, AVX2_VNNI, AVX512_CORE, ...)."""
+    cap = os.environ.get(ONEDNN_ISA_ENV, "").strip().upper()
+    return bool(cap) and not cap.startswith(_ONEDNN_BF16_ISAS)
 
 
 def cpu_record(refresh: bool = False) -> CpuRecord:
@@ -90,6 +102,9 @@ def cpu_record(refresh: bool = False) -> CpuRecord:
         if os.environ.get(NO_BF16_ENV, "") not in ("", "0"):
             flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
             source += f" ({NO_BF16_ENV}: bf16 hidden)"
+        elif onednn_cap_hides_bf16():
+            flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
+            source += f" ({ONEDNN_ISA_ENV}={os.environ[ONEDNN_ISA_ENV]}: bf16 hidden)"
         _CPU = CpuRecord(flags, caps, source)
     return _CPU
 
