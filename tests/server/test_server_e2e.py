@@ -35,8 +35,10 @@ def jpeg_of(path) -> bytes:
 
 @pytest.fixture(scope="module")
 def embedded(digits_bundle, ensemble_bundle):
+    # onnxruntime pinned: runners=2 with its solo session is an onnxruntime layout, and on auto the start-up
+    # chooser, which times the candidates, may pick OpenVINO on a busy machine (it did, in a clean-clone run)
     app = create_app(ServerConfig(bundles=[str(digits_bundle), str(ensemble_bundle)], threads=1, runners=2,
-                                  max_delay_ms=2))
+                                  max_delay_ms=2, backend="onnxruntime"))
     srv = LiveServer(app)
     yield srv
     srv.close()
