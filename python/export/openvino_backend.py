@@ -99,12 +99,11 @@ def cpu_record(refresh: bool = False) -> CpuRecord:
         except Exception:  # no openvino, or no CPU plugin: the flags alone decide
             pass
         flags, source = read_cpu_flags(), CPUINFO
-        if os.environ.get(NO_BF16_ENV, "") not in ("", "0"):
+        hidden_by = (NO_BF16_ENV if os.environ.get(NO_BF16_ENV, "") not in ("", "0") else
+                     f"{ONEDNN_ISA_ENV}={os.environ[ONEDNN_ISA_ENV]}" if onednn_cap_hides_bf16() else None)
+        if hidden_by:
             flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
-            source += f" ({NO_BF16_ENV}: bf16 hidden)"
-        elif onednn_cap_hides_bf16():
-            flags, caps = flags - set(BF16_CPU_FLAGS), caps - {"BF16"}
-            source += f" ({ONEDNN_ISA_ENV}={os.environ[ONEDNN_ISA_ENV]}: bf16 hidden)"
+            source += f" ({hidden_by}: bf16 hidden)"
         _CPU = CpuRecord(flags, caps, source)
     return _CPU
 

@@ -106,11 +106,12 @@ def test_family_exports_and_matches_eager(arch, formats, tmp_path, tiny_digits, 
         assert_matches(f"{BACKEND[key]} ({key})", got, ref)
     # the C++ runtime decodes and preprocesses the files itself (bit-identical to Python: tests/native)
     k = len(manifest["classes"])
-    for fmt in ("torchscript", "pt2") if "pt2" in formats else ("torchscript",):
+    native_formats = [f for f in ("torchscript", "pt2") if f in formats]   # what the C++ runtime reads
+    for fmt in native_formats:
         for batch in (1, 8):
             rt = native.Runtime(str(out), format=fmt, tta="none", threads=1, batch=batch)
             results = rt.predict_files(paths, topk=k)
             assert all(r["error"] is None for r in results)
             assert_matches(f"classify_native {fmt} batch {batch}", np.stack([r["probs"] for r in results]), ref)
-    cli_format = "pt2" if "pt2" in formats else "torchscript"
+    cli_format = native_formats[-1]   # the .pt2 where there is one
     assert_matches(f"classify --format {cli_format}", cli_probs(classify_bin, out, cli_format, paths, k), ref)
