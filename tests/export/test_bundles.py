@@ -38,7 +38,10 @@ def digits_bundle(digits_checkpoint, tiny_digits, tmp_path_factory) -> Path:
                   str(tiny_digits), "--max-batch", "16", "--tta", "hflip", "--quantize", "int8", "--calibration",
                   str(tiny_digits / "train"), "--calibration-method", "percentile",
                   # 24 validation images: one flipped image is 4.2 points, over the default limit of 1
-                  "--max-accuracy-drop", "10", "--triton-repo", str(out.parent / "triton"), module="export")
+                  "--max-accuracy-drop", "10", "--triton-repo", str(out.parent / "triton"),
+                  # no static batch-1 .pt2 (a second AOTInductor compile, 15-25 s): the session bundle_a has it,
+                  # tests/native/test_runtime.py runs it
+                  "--pt2-static-batches", module="export")
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Warning" not in res.stderr, res.stderr  # deprecation chatter is handled, not spammed
     return out
@@ -70,7 +73,7 @@ def test_manifest_records_every_artifact_and_check(digits_bundle, digits_checkpo
         assert art["parity"]["max_abs_diff"] <= 1e-4 and art["parity"]["top1_agree"]
         assert art["parity"]["batch_sizes"] == [1, 2, 5]
         assert art["parity"]["images"].startswith("validation split of")
-    assert m["artifacts"]["pt2"]["static_batch_models"] == {"1": "batch1"}  # batch 1 runs prepacked weights
+    assert m["artifacts"]["pt2"]["static_batch_models"] == {}  # --pt2-static-batches with no size: none
     for key in ("torchscript", "pt2"):  # compiled for the CPU, and the manifest says so
         assert (m["artifacts"][key]["device"], m["artifacts"][key]["precision"]) == ("cpu", "fp32")
     assert "device" not in m["artifacts"]["onnx"] and "parity_cuda" not in m["artifacts"]["onnx"]  # device-neutral
@@ -128,10 +131,11 @@ def test_default_tta_is_the_manifest_policy(digits_bundle, val_paths):
     np.testing.assert_allclose(bundle.predict(val_paths[:4]).probs, expected, atol=1e-6)
 
 
-def test_predict_tensor_chunks_by_max_batch_and_checks_input(digits_bundle):
-    bundle = export.load_bundle(digits_bundle, backend="pt2")
+def test_predict_tensor_chunks_by_max_batch_and_checks_input(bundle_a):
+    bundle = export.load_bundle(bundle_a, backend="pt2")   # the session bundle: it has the static batch-1 model
+    assert bundle.manifest["artifacts"]["pt2"]["static_batch_models"] == {"1": "batch1"}
     x = torch.randint(0, 256, (37, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    whole = bundle.predict_tensor(x)  # 37 > max_batch 16: three calls
+    whole = bundle.predict_tensor(x)  # 37 > max_batch 8: five calls
     singles = np.concatenate([bundle.predict_tensor(x[i:i + 1]) for i in range(37)])  # the static batch-1 model
     np.testing.assert_allclose(whole, singles, atol=1e-5)
     with pytest.raises(export.BundleError, match="uint8"):
