@@ -103,8 +103,9 @@ def int8_parity(fp32: np.ndarray, int8: np.ndarray) -> dict:
 
 
 # Measured on this model (359 images): agreement 0.98-0.99, mean |diff| 0.0015-0.007, 95th percentile of
-# the per-image largest difference 0.01-0.1 (entropy clips most); calibrated on black images (the
-# negative control below): agreement 0.32, mean |diff| 0.12.
+# the per-image largest difference 0.01-0.1 (entropy clips most), with full-range weights on a Xeon with VNNI and
+# with 7-bit weights (what quantize_int8 writes) on an AVX2-only EPYC, where full-range weights saturate (agreement
+# 0.77-0.82); calibrated on black images (the negative control below): agreement 0.32, mean |diff| 0.12.
 MIN_AGREEMENT, MAX_MEAN_DIFF, MAX_P95_DIFF = 0.95, 0.02, 0.2
 
 
@@ -113,6 +114,7 @@ def test_every_calibration_method_keeps_a_trained_models_answers(fp32_onnx, tmp_
     src, images, val = fp32_onnx
     q = quantize_int8(src, tmp_path / "int8.onnx", images, method=method)
     assert q["calibrate_method"] == CALIBRATION_METHODS[method] and q["calibration_images"] == 64
+    assert q["reduce_range"] is True  # 7-bit weights: full-range ones lose ~20 points where VNNI is missing
     ref = np.asarray(formats.open_runtime(src, "onnx")(val.images))
     got = np.asarray(formats.open_runtime(tmp_path / "int8.onnx", "onnx")(val.images))
     labels = np.asarray(val.labels)
