@@ -44,21 +44,15 @@ class Crash(RuntimeError):
 
 
 def test_ray_output_equals_the_embedded_run_and_resumes_across_engines(hflip_bundle, image_tree, tmp_path):
+    """One Ray run (a Ray instance starts in 10-20 s on 2 cores): it resumes a job the embedded engine left
+    after its first part, and the finished output equals an uninterrupted embedded run row for row: Ray
+    wrote the other 15 rows, the unreadable file's error row among them."""
     common = dict(backend="torchscript", topk=3, save_probs=True, batch_size=4)
     embedded = tmp_path / "embedded"
     run_batch(BatchOptions(bundle=str(hflip_bundle), images=str(image_tree), **common, out=str(embedded), workers=1,
                            part_size=10, progress=False))
-    on_ray = tmp_path / "ray"
-    summary = ray_cli(hflip_bundle, image_tree, on_ray, part_size=10, **common)
-    assert (summary["engine"], summary["written"], summary["errors"]) == ("ray", 25, 1)
-    want, got = rows_by_path(embedded), rows_by_path(on_ray)
-    assert sorted(got) == sorted(want)
-    for path, row in want.items():
-        for key in ("label", "topk_labels", "error", "bundle_name", "bundle_version", "bundle_sha256"):
-            assert got[path][key] == row[key], (path, key)
-        if row["error"] is None:
-            np.testing.assert_allclose(got[path]["probs"], row["probs"], rtol=0, atol=1e-5)
-            np.testing.assert_allclose(got[path]["topk_probs"], row["topk_probs"], rtol=0, atol=1e-5)
+    want = rows_by_path(embedded)
+    assert len(want) == 25 and sum(r["error"] is not None for r in want.values()) == 1
 
     # the embedded engine fails after one part; Ray finishes the job from the same done-manifest
     mixed = tmp_path / "mixed"
@@ -69,8 +63,14 @@ def test_ray_output_equals_the_embedded_run_and_resumes_across_engines(hflip_bun
     with pytest.raises(Crash):
         run_batch(BatchOptions(bundle=str(hflip_bundle), images=str(image_tree), **common, out=str(mixed), workers=0,
                                part_size=10, progress=False), on_part=crash)
+    assert len(rows_by_path(mixed)) == 10
     resumed = ray_cli(hflip_bundle, image_tree, mixed, part_size=10, **common)
-    assert (resumed["skipped"], resumed["written"]) == (10, 15)
+    assert (resumed["engine"], resumed["skipped"], resumed["written"], resumed["errors"]) == ("ray", 10, 15, 1)
     got = rows_by_path(mixed)
     assert sorted(got) == sorted(want)
-    assert all(got[p]["topk_labels"] == want[p]["topk_labels"] for p in want)
+    for path, row in want.items():
+        for key in ("label", "topk_labels", "error", "bundle_name", "bundle_version", "bundle_sha256"):
+            assert got[path][key] == row[key], (path, key)
+        if row["error"] is None:
+            np.testing.assert_allclose(got[path]["probs"], row["probs"], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got[path]["topk_probs"], row["topk_probs"], rtol=0, atol=1e-5)
