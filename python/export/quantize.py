@@ -127,12 +127,14 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
         if method == "entropy":
             cache, reader = _entropy_ranges(prepped, reader, Path(tmp)), None
         quantize_static(str(prepped), str(out_path), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
                         calibrate_method=calibrate_method, calibration_cache_path=cache,
                         nodes_to_exclude=excluded, use_external_data_format=False,
                         calibration_providers=["CPUExecutionProvider"])  # onnxruntime-gpu: calibrate on CPU
     return {"method": "onnxruntime quantize_static", "format": "QDQ", "per_channel": True,
-            "activations": "uint8", "weights": "int8", "reduce_range": reduce_range, "calibrate_method": CALIBRATION_METHODS[method],
+            "activations": "uint8", "weights": "int8", "reduce_range": reduce_range,
+            "calibrate_method": CALIBRATION_METHODS[method],
             **({"histogram_bins": ENTROPY_BINS} if method == "entropy" else {}),
             "keep_float": keep_float, "float_nodes": excluded,
             "calibration_images": int(calibration.shape[0])}

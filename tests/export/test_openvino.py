@@ -65,7 +65,8 @@ def verified(checkpoint, tiny_digits, tmp_path_factory) -> Path:
                     "by test_no_bf16_env_plays_a_cpu_without_bf16_for_every_choice")
     import openvino as ov
 
-    # OpenVINO's own answer, not cpu_record()'s (SHIPCLASSIFIER_NO_BF16 hides it there but OpenVINO still compiles bf16)
+    # OpenVINO's own answer, not cpu_record()'s: SHIPCLASSIFIER_NO_BF16 hides BF16 there, and OpenVINO still
+    # compiles bf16 under it
     capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in capabilities:   # an AVX2-only CPU (an AMD EPYC without AVX-512 here, 2026-12-06)
         pytest.skip(f"OpenVINO cannot compile bf16 on this CPU (capabilities {','.join(capabilities)}); the "
