@@ -42,6 +42,11 @@ def write_checkpoint(path: Path, arch: str, classes=TINY_CLASSES, img_size: int 
     return path
 
 
+def cpp_formats(keys) -> list[str]:
+    """The artifacts among ``keys`` (a bundle's formats) that the C++ runtime reads: TorchScript, then .pt2."""
+    return [f for f in ("torchscript", "pt2") if f in keys]
+
+
 def train_images(data: Path, img_size: int = 32) -> torch.Tensor:
     """(N, 3, S, S) uint8: the train split of ``data`` preprocessed as write_checkpoint's checkpoints say."""
     from trainer.data import PreprocessSpec, decode_image, eval_transform

@@ -19,7 +19,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from export_testlib import train_images, write_checkpoint
+from export_testlib import cpp_formats, train_images, write_checkpoint
 
 import export
 from export.build import ExportOptions, build_bundle
@@ -107,7 +107,7 @@ def test_family_exports_and_matches_eager(arch, formats, tmp_path, tiny_digits, 
         assert_matches(f"{BACKEND[key]} ({key})", got, ref)
     # the C++ runtime decodes and preprocesses the files itself (bit-identical to Python: tests/native)
     k = len(manifest["classes"])
-    native_formats = [f for f in ("torchscript", "pt2") if f in formats]   # what the C++ runtime reads
+    native_formats = cpp_formats(formats)
     for fmt in native_formats:
         for batch in (1, 8):
             rt = native.Runtime(str(out), format=fmt, tta="none", threads=1, batch=batch)

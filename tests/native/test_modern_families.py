@@ -23,17 +23,13 @@ import pytest
 from export import load_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
-from export_testlib import write_checkpoint  # noqa: E402
+from export_testlib import cpp_formats, write_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 TOL = 1e-4
 # the formats each builds; the C++ runtime reads TorchScript and .pt2
 ARCHS = {"regnet_y_400mf": ["torchscript", "onnx"], "timm/test_vit": ["torchscript", "onnx", "pt2"]}
-
-
-def cpp_formats(manifest: dict) -> list[str]:
-    return [f for f in ("torchscript", "pt2") if f in manifest["artifacts"]]
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
@@ -61,7 +57,7 @@ def test_exports_pass_the_parity_gate(family_bundle):
 def test_classify_binary_matches_python(classify_bin, family_bundle, eval_images):
     _, bundle, manifest = family_bundle
     ref = load_bundle(bundle, backend="onnxruntime", threads=1).predict(eval_images, topk=3)
-    for fmt in cpp_formats(manifest):
+    for fmt in cpp_formats(manifest["artifacts"]):
         res = subprocess.run([str(classify_bin), "--bundle", str(bundle), "--format", fmt, "--topk", "3",
                               "--threads", "1", *eval_images], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
@@ -75,7 +71,7 @@ def test_classify_binary_matches_python(classify_bin, family_bundle, eval_images
 def test_native_module_matches_python(native, family_bundle, eval_images):
     _, bundle, manifest = family_bundle
     ref = load_bundle(bundle, backend="onnxruntime", threads=1).predict(eval_images)
-    for fmt in cpp_formats(manifest):
+    for fmt in cpp_formats(manifest["artifacts"]):
         rt = native.Runtime(str(bundle), format=fmt, threads=1, batch=4)
         got = np.stack([r["probs"] for r in rt.predict_files(eval_images)])
         assert np.abs(got - ref.probs).max() <= TOL, fmt
