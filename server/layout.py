@@ -209,9 +209,10 @@ def measure_timings(single: Callable[[np.ndarray], object], pooled: Callable[[np
         best["p1"] = min(best["p1"], _call_ms(lambda: pooled(x1)))
         best["s1"] = min(best["s1"], _call_ms(lambda: single(x1)))
         best["pb"] = min(best["pb"], _call_ms(lambda: pooled(xb)))
-        # onnxruntime's intra-op pool keeps spinning on its cores for a while after a pooled call;
-        # timed right after it, the side-by-side calls shared their cores with that spin and read
-        # 0.5-0.7x of pooled instead of the 0.95x they get alone (mobilenet_v3_large, 2 cores)
+        # an intra-op pool may keep spinning on its cores for a while after a pooled call (OpenMP's do;
+        # onnxruntime's did before export.formats.ORT_SPIN_STOP); timed right after it, the side-by-side
+        # calls shared their cores with that spin and read 0.5-0.7x of pooled instead of the 0.95x they
+        # get alone (mobilenet_v3_large, 2 cores)
         time.sleep(SPIN_SETTLE_S)
         best["sb"] = min(best["sb"], _call_ms(side_by_side))
         rounds += 1

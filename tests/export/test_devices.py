@@ -45,7 +45,7 @@ def test_cuda_artifact_names():
 # ---- onnxruntime: the device index reaches the provider; a CPU fallback is an error ----------
 class FakeSession:
     def __init__(self, path, sess_options=None, providers=None, got=None):
-        self.providers = providers
+        self.providers, self.options = providers, sess_options
         self._got = got if got is not None else [p[0] if isinstance(p, tuple) else p for p in providers]
 
     def get_providers(self):
@@ -81,6 +81,24 @@ def test_ort_session_pins_the_cuda_device_index(fake_gpu_ort):
     formats.ort_session("m.onnx", device="cuda", tensorrt=True)
     assert [p[0] for p in made[1].providers[:2]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert made[1].providers[0][1] == {"device_id": "0"}
+
+
+def test_cpu_sessions_with_a_thread_pool_stop_spinning_when_a_run_returns(fake_gpu_ort):
+    """A pool that spins after a run takes the cores the caller's next steps need (a lone server
+    request's answer: p99 10-13 ms instead of 4.6 on 2 cores); single-thread and CUDA sessions have no
+    such pool."""
+    def spin_stop(opts):
+        try:
+            return opts.get_session_config_entry(formats.ORT_SPIN_STOP)
+        except RuntimeError:   # onnxruntime: no such entry
+            return None
+
+    made = fake_gpu_ort()
+    for threads in (2, None, 1):
+        formats.ort_session("m.onnx", threads=threads)
+    formats.ort_session("m.onnx", threads=2, device="cuda:0")
+    assert formats.ORT_SPIN_STOP == "session.force_spinning_stop"
+    assert [spin_stop(m.options) for m in made] == ["1", "1", None, None]
 
 
 def test_ort_session_refuses_a_silent_cpu_fallback(fake_gpu_ort):

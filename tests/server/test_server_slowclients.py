@@ -13,11 +13,12 @@ import http.client
 import json
 import socket
 import threading
+import time
 
 import pytest
 
 from server.app import create_app
-from server.buffered import SMALL_BODY, BodyPolicy, BufferedFront
+from server.buffered import SMALL_BODY, BodyPolicy, BufferedFront, HandlerThreads
 from server.config import ServerConfig
 from server.front import DrainState
 from server_fixtures import digit_images, digits_bundle, make_fake_model, png_bytes  # noqa: F401
@@ -179,6 +180,84 @@ def test_probes_are_answered_while_every_handler_thread_is_held():
     assert [p.status for p in probes] == [200, 200] and json.loads(probes[1].body)["ready"] is True
     assert in_flight == 3 and pending.in_flight == 0
     assert [p.status for p in held] == [200, 200, 200]
+
+
+class _Done:
+    """The asyncio future a handler thread resolves, without a loop: records the resolution."""
+
+    def __init__(self):
+        self.resolved = threading.Event()
+
+    def get_loop(self):
+        return self
+
+    def call_soon_threadsafe(self, fn, done):
+        self.resolved.set()
+
+
+def _idle_threads(pool: HandlerThreads, n: int) -> bool:
+    """Wait (30 s at most) until ``n`` threads wait for a job: a thread resolves its job before it goes idle."""
+    deadline = time.monotonic() + 30
+    while len(pool._idle) < n:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def _run(pool: HandlerThreads, fn) -> None:
+    done = _Done()
+    pool.put((fn, {}, None, done))
+    assert done.resolved.wait(30)
+
+
+def test_a_job_goes_to_the_thread_that_became_idle_last():
+    """Two threads are held inside jobs (events) and let go one after the other: the next job runs on
+    the one let go last, and so does every job after it while they come one at a time (a shared queue
+    handed them to whichever thread it woke; round-robin over 64 threads cost a lone request ~0.5 ms)."""
+    pool = HandlerThreads(2, "t")
+    names, inside, release = [None, None], threading.Semaphore(0), [threading.Event(), threading.Event()]
+
+    def held(i):
+        def fn(environ, protocol):
+            names[i] = threading.current_thread().name
+            inside.release()
+            release[i].wait(30)
+        return fn
+
+    dones = [_Done(), _Done()]
+    for i in range(2):
+        pool.put((held(i), {}, None, dones[i]))
+    assert inside.acquire(timeout=30) and inside.acquire(timeout=30)
+    for i in range(2):   # the thread in job 0 goes idle first, then the one in job 1
+        release[i].set()
+        assert dones[i].resolved.wait(30) and _idle_threads(pool, i + 1)
+    ran = []
+    for _ in range(5):
+        _run(pool, lambda environ, protocol: ran.append(threading.current_thread().name))
+    assert len(set(names)) == 2 and ran == [names[1]] * 5, (names, ran)
+    pool.close()
+    for t in pool.threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in pool.threads)
+
+
+def test_jobs_that_find_no_idle_thread_run_in_arrival_order():
+    pool = HandlerThreads(1, "t")
+    inside, release, order = threading.Event(), threading.Event(), []
+
+    def held(environ, protocol):
+        inside.set()
+        release.wait(30)
+
+    pool.put((held, {}, None, _Done()))
+    assert inside.wait(30)
+    dones = [_Done() for _ in range(4)]
+    for i, done in enumerate(dones):
+        pool.put((lambda environ, protocol, i=i: order.append(i), {}, None, done))
+    release.set()
+    assert all(d.resolved.wait(30) for d in dones) and order == [0, 1, 2, 3]
+    pool.close()
 
 
 # -- python -m server, granian, real sockets ---------------------------------------------------------
