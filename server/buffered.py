@@ -237,8 +237,8 @@ class HandlerThreads:
     A job goes to the thread that became idle last (a stack of idle threads, each woken by its own
     lock), not to whichever of the ``n`` a shared queue wakes: one request at a time then keeps running
     on the same warm thread (its malloc arena, its CPU caches, onnxruntime's per-thread state). Handed
-    round-robin over 64 threads, a lone resnet18 request spent ~0.5 ms more in the app at the median and
-    its p90 doubled (2 cores). Jobs that find no idle thread wait in FIFO order. One
+    round-robin over 64 threads, a lone resnet18 request spent 0.35-0.5 ms more in the app at the median
+    and its p90 doubled (2 cores). Jobs that find no idle thread wait in FIFO order. One
     ``call_soon_threadsafe`` per job instead of ``run_in_executor`` (a concurrent future, a work item
     and a chained asyncio future per request)."""
 
