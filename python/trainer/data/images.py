@@ -148,40 +148,44 @@ def _segment_length(data: bytes, pos: int) -> int:
     return int.from_bytes(data[pos:pos + 2], "big") if pos + 2 <= len(data) else len(data)
 
 
-def jpeg_has_multiple_scans(data: bytes) -> bool:
-    """libjpeg's ``jpeg_has_multiple_scans`` read from the headers: a progressive frame, or a first
-    scan that does not hold every component. False for anything it cannot read (the decoder says why)."""
-    pos, components, progressive = 2, 0, False
+def _segments(data: bytes):
+    """(marker code, index after it) of each marker that starts a segment, in order, up to the first
+    EOI or the end of the data; segments are skipped by their length, entropy-coded data by
+    _next_marker (the C++ decoder's walk)."""
+    pos = 2
     while True:
         code, pos = _next_marker(data, pos)
         if code in (-1, 0xD9):
-            return False
+            return
         if code in _NO_LENGTH:
             continue
+        yield code, pos
+        pos += _segment_length(data, pos)
+
+
+def jpeg_has_multiple_scans(data: bytes) -> bool:
+    """libjpeg's ``jpeg_has_multiple_scans`` read from the headers: a progressive frame, or a first
+    scan that does not hold every component. False for anything it cannot read (the decoder says why)."""
+    components, progressive = 0, False
+    for code, pos in _segments(data):
         if code in _SOF_MARKERS and pos + 8 <= len(data):
             components, progressive = data[pos + 7], code in _PROGRESSIVE_SOF   # length, P, Y, X, Nf
         elif code == 0xDA:
             return progressive or (pos + 2 < len(data) and data[pos + 2] < components)   # length, Ns
-        pos += _segment_length(data, pos)
+    return False
 
 
 def jpeg_scans_exceed(data: bytes, limit: int = MAX_JPEG_SCANS) -> bool:
-    """True when the JPEG has more than ``limit`` scans (SOS markers) before its first EOI; segments
-    are skipped by their length, entropy-coded data by _next_marker (the C++ decoder's walk)."""
+    """True when the JPEG has more than ``limit`` scans (SOS markers) before its first EOI."""
     if data.count(b"\xff\xda") <= limit:   # C speed; every SOS is such a pair: an upper bound
         return False
-    pos, scans = 2, 0
-    while True:
-        code, pos = _next_marker(data, pos)
-        if code in (-1, 0xD9):
-            return False
-        if code in _NO_LENGTH:
-            continue
+    scans = 0
+    for code, _ in _segments(data):
         if code == 0xDA:
             scans += 1
             if scans > limit:
                 return True
-        pos += _segment_length(data, pos)
+    return False
 
 
 def check_jpeg_scans(data: bytes, label: str) -> None:
