@@ -30,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from serve import free_port  # noqa: E402
+from slow_clients import wait_ready  # noqa: E402
+
 ANSWER = b'{"ok":true}\n'
 HEADERS = [("Content-Type", "application/json"), ("Content-Length", str(len(ANSWER)))]
 
@@ -74,18 +76,8 @@ def measure(name: str, requests: int, warmup: int) -> dict:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     body = os.urandom(20_000)
     try:
-        conn = None
-        for _ in range(300):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("GET", "/")
-                conn.getresponse().read()
-                break
-            except OSError:
-                conn = None
-                time.sleep(0.1)
-        if conn is None:
-            raise SystemExit(f"granian ({name}) did not answer in 30 s")
+        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=30)   # these apps answer 200 on any path
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         lat, reopened = [], 0
         while len(lat) < requests + warmup:
             t = time.perf_counter()
