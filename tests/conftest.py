@@ -1,8 +1,6 @@
 """Shared fixtures: the digits demo written once per session, small subsets of it, image factories."""
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import signal
 import shutil
@@ -214,39 +212,16 @@ def ensembles(bundle_a, bundle_b, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-class _StackT(ctypes.Structure):
-    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
-
-
-ALTSTACK_BYTES = 1 << 20
-_altstack: list = []  # the mapping, alive as long as the process
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config):
-    """Give this process's signal handlers a 1 MiB alternate stack with a guard page below it, in place of
-    the 16-18 KB one faulthandler (enabled by pytest) allocates from the heap.
+    """A 256 KiB signal stack with a guard page for the main thread (export.sigstack), in place of the
+    16-18 KB one faulthandler (enabled by pytest) allocated: room for a signal frame with AMX tile state,
+    a handler and faulthandler's traceback. After pytest's own faulthandler setup: CPython allocates that
+    stack once and never reinstalls it. export.openvino_backend.shared_core restores it after OpenVINO's
+    CPU plugin loads (the plugin swaps in its own); tests/export/test_sigstack.py checks both."""
+    from export.sigstack import ensure_signal_stack
 
-    Every handler Python installs runs there (CPython sets SA_ONSTACK). Once a thread has run AMX (oneDNN and
-    OpenVINO do, for bf16, on Intel Xeons), the kernel saves 8 KB more tile state in each signal frame: the
-    frame and the handler then no longer fit, and the kernel kills the process with SIGSEGV before
-    faulthandler can print anything, or the handler runs off the end of the stack into the heap. CI died that
-    way in waitpid (torch's SIGCHLD handler, see _sigchld_restored), and later with no traceback at all in
-    tests/native/test_every_family.py (no handler there: a fault whose report could not be delivered). A mapped stack with a PROT_NONE page below it turns any overflow into
-    a clean fault instead of heap corruption, and leaves room for faulthandler's traceback. Runs after
-    pytest's own faulthandler setup: CPython allocates faulthandler's stack once and never reinstalls it."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    page = mmap.PAGESIZE
-    region = mmap.mmap(-1, ALTSTACK_BYTES + page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    if libc.mprotect(ctypes.c_void_p(base), ctypes.c_size_t(page), 0) != 0:
-        raise OSError(ctypes.get_errno(), "mprotect of the signal stack's guard page failed")
-    stack = _StackT(base + page, 0, ALTSTACK_BYTES)
-    if libc.sigaltstack(ctypes.byref(stack), None) != 0:
-        raise OSError(ctypes.get_errno(), "sigaltstack refused the 1 MiB signal stack")
-    _altstack.append(region)
+    ensure_signal_stack()
 
 
 @pytest.fixture(autouse=True)
@@ -255,8 +230,8 @@ def _sigchld_restored():
     this process for good; with it installed, after OpenVINO had run bf16 (AMX) here, the kernel answered the
     exit of the next child process with SIGSEGV (si_code SI_KERNEL, in waitpid) and the whole run died (CI,
     tests/export/test_openvino.py after tests/batch). Reproduced with those two files only; resetting SIGCHLD
-    between tests made the same pair pass. (The signal stack above removes the cause; this keeps the trigger
-    out as well.)"""
+    between tests made the same pair pass. (The handler ran on the signal stack OpenVINO had left, too
+    small or unmapped: export.sigstack mends that; this keeps the trigger out as well.)"""
     before = signal.getsignal(signal.SIGCHLD)
     yield
     if signal.getsignal(signal.SIGCHLD) is not before:

@@ -10,7 +10,9 @@ decides speed is passed explicitly to ``compile_model``: INFERENCE_NUM_THREADS (
 every usable core), NUM_STREAMS 1 and PERFORMANCE_HINT LATENCY (one call at a time uses every
 thread: the server's layout decides the concurrency, not the plugin), and INFERENCE_PRECISION_HINT
 always (OpenVINO's default on a bf16 CPU is bf16: left unset, an fp32 request would silently run
-bf16). Each load has its own ``ov.Core``: no process-wide state.
+bf16). Every load compiles on the process's one ``ov.Core`` (``shared_core``): nothing is set on the Core
+itself, and a Core per load left threads with an unmapped signal stack when the Cores were freed out of
+order (export.sigstack says how that ended processes).
 
 bf16 is real only where the CPU has native bf16 (AVX-512 BF16 or AMX-BF16); elsewhere OpenVINO
 would run fp32 under a bf16 label, so ``bf16`` is refused there (``cpu_native_bf16``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 
 from .manifest import INPUT_NAME, BundleError, VerifiedArtifact
+from .sigstack import ensure_signal_stack
 
 # our precision name -> OpenVINO's INFERENCE_PRECISION_HINT
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
@@ -87,15 +91,36 @@ def onednn_cap_hides_bf16() -> bool:
     return bool(cap) and not cap.startswith(_ONEDNN_BF16_ISAS)
 
 
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def shared_core():
+    """The process's one ``ov.Core``, its CPU plugin loaded; never freed before exit.
+
+    Loading the plugin replaces the calling thread's signal stack with OpenVINO's own 11-12 KB one;
+    ensure_signal_stack then gives that thread a stack that holds an AMX signal frame and its handler."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            core = ov.Core()
+            try:
+                core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")   # loads the CPU plugin now, in this thread
+            finally:
+                ensure_signal_stack()
+            _CORE = core
+        return _CORE
+
+
 def cpu_record(refresh: bool = False) -> CpuRecord:
-    """This machine's CpuRecord (read once; OpenVINO asked through a private Core)."""
+    """This machine's CpuRecord (read once; OpenVINO asked through the shared Core)."""
     global _CPU
     if _CPU is None or refresh:
         caps: frozenset[str] = frozenset()
         try:
-            import openvino as ov
-
-            caps = frozenset(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            caps = frozenset(shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         except Exception:  # no openvino, or no CPU plugin: the flags alone decide
             pass
         flags, source = read_cpu_flags(), CPUINFO
@@ -152,7 +177,7 @@ def open_openvino(source: VerifiedArtifact | str | os.PathLike, threads: int | N
     Thread-safe: each concurrent call takes its own infer request from a pool (one compiled model,
     NUM_STREAMS 1, so calls share its threads). ``run.config`` holds the properties as compiled."""
     try:
-        import openvino as ov
+        import openvino  # noqa: F401  (shared_core imports it; here for the message)
     except ImportError as exc:
         raise BundleError(f"backend 'openvino' needs the openvino package ({exc}); {OV_INSTALL_HINT}") from None
     if precision == "bf16" and not (cpu or cpu_record()).native_bf16:
@@ -161,7 +186,7 @@ def open_openvino(source: VerifiedArtifact | str | os.PathLike, threads: int | N
                           "use "
                           "precision fp32")
     config = compile_config(threads or _cores(), precision)
-    core = ov.Core()
+    core = shared_core()
     where = str(source.path) if isinstance(source, VerifiedArtifact) else str(source)
     try:
         model = core.read_model(onnx_model_bytes(source))

@@ -63,11 +63,9 @@ def verified(checkpoint, tiny_digits, tmp_path_factory) -> Path:
         pytest.skip(f"{ovb.ONEDNN_ISA_ENV}={os.environ[ovb.ONEDNN_ISA_ENV]}: OpenVINO cannot compile bf16 under "
                     "this cap (a real AVX2 CPU runs the bf16 request in fp32); the no-bf16 choices are tested "
                     "by test_no_bf16_env_plays_a_cpu_without_bf16_for_every_choice")
-    import openvino as ov
-
     # OpenVINO's own answer, not cpu_record()'s: SHIPCLASSIFIER_NO_BF16 hides BF16 there, and OpenVINO still
     # compiles bf16 under it
-    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    capabilities = ovb.shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if "BF16" not in capabilities:   # an AVX2-only CPU (an AMD EPYC without AVX-512 here, 2026-12-06)
         pytest.skip(f"OpenVINO cannot compile bf16 on this CPU (capabilities {','.join(capabilities)}); the "
                     "refusal there is tested by test_verify_precision_refused_on_a_cpu_without_bf16")
