@@ -218,7 +218,7 @@ def pytest_configure(config):
     16-18 KB one faulthandler (enabled by pytest) allocated: room for a signal frame with AMX tile state,
     a handler and faulthandler's traceback. After pytest's own faulthandler setup: CPython allocates that
     stack once and never reinstalls it. export.openvino_backend.shared_core restores it after OpenVINO's
-    CPU plugin loads (the plugin swaps in its own); tests/export/test_sigstack.py checks both."""
+    CPU plugin loads (the plugin swaps in its own); tests/export/test_sigstack.py checks the stack after that."""
     from export.sigstack import ensure_signal_stack
 
     ensure_signal_stack()

@@ -2,8 +2,8 @@
 
 OpenVINO's CPU plugin, when an ``ov.Core`` first uses it, gives the calling thread an alternate signal
 stack of SIGSTKSZ + AT_MINSIGSTKSZ bytes (11,568 on a 2-core AMD EPYC here), and when that Core is
-destroyed it unmaps the stack and puts back the one it replaced. Two ways this kills a process, both
-reproduced by tests/export/test_sigstack.py:
+destroyed it unmaps the stack and puts back the one it replaced. Two ways this kills a process (the
+first reproduced by tests/export/test_sigstack.py; the second needs an AMX CPU):
 
 - Cores destroyed out of creation order (``c1 = Core(); c2 = Core(); del c1; del c2``) leave the thread's
   stack pointing at c1's unmapped memory. The next signal handled on that thread (SIGTERM to a draining
