@@ -4,10 +4,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# peak of the temp dir during a run (pytest base dir + the torch compile cache), measured: see README
+NEED_GIB=4
+tmp=${TMPDIR:-/tmp}
+free_gib() { df -Pk "$1" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
+echo "test.sh: free disk before the run: $(free_gib "$tmp") GiB in $tmp (tests need about $NEED_GIB GiB there)"
+if awk -v f="$(free_gib "$tmp")" -v n="$NEED_GIB" 'BEGIN {exit !(f < n)}'; then
+  echo "test.sh: WARNING: less than $NEED_GIB GiB free in $tmp: tests that write bundles will fail with" \
+       "'No space left on device'. Free space there or point TMPDIR at a bigger disk." >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?
 set -e
+if [ "$rc" != 0 ]; then
+  echo "test.sh: pytest exited $rc; free disk now: $(free_gib "$tmp") GiB in $tmp, $(free_gib .) GiB in $(pwd)" >&2
+fi
 if [ "$rc" = 5 ]; then
   echo "test.sh: pytest collected no tests: failing" >&2
   exit 1

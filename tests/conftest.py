@@ -236,3 +236,45 @@ def _sigchld_restored():
     yield
     if signal.getsignal(signal.SIGCHLD) is not before:
         signal.signal(signal.SIGCHLD, before)
+
+
+# ---- disk: the run writes about 14 GB of bundles; say how close it came to a full disk -----------------
+class _DiskWatch:
+    """Free space on the file system of pytest's base temp dir after every test (one statvfs call), the
+    lowest seen and the test that left it so. A run on a nearly full disk otherwise ends in a wall of
+    unrelated-looking errors (tmp_path, torch.save, pytest's own capture file) that name no cause."""
+
+    LOW = 2 << 30  # below this, name the disk as the likely cause
+
+    def __init__(self, config):
+        self.config = config
+        self.lowest: tuple[int, str] | None = None
+
+    def _free(self) -> int | None:
+        factory = getattr(self.config, "_tmp_path_factory", None)
+        base = getattr(factory, "_basetemp", None)
+        try:
+            return shutil.disk_usage(base or os.environ.get("TMPDIR", "/tmp")).free
+        except OSError:
+            return None
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_logfinish(self, nodeid, location):
+        free = self._free()
+        if free is not None and (self.lowest is None or free < self.lowest[0]):
+            self.lowest = (free, nodeid)
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.lowest is None:
+            return
+        free, nodeid = self.lowest
+        line = f"disk: lowest free space in the temp dir's file system during the run: {free / 2**30:.1f} GiB, after {nodeid}"
+        if free < self.LOW:
+            terminalreporter.write_line(line + " -- LOW: errors from then on may be 'No space left on device'; "
+                                        "free space or point TMPDIR at a bigger disk", red=True, bold=True)
+        else:
+            terminalreporter.write_line(line)
+
+
+def pytest_sessionstart(session):
+    session.config.pluginmanager.register(_DiskWatch(session.config), "shipclassifier-diskwatch")

@@ -13,8 +13,10 @@ tests/trainer/test_models.py; the heavy exports (ViT-B/16, Swin-T, ConvNeXt) are
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ ARCHS = {"regnet_y_400mf": ["torchscript", "onnx"], "timm/test_vit": ["torchscri
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
-def family_bundle(request, tmp_path_factory) -> tuple[str, Path, dict]:
+def family_bundle(request, tmp_path_factory) -> Iterator[tuple[str, Path, dict]]:
     from export.build import ExportOptions, build_bundle
 
     arch = request.param
@@ -43,7 +45,8 @@ def family_bundle(request, tmp_path_factory) -> tuple[str, Path, dict]:
     ckpt = write_checkpoint(root / "ckpt.pt", arch)
     out, manifest = build_bundle(ExportOptions(str(ckpt), str(root / "bundle"), ARCHS[arch], max_batch=8,
                                                pt2_static_batches=[]), say=lambda *a, **k: None)
-    return arch, out, manifest
+    yield arch, out, manifest
+    shutil.rmtree(root, ignore_errors=True)  # keep the suite's peak disk low
 
 
 def test_exports_pass_the_parity_gate(family_bundle):
