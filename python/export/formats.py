@@ -15,9 +15,11 @@ least 2 images, so the dynamic batch dimension is never specialised to 1.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -125,14 +127,30 @@ def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike
     torch.export.save(program, str(path))
 
 
+# (sha256 of the .pt2's bytes, model name, device index) -> the loaded model. A compiled AOTInductor
+# library is never unloaded once a process has loaded it: torch builds it with GNU-unique symbols, so
+# dlclose leaves it mapped (its extracted file deleted, its disk space and pages held until exit). Loading
+# the same bytes again would pin a second copy; the process reuses the first (the runner is stateless
+# between calls and takes concurrent calls).
+_PT2_MODELS: dict[tuple[str, str, int], object] = {}
+_PT2_LOCK = threading.Lock()
+
+
 def load_pt2(source: Source, static_batch_models: dict | None = None, device_index: int = -1):
     """Open a .pt2 from write_pt2: returns run(x) that uses a static model when x's batch size has one.
-    From checked bytes, torch writes each model's package to a private (0600) temporary file to load it."""
+    From checked bytes, torch writes each model's package to a private (0600) temporary file to load it.
+    A process loads each distinct package once (_PT2_MODELS): opening the same bytes again reuses it."""
     from torch._inductor.package import load_package
 
+    data = source.model_bytes if isinstance(source, VerifiedArtifact) else Path(source).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+
     def open_model(name: str):
-        src = io.BytesIO(source.model_bytes) if isinstance(source, VerifiedArtifact) else str(source)
-        return load_package(src, name, device_index=device_index)
+        key = (digest, name, device_index)
+        with _PT2_LOCK:
+            if key not in _PT2_MODELS:
+                _PT2_MODELS[key] = load_package(io.BytesIO(data), name, device_index=device_index)
+            return _PT2_MODELS[key]
 
     dynamic = open_model(PT2_DYNAMIC_MODEL)
     static = {int(n): open_model(name) for n, name in (static_batch_models or {}).items()}
