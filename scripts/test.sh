@@ -4,12 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# Free space the run takes from the temp dir's file system at its peak: 7.7 GiB measured (README, Tests),
+# Free space the run takes from the temp dir's file system at its peak: 5.5 GiB measured (README, Tests),
 # bundles in pytest's base dir plus AOTInductor libraries that stay mapped after their files are deleted.
 NEED_GIB=10
 tmp=${TMPDIR:-/tmp}
 free_gib() { df -Pk "$1" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
-echo "test.sh: free disk before the run: $(free_gib "$tmp") GiB in $tmp (a run takes about 8 GiB there at its peak; warning below $NEED_GIB)"
+echo "test.sh: free disk before the run: $(free_gib "$tmp") GiB in $tmp (a run takes about 6 GiB there at its peak; warning below $NEED_GIB)"
 if awk -v f="$(free_gib "$tmp")" -v n="$NEED_GIB" 'BEGIN {exit !(f < n)}'; then
   echo "test.sh: WARNING: less than $NEED_GIB GiB free in $tmp: tests that write bundles will fail with" \
        "'No space left on device'. Free space there or point TMPDIR at a bigger disk." >&2
