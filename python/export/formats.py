@@ -127,30 +127,33 @@ def write_program(program: torch.export.ExportedProgram, path: str | os.PathLike
     torch.export.save(program, str(path))
 
 
-# (sha256 of the .pt2's bytes, model name, device index) -> the loaded model. A compiled AOTInductor
-# library is never unloaded once a process has loaded it: torch builds it with GNU-unique symbols, so
-# dlclose leaves it mapped (its extracted file deleted, its disk space and pages held until exit). Loading
-# the same bytes again would pin a second copy; the process reuses the first (the runner is stateless
-# between calls and takes concurrent calls).
-_PT2_MODELS: dict[tuple[str, str, int], object] = {}
+# (sha256 of the .pt2's bytes, model name) -> the model loaded for the CPU. A compiled AOTInductor library
+# is never unloaded once a process has loaded it: torch builds it with GNU-unique symbols, so dlclose
+# leaves it mapped (its extracted file deleted, its disk space and pages held until exit). Loading the
+# same bytes again would pin a second copy; the process reuses the first (the runner is stateless between
+# calls and takes concurrent calls). Not for CUDA: there the runner also holds the weights in GPU memory,
+# which freeing the bundle must give back.
+_PT2_CPU_MODELS: dict[tuple[str, str], object] = {}
 _PT2_LOCK = threading.Lock()
 
 
 def load_pt2(source: Source, static_batch_models: dict | None = None, device_index: int = -1):
     """Open a .pt2 from write_pt2: returns run(x) that uses a static model when x's batch size has one.
     From checked bytes, torch writes each model's package to a private (0600) temporary file to load it.
-    A process loads each distinct package once (_PT2_MODELS): opening the same bytes again reuses it."""
+    On the CPU a process loads each distinct package once (_PT2_CPU_MODELS): the same bytes again reuse it."""
     from torch._inductor.package import load_package
 
     data = source.model_bytes if isinstance(source, VerifiedArtifact) else Path(source).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
 
     def open_model(name: str):
-        key = (digest, name, device_index)
+        if device_index >= 0:
+            return load_package(io.BytesIO(data), name, device_index=device_index)
+        key = (digest, name)
         with _PT2_LOCK:
-            if key not in _PT2_MODELS:
-                _PT2_MODELS[key] = load_package(io.BytesIO(data), name, device_index=device_index)
-            return _PT2_MODELS[key]
+            if key not in _PT2_CPU_MODELS:
+                _PT2_CPU_MODELS[key] = load_package(io.BytesIO(data), name, device_index=device_index)
+            return _PT2_CPU_MODELS[key]
 
     dynamic = open_model(PT2_DYNAMIC_MODEL)
     static = {int(n): open_model(name) for n, name in (static_batch_models or {}).items()}
