@@ -9,8 +9,9 @@ bash scripts/setup.sh
 NEED_GIB=10
 tmp=${TMPDIR:-/tmp}
 free_gib() { df -Pk "$1" | awk 'NR==2 {printf "%.1f", $4 / 1048576}'; }
-echo "test.sh: free disk before the run: $(free_gib "$tmp") GiB in $tmp (a run takes about 6 GiB there at its peak; warning below $NEED_GIB)"
-if awk -v f="$(free_gib "$tmp")" -v n="$NEED_GIB" 'BEGIN {exit !(f < n)}'; then
+free=$(free_gib "$tmp")
+echo "test.sh: free disk before the run: $free GiB in $tmp (a run takes about 6 GiB there at its peak; warning below $NEED_GIB)"
+if awk -v f="$free" -v n="$NEED_GIB" 'BEGIN {exit !(f < n)}'; then
   echo "test.sh: WARNING: less than $NEED_GIB GiB free in $tmp: tests that write bundles will fail with" \
        "'No space left on device'. Free space there or point TMPDIR at a bigger disk." >&2
 fi

@@ -143,8 +143,11 @@ def load_pt2(source: Source, static_batch_models: dict | None = None, device_ind
     On the CPU a process loads each distinct package once (_PT2_CPU_MODELS): the same bytes again reuse it."""
     from torch._inductor.package import load_package
 
-    data = source.model_bytes if isinstance(source, VerifiedArtifact) else Path(source).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    if isinstance(source, VerifiedArtifact):   # read_artifact checked these bytes against the manifest's sha256
+        data, digest = source.model_bytes, source.entry["sha256"]
+    else:
+        data = Path(source).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
 
     def open_model(name: str):
         if device_index >= 0:
